@@ -1,0 +1,138 @@
+"""Closed-form counts from the BasisConv paper: multiplications and learnable parameters.
+
+Symbols (as in the paper): a convolution layer has M = ``out_channels`` filters of
+size kh×kw×C (C = ``in_channels``), each a vector of dimension D = C·kh·kw; its
+BasisConv replacement uses Q = ``num_basis`` fixed basis filters followed by a
+1×1 convolution with M×Q learnable coefficients. The output map is Ho×Wo.
+
+* A convolution costs M·D·Ho·Wo multiplications per image.
+* BasisConv costs Q·D·Ho·Wo (basis stage) + M·Q·Ho·Wo (1×1 stage).
+* Their ratio is Q/M + Q/D, independent of the output size; a layer with
+  Q/M + Q/D ≥ 1 saves nothing.
+* Learnable parameters: M·D for the convolution, M·Q for BasisConv (the basis
+  is fixed), so the reduction factor is D/Q (biases aside).
+
+Ratios are returned as :class:`fractions.Fraction` so that comparisons such as
+``mult_ratio(...) < 1`` are exact; ``float(ratio)`` gives the decimal value.
+These are the *formulas*; the measured counts come from ``minibasis.counting``
+and are checked against these.
+"""
+from __future__ import annotations
+
+import numbers
+from fractions import Fraction
+
+__all__ = [
+    "kernel_hw", "filter_dim", "conv_output_size", "conv_mults", "basisconv_mults",
+    "mult_ratio", "is_profitable", "learnable_params", "learnable_reduction",
+]
+
+
+def _positive_int(name: str, value) -> int:
+    """``value`` as a Python int, or a ValueError naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {value!r} "
+                         f"({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _non_negative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def kernel_hw(kernel_size) -> tuple[int, int]:
+    """``kernel_size`` (an int k or a pair (kh, kw)) as the pair (kh, kw)."""
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != 2:
+            raise ValueError(f"kernel_size must be an int or a pair (kh, kw), got {kernel_size!r}")
+        return (_positive_int("kernel_size[0]", kernel_size[0]),
+                _positive_int("kernel_size[1]", kernel_size[1]))
+    k = _positive_int("kernel_size", kernel_size)
+    return k, k
+
+
+def filter_dim(in_channels, kernel_size) -> int:
+    """D = C·kh·kw, the length of one vectorized filter."""
+    kh, kw = kernel_hw(kernel_size)
+    return _positive_int("in_channels", in_channels) * kh * kw
+
+
+def conv_output_size(size, kernel_size, stride=1, padding=0) -> int:
+    """Output length along one axis: floor((size + 2·padding − kernel_size) / stride) + 1.
+
+    ``kernel_size``, ``stride`` and ``padding`` are ints for that axis. A ValueError
+    is raised when the padded input is shorter than the kernel.
+    """
+    size = _positive_int("size", size)
+    kernel_size = _positive_int("kernel_size", kernel_size)
+    stride = _positive_int("stride", stride)
+    padding = _non_negative_int("padding", padding)
+    padded = size + 2 * padding
+    if padded < kernel_size:
+        raise ValueError(f"kernel_size {kernel_size} exceeds the padded input size {padded} "
+                         f"(size {size}, padding {padding})")
+    return (padded - kernel_size) // stride + 1
+
+
+def conv_mults(out_channels, in_channels, kernel_size, out_h, out_w) -> int:
+    """Multiplications of one convolution per image: M·D·Ho·Wo."""
+    m = _positive_int("out_channels", out_channels)
+    d = filter_dim(in_channels, kernel_size)
+    return m * d * _positive_int("out_h", out_h) * _positive_int("out_w", out_w)
+
+
+def basisconv_mults(out_channels, num_basis, in_channels, kernel_size, out_h, out_w) -> int:
+    """Multiplications of one BasisConv per image: Q·D·Ho·Wo (basis) + M·Q·Ho·Wo (1×1)."""
+    m = _positive_int("out_channels", out_channels)
+    q = _positive_int("num_basis", num_basis)
+    d = filter_dim(in_channels, kernel_size)
+    positions = _positive_int("out_h", out_h) * _positive_int("out_w", out_w)
+    return q * d * positions + m * q * positions
+
+
+def mult_ratio(out_channels, num_basis, in_channels, kernel_size) -> Fraction:
+    """BasisConv / convolution multiplications = Q/M + Q/D, exact (``float()`` it for a decimal)."""
+    m = _positive_int("out_channels", out_channels)
+    q = _positive_int("num_basis", num_basis)
+    d = filter_dim(in_channels, kernel_size)
+    return Fraction(q, m) + Fraction(q, d)
+
+
+def is_profitable(out_channels, num_basis, filter_dim) -> bool:
+    """True when BasisConv needs fewer multiplications than the convolution: Q/M + Q/D < 1.
+
+    Arguments are M, Q and D (= C·kh·kw, see :func:`filter_dim`). The comparison is exact.
+    """
+    m = _positive_int("out_channels", out_channels)
+    q = _positive_int("num_basis", num_basis)
+    d = _positive_int("filter_dim", filter_dim)
+    return Fraction(q, m) + Fraction(q, d) < 1
+
+
+def learnable_params(out_channels, in_channels, kernel_size, num_basis=None,
+                     bias=False, basis_bias=False) -> int:
+    """Learnable parameters of a convolution (``num_basis`` None) or of its BasisConv.
+
+    Convolution: M·D, plus M with ``bias``. BasisConv: M·Q coefficients (the basis
+    is fixed), plus M with ``bias``, plus Q with ``basis_bias`` (a bias on the basis
+    stage, as in the paper's Table 3 network). A BatchNorm on the intermediate
+    tensor is a separate layer and is not counted here.
+    """
+    m = _positive_int("out_channels", out_channels)
+    d = filter_dim(in_channels, kernel_size)
+    bias_params = m if bias else 0
+    if num_basis is None:
+        if basis_bias:
+            raise ValueError("basis_bias=True needs num_basis (a plain convolution has no basis stage)")
+        return m * d + bias_params
+    q = _positive_int("num_basis", num_basis)
+    return m * q + bias_params + (q if basis_bias else 0)
+
+
+def learnable_reduction(in_channels, kernel_size, num_basis) -> Fraction:
+    """Reduction factor of learnable weights, M·D / M·Q = D/Q, exact (biases not included)."""
+    return Fraction(filter_dim(in_channels, kernel_size), _positive_int("num_basis", num_basis))
