@@ -1,5 +1,33 @@
-"""minibasis: a small NumPy/CuPy deep-learning framework for the BasisConv paper."""
+"""minibasis: a small NumPy/CuPy deep-learning framework for the BasisConv paper.
+
+Layers (dependencies point down only)::
+
+    cli / experiments        minibasis.cli, minibasis.experiments
+    models / compression     minibasis.models, minibasis.compress, minibasis.basis, minibasis.formulas
+    nn                       minibasis.nn, minibasis.optim, minibasis.data, minibasis.io
+    functions                minibasis.functions
+    autograd + counting      minibasis.autograd, minibasis.counting
+    backend                  minibasis.backend
+"""
 from minibasis import backend
-from minibasis.backend import use
+from minibasis.autograd import Function, Tensor, gradcheck, no_grad, tensor
+from minibasis.backend import manual_seed, to_numpy, use
+from minibasis.counting import count_mults
+from minibasis import functions, nn, optim
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Upper layers load on first use so that `import minibasis` stays light.
+    if name == "compress":
+        from minibasis.compress import compress
+        return compress
+    if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed"):
+        import importlib
+        return importlib.import_module(f"minibasis.{name}")
+    raise AttributeError(f"module 'minibasis' has no attribute {name!r}")
+
+
+__all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
+           "count_mults", "functions", "nn", "optim", "compress"]

@@ -23,6 +23,7 @@ __all__ = [
     "xp", "use", "current", "get_array_module", "to_numpy", "asarray",
     "register_backend", "available_backends", "default_dtype",
     "matmul", "tensordot", "einsum", "mul", "set_mult_recorder",
+    "manual_seed", "host_rng", "random_uniform", "random_normal",
 ]
 
 
@@ -111,7 +112,8 @@ def get_array_module(*arrays) -> Any:
 
 def to_numpy(array) -> numpy.ndarray:
     """Copy an array of any loaded backend (or a Tensor) to a host NumPy array."""
-    data = getattr(array, "data", array) if not isinstance(array, numpy.ndarray) else array
+    # A minibasis Tensor (duck-typed: the backend sits below autograd) hands over its array.
+    data = array.data if hasattr(array, "requires_grad") and hasattr(array, "creator") else array
     for backend in _LOADED.values():
         if isinstance(data, backend.array_types):
             return backend.to_host(data)
@@ -205,3 +207,37 @@ def mul(a, b, out=None):
     _report("mul", math.prod(numpy.broadcast_shapes(_shape(a), _shape(b))))
     module = get_array_module(a, b)
     return module.multiply(a, b) if out is None else module.multiply(a, b, out=out)
+
+
+# ---------------------------------------------------------------------------
+# Randomness
+# ---------------------------------------------------------------------------
+# Parameter initialization draws on the host, from one NumPy generator, so the
+# same seed gives the same initial weights on every backend; device-side
+# randomness (dropout masks) uses the active array module's own generator.
+_host_rng = numpy.random.default_rng(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Seed parameter initialization (host) and device-side randomness (dropout)."""
+    global _host_rng
+    _host_rng = numpy.random.default_rng(seed)
+    for backend in _LOADED.values():
+        backend.xp.random.seed(seed)
+
+
+def host_rng() -> numpy.random.Generator:
+    """The host generator used for parameter initialization."""
+    return _host_rng
+
+
+def random_uniform(low: float, high: float, shape: tuple, dtype=None):
+    """Uniform samples drawn on the host, returned on the active backend."""
+    values = _host_rng.uniform(low, high, size=shape).astype(dtype or default_dtype)
+    return asarray(values)
+
+
+def random_normal(mean: float, std: float, shape: tuple, dtype=None):
+    """Normal samples drawn on the host, returned on the active backend."""
+    values = _host_rng.normal(mean, std, size=shape).astype(dtype or default_dtype)
+    return asarray(values)

@@ -1,0 +1,66 @@
+"""The ``minibasis`` command line: one verb per sub-command module.
+
+Each verb lives in ``minibasis/experiments/<module>.py`` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Errors that a user can fix
+(missing data, a checkpoint that does not fit, a bad option) are printed as one
+line on stderr with exit code 2, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module under minibasis.experiments, one-line help)
+VERBS = {
+    "demo": ("demo", "train, compress and measure a small CNN on built-in synthetic data (seconds)"),
+    "count": ("count", "parameters, filters and conv multiplications of a model: measured vs formula"),
+    "compress": ("compress_cmd", "compress a trained model's convolutions at an energy threshold"),
+    "sweep": ("sweep", "the paper's Figure 2: retained filters and accuracy across thresholds"),
+    "finetune": ("finetune", "the paper's two-step fine-tuning of a compressed network"),
+    "train": ("train", "train a zoo model from scratch, optionally with fixed random bases"),
+    "eval": ("evaluate", "evaluate a model and checkpoint on a test set"),
+}
+
+
+class UserError(Exception):
+    """An error the user can fix; the CLI prints its message on one line and exits with code 2."""
+
+
+def build_parser(available: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minibasis", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, (module, help_text) in available.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _available_verbs() -> dict:
+    found = {}
+    for verb, (name, help_text) in VERBS.items():
+        try:
+            found[verb] = (importlib.import_module(f"minibasis.experiments.{name}"), help_text)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"minibasis.experiments.{name}":
+                raise
+    return found
+
+
+def main(argv=None) -> int:
+    parser = build_parser(_available_verbs())
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except (UserError, FileNotFoundError) as exc:
+        print(f"minibasis {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"minibasis {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Elementwise activations, linear layers and shape ops."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from minibasis import backend
+from minibasis.autograd import Function, Tensor, as_tensor
+from minibasis.autograd.ops import Reshape
+
+__all__ = ["relu", "linear", "flatten", "concat", "pad", "dropout"]
+
+
+def _check_float(name: str, **arrays) -> None:
+    for label, a in arrays.items():
+        if a is not None and getattr(getattr(a, "dtype", None), "kind", "f") != "f":
+            raise TypeError(f"{name}: {label} must be floating, got dtype {a.dtype}")
+
+
+class ReLU(Function):
+    def forward(self, x):
+        self.mask = x > 0
+        return backend.get_array_module(x).maximum(x, 0)
+
+    def backward(self, gy):
+        # A select, not a product: ReLU's backward costs no multiplications.
+        return backend.get_array_module(gy).where(self.mask, gy, 0).astype(gy.dtype, copy=False)
+
+
+def relu(x: Tensor) -> Tensor:
+    return ReLU()(x)
+
+
+class Linear(Function):
+    """y = x Wᵀ + b. Mults: forward N·in·out; backward N·out·in per needed gradient (x, W)."""
+
+    def forward(self, x, weight, bias=None):
+        self.x, self.weight = x, weight
+        y = backend.matmul(x, weight.T)
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, gy):
+        gx = backend.matmul(gy, self.weight) if self.needs_input_grad[0] else None
+        gw = backend.matmul(gy.T, self.x) if self.needs_input_grad[1] else None
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        gb = gy.sum(axis=0) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (N, in), weight (out, in), bias (out,) → (N, out)."""
+    x_shape, w_shape = tuple(x.shape), tuple(weight.shape)
+    if len(x_shape) != 2:
+        raise ValueError(f"linear expects input of shape (N, in_features), got {x_shape}")
+    if len(w_shape) != 2 or w_shape[1] != x_shape[1]:
+        raise ValueError(f"linear: weight must have shape (out_features, {x_shape[1]}), got {w_shape}")
+    if bias is not None and tuple(bias.shape) != (w_shape[0],):
+        raise ValueError(f"linear: bias must have shape ({w_shape[0]},), got {tuple(bias.shape)}")
+    _check_float("linear", input=x, weight=weight)
+    fn = Linear()
+    return fn(x, weight) if bias is None else fn(x, weight, bias)
+
+
+def flatten(x: Tensor, start_dim: int = 1) -> Tensor:
+    """Merge all axes from ``start_dim`` on: (N, C, H, W) → (N, C·H·W)."""
+    shape = tuple(x.shape)
+    tail = 1
+    for n in shape[start_dim:]:
+        tail *= n
+    return Reshape(shape[:start_dim] + (tail,))(x)
+
+
+class Concat(Function):
+    def __init__(self, axis: int):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return backend.get_array_module(*xs).concatenate(xs, axis=self.axis)
+
+    def backward(self, gy):
+        out, start = [], 0
+        index = [slice(None)] * gy.ndim
+        for size in self.sizes:
+            index[self.axis] = slice(start, start + size)
+            out.append(gy[tuple(index)])
+            start += size
+        return tuple(out)
+
+
+def concat(tensors: Sequence[Tensor], axis: int = 1) -> Tensor:
+    """Concatenate along ``axis`` (channels by default, as DenseNet needs)."""
+    if len(tensors) == 0:
+        raise ValueError("concat needs at least one tensor")
+    shapes = [tuple(t.shape) for t in tensors]
+    ndim = len(shapes[0])
+    axis = axis % ndim
+    for s in shapes:
+        if len(s) != ndim or any(a != b for i, (a, b) in enumerate(zip(s, shapes[0])) if i != axis):
+            raise ValueError(f"concat along axis {axis}: shapes differ off that axis: {shapes}")
+    return Concat(axis)(*tensors)
+
+
+class Pad(Function):
+    def __init__(self, widths: tuple, value: float):
+        self.widths, self.value = widths, value
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        out = xp.full(tuple(n + a + b for n, (a, b) in zip(x.shape, self.widths)), self.value, dtype=x.dtype)
+        out[self._inner(x.shape)] = x
+        return out
+
+    def _inner(self, shape):
+        return tuple(slice(a, a + n) for n, (a, _) in zip(shape, self.widths))
+
+    def backward(self, gy):
+        shape = tuple(n - a - b for n, (a, b) in zip(gy.shape, self.widths))
+        return gy[self._inner(shape)]
+
+
+def pad(x: Tensor, widths: Sequence[tuple[int, int]], value: float = 0.0) -> Tensor:
+    """Constant padding; ``widths`` has one (before, after) pair per axis of x (NumPy's convention)."""
+    widths = tuple((int(a), int(b)) for a, b in widths)
+    if len(widths) != x.ndim or any(a < 0 or b < 0 for a, b in widths):
+        raise ValueError(f"pad: need {x.ndim} non-negative (before, after) pairs, got {widths}")
+    return Pad(widths, value)(x)
+
+
+class Dropout(Function):
+    """Inverted dropout: kept units are scaled by 1/(1 − p) so evaluation needs no rescaling."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def forward(self, x):
+        xp = backend.get_array_module(x)
+        keep = xp.random.random_sample(x.shape) >= self.p
+        self.mask = xp.where(keep, x.dtype.type(1.0 / (1.0 - self.p)), x.dtype.type(0)).astype(x.dtype)
+        return backend.mul(x, self.mask)
+
+    def backward(self, gy):
+        return backend.mul(gy, self.mask)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability ``p`` in training; identity in evaluation."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return as_tensor(x)
+    return Dropout(p)(x)

@@ -1,0 +1,84 @@
+"""Batch normalization over (N,) or (N, H, W) for each channel, PyTorch's conventions.
+
+Training normalizes with the batch mean and the biased batch variance, and
+updates the running statistics in place as
+``running = (1 − momentum)·running + momentum·batch_stat`` with the *unbiased*
+variance (PyTorch's convention). Evaluation uses the running statistics.
+"""
+from __future__ import annotations
+
+from minibasis import backend
+from minibasis.autograd import Function, Tensor
+
+__all__ = ["batch_norm"]
+
+
+class BatchNorm(Function):
+    """Every product (centering², scaling, running-stat updates, backward terms) is counted."""
+
+    name = "batch_norm"
+
+    def __init__(self, running_mean, running_var, training: bool, momentum: float, eps: float):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.training, self.momentum, self.eps = training, momentum, eps
+
+    def forward(self, x, gamma, beta):
+        xp = backend.get_array_module(x)
+        axes = (0,) if x.ndim == 2 else (0, 2, 3)
+        shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+        count = x.size // x.shape[1]
+        if self.training:
+            mean = x.mean(axis=axes)
+            centered = x - mean.reshape(shape)
+            var = backend.mul(centered, centered).mean(axis=axes)
+            if self.running_mean is not None:
+                m = self.momentum
+                unbiased = m * count / max(count - 1, 1)
+                for running, stat, rate in ((self.running_mean, mean, m), (self.running_var, var, unbiased)):
+                    backend.mul(running, 1 - m, out=running)
+                    running += backend.mul(stat.astype(running.dtype), rate)
+        else:
+            mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+            centered = x - mean.reshape(shape)
+        inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
+        x_hat = backend.mul(centered, inv_std.reshape(shape))
+        self.x_hat, self.inv_std, self.gamma, self.axes, self.shape = x_hat, inv_std, gamma, axes, shape
+        y = backend.mul(x_hat, gamma.reshape(shape))
+        y += beta.reshape(shape)
+        return y
+
+    def backward(self, gy):
+        shape, axes = self.shape, self.axes
+        need_x, need_gamma, need_beta = self.needs_input_grad
+        g_beta = gy.sum(axis=axes) if need_beta else None
+        g_gamma = backend.mul(gy, self.x_hat).sum(axis=axes) if (need_gamma or (need_x and self.training)) else None
+        g_x = None
+        if need_x:
+            scale = backend.mul(self.gamma, self.inv_std).reshape(shape)
+            if self.training:
+                # dx = γ/σ · (gy − mean(gy) − x̂ · mean(gy · x̂)): the batch statistics depend on x.
+                count = gy.size // gy.shape[1]
+                mean_gy = (g_beta if g_beta is not None else gy.sum(axis=axes)) / count
+                mean_gy_xhat = g_gamma / count
+                g_x = backend.mul(gy - mean_gy.reshape(shape)
+                                  - backend.mul(self.x_hat, mean_gy_xhat.reshape(shape)), scale)
+            else:
+                g_x = backend.mul(gy, scale)
+        return g_x, (g_gamma if need_gamma else None), g_beta
+
+
+def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: Tensor,
+               training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalize x (N, C) or (N, C, H, W) per channel; running stats are raw arrays updated in place."""
+    shape = tuple(x.shape)
+    if len(shape) not in (2, 4):
+        raise ValueError(f"batch_norm expects (N, C) or (N, C, H, W), got shape {shape}")
+    channels = shape[1]
+    for label, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"batch_norm: {label} must have shape ({channels},), got {tuple(t.shape)}")
+    if training and shape[0] * (1 if len(shape) == 2 else shape[2] * shape[3]) < 2:
+        raise ValueError(f"batch_norm in training needs more than one value per channel, got input {shape}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm in evaluation needs running_mean and running_var")
+    return BatchNorm(running_mean, running_var, training, momentum, eps)(x, weight, bias)

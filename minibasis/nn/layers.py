@@ -1,0 +1,203 @@
+"""Standard layers with PyTorch's constructor arguments, key names and default initialization."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from minibasis import backend
+from minibasis import functions as F
+from minibasis.autograd import Tensor
+from minibasis.nn.module import Module, Parameter
+
+__all__ = ["Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d", "ReLU", "MaxPool2d", "AvgPool2d",
+           "AdaptiveAvgPool2d", "Dropout", "Flatten", "Sequential", "Identity", "kernel_pair"]
+
+
+def kernel_pair(value, name: str = "kernel_size") -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+def _positive(name: str, value) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def uniform_parameter(shape: tuple, bound: float) -> Parameter:
+    """U(−bound, bound): PyTorch's default for conv and linear layers with bound 1/√fan_in."""
+    return Parameter(backend.random_uniform(-bound, bound, shape))
+
+
+class Conv2d(Module):
+    """weight (out_channels, in_channels, kh, kw), bias (out_channels,)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True):
+        super().__init__()
+        self.in_channels = _positive("in_channels", in_channels)
+        self.out_channels = _positive("out_channels", out_channels)
+        self.kernel_size = kernel_pair(kernel_size)
+        self.stride = kernel_pair(stride, "stride")
+        self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), PyTorch's default
+        self.weight = uniform_parameter((out_channels, in_channels, *self.kernel_size), bound)
+        self.bias = uniform_parameter((out_channels,), bound) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bias={self.bias is not None}")
+
+
+class Linear(Module):
+    """weight (out_features, in_features), bias (out_features,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = _positive("in_features", in_features)
+        self.out_features = _positive("out_features", out_features)
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = uniform_parameter((out_features, in_features), bound)
+        self.bias = uniform_parameter((out_features,), bound) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _BatchNorm(Module):
+    expected_ndim = 4
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = True):
+        super().__init__()
+        self.num_features = _positive("num_features", num_features)
+        self.eps, self.momentum = eps, momentum
+        xp, dtype = backend.xp, backend.default_dtype
+        self.weight = Parameter(xp.ones(num_features, dtype=dtype), requires_grad=affine)
+        self.bias = Parameter(xp.zeros(num_features, dtype=dtype), requires_grad=affine)
+        if track_running_stats:
+            self.register_buffer("running_mean", xp.zeros(num_features, dtype=dtype))
+            self.register_buffer("running_var", xp.ones(num_features, dtype=dtype))
+        self.track_running_stats = track_running_stats
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != self.expected_ndim:
+            raise ValueError(f"{type(self).__name__} expects a {self.expected_ndim}-D input, got shape {x.shape}")
+        stats = (self._buffers["running_mean"], self._buffers["running_var"]) if self.track_running_stats else (None, None)
+        training = self.training or not self.track_running_stats
+        return F.batch_norm(x, stats[0], stats[1], self.weight, self.bias, training, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Per-channel normalization of (N, C, H, W)."""
+
+
+class BatchNorm1d(_BatchNorm):
+    """Per-feature normalization of (N, C)."""
+
+    expected_ndim = 2
+
+
+class ReLU(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x)
+
+
+class MaxPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class AvgPool2d(MaxPool2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling (output_size 1), as the CIFAR ResNets and DenseNets use."""
+
+    def __init__(self, output_size=1):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, self.output_size)
+
+
+class Dropout(Module):
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training)
+
+
+class Flatten(Module):
+    def __init__(self, start_dim: int = 1):
+        super().__init__()
+        self.start_dim = start_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.flatten(x, self.start_dim)
+
+
+class Identity(Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Sequential(Module):
+    """Modules applied in order; children are named "0", "1", ... (or by an OrderedDict)."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], OrderedDict):
+            for name, m in modules[0].items():
+                self.add_module(name, m)
+        else:
+            for i, m in enumerate(modules):
+                if not isinstance(m, Module):
+                    raise TypeError(f"Sequential takes Modules, argument {i} is {type(m).__name__}")
+                self.add_module(str(i), m)
+
+    def __getitem__(self, index):
+        items = list(self._modules.values())
+        if isinstance(index, slice):
+            return Sequential(*items[index])
+        return items[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def append(self, module: Module) -> "Sequential":
+        self.add_module(str(len(self)), module)
+        return self
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x

@@ -1,0 +1,257 @@
+"""Module: parameters, buffers, submodules, train/eval, state_dict, PyTorch's conventions."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+from minibasis import backend, counting
+from minibasis.autograd import Tensor
+
+__all__ = ["Module", "Parameter"]
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module registers as learnable (requires_grad defaults to True)."""
+
+    __slots__ = ()
+
+    def __init__(self, data, requires_grad: bool = True):
+        if isinstance(data, Tensor):
+            data = data.data
+        if getattr(getattr(data, "dtype", None), "kind", None) != "f":
+            raise TypeError(f"a Parameter must hold floating data, got dtype {getattr(data, 'dtype', type(data))}")
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+
+# The chain of modules currently executing, with their paths, so that counts are
+# attributed to "layer1.0.conv1" rather than to a class name.
+_call_stack: list[tuple["Module", str]] = []
+
+
+def _path_of(module: "Module") -> str:
+    if not _call_stack:
+        return ""
+    parent, parent_path = _call_stack[-1]
+    name = next((k for k, m in parent._modules.items() if m is module), None)
+    if name is None:  # called from a parent that does not own it (e.g. a shared module)
+        name = next((k for k, m in parent.named_modules() if m is module and k), type(module).__name__)
+    return f"{parent_path}.{name}" if parent_path else name
+
+
+class Module:
+    """Base class of layers and models; subclasses define ``forward``."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # -- registration -----------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before assigning {name!r}")
+        if name in self._buffers and not isinstance(value, (Parameter, Module)):
+            self._buffers[name] = value  # re-assigning a buffer keeps it a buffer
+            return
+        for store in (self._parameters, self._buffers, self._modules):
+            store.pop(name, None)
+        if isinstance(value, Parameter) or (value is None and name in ("weight", "bias")):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        else:
+            object.__setattr__(self, name, value)
+            return
+        self.__dict__.pop(name, None)
+
+    def __getattr__(self, name: str) -> Any:
+        for store in ("_parameters", "_buffers", "_modules"):
+            values = self.__dict__.get(store)
+            if values is not None and name in values:
+                return values[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        for store in (self._parameters, self._buffers, self._modules):
+            if name in store:
+                del store[name]
+                return
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, array, persistent: bool = True) -> None:
+        """A non-learnable array saved in ``state_dict`` when persistent (BN statistics, fixed bases)."""
+        self.__dict__.pop(name, None)
+        self._buffers[name] = array
+        if not persistent:
+            self.__dict__.setdefault("_non_persistent", set()).add(name)
+
+    def register_parameter(self, name: str, param: Parameter | None) -> None:
+        setattr(self, name, param)
+
+    def add_module(self, name: str, module: "Module") -> None:
+        setattr(self, name, module)
+
+    # -- traversal --------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """(path, module) for this module and every descendant, each once, depth first."""
+        seen: set[int] = set()
+        stack = [(prefix, self)]
+        while stack:
+            path, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield path, module
+            children = [(f"{path}.{k}" if path else k, m) for k, m in module._modules.items() if m is not None]
+            stack.extend(reversed(children))
+
+    def modules(self) -> Iterator["Module"]:
+        return (m for _, m in self.named_modules())
+
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        return ((k, m) for k, m in self._modules.items() if m is not None)
+
+    def children(self) -> Iterator["Module"]:
+        return (m for _, m in self.named_children())
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """(path, parameter) pairs, each parameter once, in registration order."""
+        seen: set[int] = set()
+        modules = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for path, module in modules:
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{path}.{name}" if path else name), p
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        return (p for _, p in self.named_parameters(recurse=recurse))
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for path, module in self.named_modules(prefix):
+            for name, b in module._buffers.items():
+                if b is not None:
+                    yield (f"{path}.{name}" if path else name), b
+
+    def num_parameters(self, learnable_only: bool = False) -> int:
+        return sum(p.size for p in self.parameters() if p.requires_grad or not learnable_only)
+
+    # -- modes ------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def requires_grad_(self, flag: bool = True) -> "Module":
+        for p in self.parameters():
+            p.requires_grad_(flag)
+        return self
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def apply(self, fn: Callable[["Module"], None]) -> "Module":
+        for m in self.modules():
+            fn(m)
+        return self
+
+    def to(self, device: str) -> "Module":
+        """Move every parameter and buffer to backend ``device`` ("numpy" or "cupy") and select it."""
+        backend.use(device)
+        for module in self.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    p.data = backend.asarray(p.data)
+                    p.grad = None
+            for name, b in list(module._buffers.items()):
+                if b is not None:
+                    module._buffers[name] = backend.asarray(b)
+        return self
+
+    # -- state ------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, Any]":
+        """Path → array for every parameter and persistent buffer (PyTorch's key names)."""
+        state: OrderedDict[str, Any] = OrderedDict()
+        for path, module in self.named_modules():
+            skip = module.__dict__.get("_non_persistent", ())
+            for name, p in module._parameters.items():
+                if p is not None:
+                    state[f"{path}.{name}" if path else name] = p.data
+            for name, b in module._buffers.items():
+                if b is not None and name not in skip:
+                    state[f"{path}.{name}" if path else name] = b
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> tuple[list[str], list[str]]:
+        """Copy arrays (NumPy, CuPy or Tensors) into this module's parameters and buffers.
+
+        Keys must match ``state_dict()`` exactly when ``strict`` (PyTorch's
+        ``num_batches_tracked`` entries are ignored); every shape must match.
+        Nothing is changed unless every check passes. Returns (missing, unexpected).
+        """
+        own = self.state_dict()
+        incoming = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+        missing = [k for k in own if k not in incoming]
+        unexpected = [k for k in incoming if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: state does not fit {type(self).__name__}: "
+                           f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                           f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+        updates = []
+        for key, target in own.items():
+            if key not in incoming:
+                continue
+            value = incoming[key]
+            value = value.data if isinstance(value, Tensor) else value
+            shape = tuple(getattr(value, "shape", ()))
+            if shape != tuple(target.shape):
+                raise ValueError(f"load_state_dict: {key!r} has shape {shape}, the model expects {tuple(target.shape)}")
+            kind = getattr(getattr(value, "dtype", None), "kind", None)
+            if kind not in ("f", "i", "u", "b"):
+                raise TypeError(f"load_state_dict: {key!r} is not a numeric array (dtype {getattr(value, 'dtype', type(value))})")
+            updates.append((key, backend.asarray(value).astype(target.dtype, copy=True)))
+        owners = dict(self._owners())
+        for key, array in updates:
+            module, name = owners[key]
+            if name in module._parameters:
+                module._parameters[name].data = array
+            else:
+                module._buffers[name] = array
+        return missing, unexpected
+
+    def _owners(self) -> Iterator[tuple[str, tuple["Module", str]]]:
+        for path, module in self.named_modules():
+            for name in list(module._parameters) + list(module._buffers):
+                yield (f"{path}.{name}" if path else name), (module, name)
+
+    # -- calling ----------------------------------------------------------
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def __call__(self, *args, **kwargs):
+        if not counting.active():
+            return self.forward(*args, **kwargs)
+        path = _path_of(self)
+        _call_stack.append((self, path))
+        try:
+            with counting.layer_scope(path):
+                return self.forward(*args, **kwargs)
+        finally:
+            _call_stack.pop()
+
+    # -- printing ---------------------------------------------------------
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"({name}): " + repr(m).replace("\n", "\n  ") for name, m in self.named_children()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        return head + ")" if not lines else head + "\n  " + "\n  ".join(lines) + "\n)"
