@@ -157,9 +157,16 @@ class Conv2dFunction(Function):
         gx = gw = gb = None
         if need_w:
             gw = self._weight_grad(gy3).reshape(m, *self.x_shape[1:2], *self.kernel)
-        if need_x:
+        if need_x and self.step == n:
             gcol = backend.matmul(self.w2.T, gy3)
             gx = col2im(gcol, self.x_shape, self.kernel, self.stride, self.padding)
+        elif need_x:
+            # Chunked like forward, so the column gradient never exceeds the im2col budget.
+            gx = backend.get_array_module(gy).empty(self.x_shape, dtype=gy.dtype)
+            for start in range(0, n, self.step):
+                gcol = backend.matmul(self.w2.T, gy3[start:start + self.step])
+                gx[start:start + self.step] = col2im(gcol, (gcol.shape[0],) + tuple(self.x_shape[1:]),
+                                                     self.kernel, self.stride, self.padding)
         if need_b:
             gb = gy.sum(axis=(0, 2, 3))
         return (gx, gw, gb) if len(self.needs_input_grad) > 2 else (gx, gw)
