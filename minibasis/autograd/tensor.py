@@ -135,6 +135,10 @@ class Tensor:
         ``grad`` (array or Tensor, same shape as self) is required unless self is a
         scalar (one element), for which it defaults to 1.
         """
+        if not self.requires_grad:
+            # Silently doing nothing would hide e.g. a loss computed under no_grad (PyTorch raises too).
+            raise RuntimeError(f"backward() on a tensor of shape {self.shape} that does not require grad "
+                               "and has no graph (computed under no_grad, detached, or from constants only)")
         if grad is None:
             if self.size != 1:
                 raise ValueError(
