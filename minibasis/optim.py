@@ -59,7 +59,8 @@ class Optimizer:
             groups.append({**{k: v for k, v in g.items() if k != "params"},
                            "params": list(range(start, start + len(g["params"])))})
             start += len(g["params"])
-        state = {index[pid]: {k: backend.to_numpy(v) for k, v in s.items()}
+        # A copy: on NumPy to_numpy returns the live buffer, which later steps update in place.
+        state = {index[pid]: {k: backend.to_numpy(v).copy() for k, v in s.items()}
                  for pid, s in self.state.items() if pid in index}
         return {"param_groups": groups, "state": state}
 
