@@ -149,6 +149,8 @@ class Tensor:
             grad = grad.data if isinstance(grad, Tensor) else grad
             if tuple(grad.shape) != tuple(self.shape):
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, expected {self.shape}")
+            if grad.dtype != self.dtype:
+                grad = grad.astype(self.dtype)
         _run_backward(self, grad, retain_graph)
 
     # -- operators (the Tensor's own algebra lives in autograd.ops) -----------
@@ -369,6 +371,10 @@ def _run_backward(root: Tensor, grad, retain_graph: bool) -> None:
             if tuple(gx.shape) != tuple(x.shape):
                 raise RuntimeError(f"{fn.op_name}.backward gave a gradient of shape {tuple(gx.shape)} "
                                    f"for an input of shape {x.shape}")
+            if gx.dtype != x.dtype:
+                # Mixed-dtype ops (float32 + float64 array) compute in the wider type; a
+                # gradient always has its tensor's dtype, so float32 parameters keep float32 grads.
+                gx = gx.astype(x.dtype)
             if x.creator is None:
                 _accumulate_leaf(x, gx)
                 continue
