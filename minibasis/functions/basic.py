@@ -59,6 +59,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if bias is not None and tuple(bias.shape) != (w_shape[0],):
         raise ValueError(f"linear: bias must have shape ({w_shape[0]},), got {tuple(bias.shape)}")
     _check_float("linear", input=x, weight=weight)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear: input dtype {x.dtype} differs from weight dtype {weight.dtype}")
     fn = Linear()
     return fn(x, weight) if bias is None else fn(x, weight, bias)
 
