@@ -1,0 +1,239 @@
+"""BasisConv2d: a convolution as Q fixed basis filters followed by a learnable 1×1 convolution.
+
+The paper's construct (Tayyab & Mahalanobis, section 2): every filter h_i of a
+layer is a linear combination h_i = Σ_j w_ij e_j of Q basis filters e_j, and
+convolution is linear, so y_i = Σ_j w_ij (x ∗ e_j). The Q maps g_j = x ∗ e_j are
+computed once and shared by all M outputs, which are then a 1×1 convolution of g
+with the M×Q coefficients:
+
+    x (N, C, H, W) --basis conv, Q filters (Q, C, kh, kw), stride, padding--> g (N, Q, Ho, Wo)
+      --[optional BatchNorm2d(Q)]--> --1×1 conv, coeffs (M, Q)--> y (N, M, Ho, Wo)
+
+Both stages run through ``functions.conv2d`` and therefore count as convolution
+multiplications (``counter.conv``): Q·D·Ho·Wo for the basis stage and M·Q·Ho·Wo
+for the 1×1 stage per image (D = C·kh·kw). The 1×1 stage hits conv2d's pointwise
+path, a batched GEMM on a view of g with no column buffer. The full M×C×kh×kw
+kernel is never rebuilt in ``forward``: that would cost the original M·D·Ho·Wo
+again and save nothing.
+
+The basis is a persistent buffer: saved in ``state_dict``, moved by ``.to()``,
+never returned by ``parameters()`` and therefore never updated by an optimizer.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+from minibasis import backend
+from minibasis import functions as F
+from minibasis.autograd import Tensor
+from minibasis.nn.layers import BatchNorm2d, Conv2d, kernel_pair
+from minibasis.nn.module import Module, Parameter
+
+__all__ = ["BasisConv2d"]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _padding_pair(value) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+                                 for v in pair):
+        raise ValueError(f"padding must be a non-negative int or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _float_dtype(dtype):
+    """``dtype`` resolved by the active array module, or a TypeError if it is not floating."""
+    resolved = backend.xp.dtype(dtype)
+    if resolved.kind != "f":
+        raise TypeError(f"BasisConv2d needs a floating dtype, got {resolved}")
+    return resolved
+
+
+def _host_random_basis(in_channels: int, kernel: tuple[int, int], num_basis: int, seed):
+    """(Q, C, kh, kw) float64 host filters from a random orthonormal D×Q matrix (im2col order).
+
+    ``seed=None`` draws from minibasis's host generator, so ``manual_seed`` makes it reproducible.
+    """
+    # basis.py is host-side basis math (NumPy); imported here so that importing nn stays NumPy-free.
+    from minibasis import basis as basis_math
+
+    dim = in_channels * kernel[0] * kernel[1]
+    E = basis_math.random_orthonormal_basis(dim, num_basis, seed=backend.host_rng() if seed is None else seed)
+    return basis_math.basis_as_filters(E, in_channels, *kernel)
+
+
+class BasisConv2d(Module):
+    """Fixed basis filters, optional BatchNorm on the Q-channel intermediate, learnable 1×1 coefficients.
+
+    Args:
+        in_channels: C. out_channels: M. kernel_size: k or (kh, kw).
+        num_basis: Q, the number of basis filters.
+        stride, padding: of the basis stage (the 1×1 stage has stride 1, no padding).
+        bias: learnable ``.bias`` (M,) on the output (the 1×1 stage).
+        basis: the fixed filters, an array or Tensor of shape (Q, C, kh, kw). None draws a
+            random orthonormal basis (as :meth:`random`) from minibasis's host generator.
+        bn: put ``.bn = BatchNorm2d(Q)`` on the intermediate tensor (the paper does when
+            training from scratch). Its parameters are BatchNorm parameters, not conv ones.
+        basis_bias: learnable ``.basis_bias`` (Q,) added by the basis stage (the paper's
+            Table 3 network has biases on both stages).
+        dtype: dtype of every array of the layer; default: the dtype of ``basis`` when one
+            is given, else ``backend.default_dtype`` (float32).
+        coeffs: (keyword only) initial coefficients (M, Q) instead of the random init; then
+            nothing but a missing basis is drawn at random, and the biases start at zero.
+
+    Attributes:
+        basis: persistent buffer (Q, C, kh, kw), in ``state_dict`` but not in ``parameters()``.
+        coeffs: Parameter (M, Q). bias: Parameter (M,) or None. basis_bias: Parameter (Q,) or None.
+        num_basis: Q. energy: retained energy fraction when built by :meth:`from_conv`, else None.
+
+    Initialization (when not built from a trained conv): coeffs and bias ~ U(−1/√Q, 1/√Q),
+    PyTorch's conv default with fan_in = Q, the fan-in of the 1×1 stage. With an
+    orthonormal basis the equivalent filter Σ_j w_ij e_j then has expected squared norm
+    Q·(1/(3Q)) = 1/3, exactly that of PyTorch's default conv init (D weights of variance
+    1/(3D)), so outputs start at the scale a plain conv would. basis_bias ~ U(−1/√D, 1/√D),
+    the default bias of a conv with the basis stage's fan-in D.
+
+    Shapes: input (N, C, H, W) → output (N, M, Ho, Wo), Ho = (H + 2·ph − kh) // sh + 1.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, num_basis, stride=1, padding=0, bias=True,
+                 basis=None, bn=False, basis_bias=False, dtype=None, *, coeffs=None):
+        super().__init__()
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = kernel_pair(kernel_size)
+        self.stride = kernel_pair(stride, "stride")
+        self.padding = _padding_pair(padding)
+        q = _positive_int("num_basis", num_basis)
+        self.num_basis = q
+        self.energy = None
+        kh, kw = self.kernel_size
+        dim = self.in_channels * kh * kw
+
+        if basis is None:
+            if q > dim:
+                raise ValueError(f"num_basis ({q}) exceeds the filter dimension D = C*kh*kw = "
+                                 f"{self.in_channels}*{kh}*{kw} = {dim}: a random orthonormal basis has at most D vectors")
+            dtype = _float_dtype(backend.default_dtype if dtype is None else dtype)
+            basis_array = backend.asarray(_host_random_basis(self.in_channels, self.kernel_size, q, None), dtype=dtype)
+        else:
+            basis_array = basis.data if isinstance(basis, Tensor) else basis
+            if not hasattr(basis_array, "shape"):
+                basis_array = backend.asarray(basis_array)
+            expected = (q, self.in_channels, kh, kw)
+            if tuple(basis_array.shape) != expected:
+                raise ValueError(f"basis must have shape (num_basis, in_channels, kh, kw) = {expected}, "
+                                 f"got {tuple(basis_array.shape)}")
+            if getattr(basis_array.dtype, "kind", None) != "f":
+                raise TypeError(f"basis must be a floating array, got dtype {basis_array.dtype}")
+            dtype = _float_dtype(basis_array.dtype if dtype is None else dtype)
+            # A private copy on the active device: the layer must not alias the caller's array.
+            basis_array = backend.asarray(basis_array).astype(dtype, copy=True)
+        self.register_buffer("basis", basis_array)
+
+        if coeffs is None:
+            bound = 1.0 / math.sqrt(q)
+            self.coeffs = Parameter(backend.random_uniform(-bound, bound, (self.out_channels, q), dtype=dtype))
+            self.bias = Parameter(backend.random_uniform(-bound, bound, (self.out_channels,), dtype=dtype)) if bias else None
+            bound = 1.0 / math.sqrt(dim)
+            self.basis_bias = Parameter(backend.random_uniform(-bound, bound, (q,), dtype=dtype)) if basis_bias else None
+        else:
+            coeffs = coeffs.data if isinstance(coeffs, Tensor) else coeffs
+            if tuple(getattr(coeffs, "shape", ())) != (self.out_channels, q):
+                raise ValueError(f"coeffs must have shape (out_channels, num_basis) = {(self.out_channels, q)}, "
+                                 f"got {tuple(getattr(coeffs, 'shape', ()))}")
+            # Explicit values draw nothing from the host generator, so building a layer from a
+            # trained conv does not shift the random stream of later initializations.
+            self.coeffs = Parameter(backend.asarray(coeffs).astype(dtype, copy=True))
+            self.bias = Parameter(backend.xp.zeros(self.out_channels, dtype=dtype)) if bias else None
+            self.basis_bias = Parameter(backend.xp.zeros(q, dtype=dtype)) if basis_bias else None
+        if bn:
+            norm = BatchNorm2d(q)
+            for name, p in norm._parameters.items():
+                p.data = p.data.astype(dtype)
+            for name, b in list(norm._buffers.items()):
+                norm._buffers[name] = b.astype(dtype)
+            self.bn = norm
+        else:
+            self.bn = None
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def from_conv(cls, conv: Conv2d, energy_threshold=None, num_basis=None) -> "BasisConv2d":
+        """The eigen-basis equivalent of a trained ``Conv2d`` (the paper's section 2.1).
+
+        Exactly one of ``energy_threshold`` (t in (0, 1]; t = 1 keeps the numerical rank
+        and reproduces the layer to rounding) and ``num_basis`` (Q in [1, min(D, M)]).
+        The layer keeps the conv's stride, padding, dtype, device and a copy of its bias;
+        the basis and coefficients come from :func:`minibasis.basis.eigen_basis`
+        (computed in float64, then cast). ``.energy`` holds the retained energy fraction.
+        No BatchNorm and no basis bias are added: the result computes the same function.
+        """
+        from minibasis import basis as basis_math  # host-side basis math (see _host_random_basis)
+
+        if not isinstance(conv, Conv2d):
+            raise TypeError(f"BasisConv2d.from_conv needs a minibasis.nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight.data
+        if len(weight.shape) != 4:
+            raise ValueError(f"conv weight must be 4-D (M, C, kh, kw), got shape {tuple(weight.shape)}")
+        eigen = basis_math.eigen_basis(weight, energy_threshold=energy_threshold, num_basis=num_basis)
+        m, c, kh, kw = weight.shape
+        layer = cls(c, m, (kh, kw), eigen.num_basis, stride=conv.stride, padding=conv.padding,
+                    bias=conv.bias is not None, basis=eigen.basis, dtype=weight.dtype, coeffs=eigen.coeffs)
+        xp = backend.get_array_module(weight)
+        # Put every array where the conv's weight lives (the constructor used the active backend).
+        layer._buffers["basis"] = xp.asarray(eigen.basis, dtype=weight.dtype)
+        layer.coeffs.data = xp.asarray(eigen.coeffs, dtype=weight.dtype)
+        if conv.bias is not None:
+            layer.bias.data = conv.bias.data.astype(weight.dtype, copy=True)
+        layer.energy = float(eigen.energy)
+        return layer
+
+    @classmethod
+    def random(cls, in_channels, out_channels, kernel_size, num_basis, stride=1, padding=0, bias=True,
+               bn=True, basis_bias=False, seed=None, dtype=None) -> "BasisConv2d":
+        """A fixed random orthonormal basis for training from scratch (the paper's section 2.2).
+
+        The D×Q basis comes from :func:`minibasis.basis.random_orthonormal_basis` (Haar,
+        Eᵀ E = I) with ``seed`` (an int gives the same basis every time; None draws from
+        minibasis's host generator, seeded by ``manual_seed``), and is reshaped to
+        (Q, C, kh, kw) in im2col order. ``bn`` defaults to True, as the paper trains from
+        scratch with a BatchNorm on the intermediate tensor. Coefficients are initialized
+        as described in the class docstring. Needs Q ≤ D.
+        """
+        kernel = kernel_pair(kernel_size)
+        c, q = _positive_int("in_channels", in_channels), _positive_int("num_basis", num_basis)
+        dim = c * kernel[0] * kernel[1]
+        if q > dim:
+            raise ValueError(f"num_basis ({q}) exceeds the filter dimension D = C*kh*kw = {dim}: "
+                             "a random orthonormal basis has at most D vectors")
+        dtype = _float_dtype(backend.default_dtype if dtype is None else dtype)
+        filters = _host_random_basis(c, kernel, q, seed)
+        return cls(c, out_channels, kernel, q, stride=stride, padding=padding, bias=bias,
+                   basis=backend.asarray(filters, dtype=dtype), bn=bn, basis_bias=basis_bias, dtype=dtype)
+
+    # -- computation --------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """x (N, C, H, W) → (N, M, Ho, Wo): basis stage, optional BN, 1×1 coefficient stage."""
+        # The basis is a raw array, so conv2d sees an input that needs no gradient and
+        # computes none for it.
+        g = F.conv2d(x, self._buffers["basis"], self.basis_bias, self.stride, self.padding)
+        if self.bn is not None:
+            g = self.bn(g)
+        m, q = self.coeffs.shape
+        return F.conv2d(g, self.coeffs.reshape(m, q, 1, 1), self.bias)
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"num_basis={self.num_basis}, stride={self.stride}, padding={self.padding}, "
+                f"bias={self.bias is not None}, basis_bias={self.basis_bias is not None}, "
+                f"bn={self.bn is not None}")
+        if self.energy is not None:
+            text += f", energy={self.energy:.4f}"
+        return text
