@@ -57,7 +57,15 @@ def _cupy_backend() -> Backend:
     return Backend("cupy", cupy, (cupy.ndarray,), cupy.asnumpy)
 
 
-_LOADERS: dict[str, Callable[[], Backend]] = {"numpy": _numpy_backend, "cupy": _cupy_backend}
+def _strict_backend() -> Backend:
+    # A CPU-only stand-in for a device backend that refuses silent host/device mixing
+    # (see minibasis/backend_strict.py); the engine's tests run on it.
+    from minibasis import backend_strict
+    return backend_strict.load()
+
+
+_LOADERS: dict[str, Callable[[], Backend]] = {"numpy": _numpy_backend, "cupy": _cupy_backend,
+                                              "strict": _strict_backend}
 _LOADED: dict[str, Backend] = {}
 
 _active: Backend = _numpy_backend()
