@@ -132,6 +132,12 @@ def test_sharded_loader_with_exact_augmentation_gives_the_single_process_images(
         assert np.array_equal(np.concatenate([x for x, _ in parts]), x_ref)
         assert np.array_equal(np.concatenate([y for _, y in parts]), y_ref)
     assert all(loader.epoch == 2 for loader in loaders)
+    # from_loader builds the same sharding from a DataLoader's own settings.
+    reference.set_epoch(1)
+    twins = [dist.ShardedDataLoader.from_loader(reference, rank=r, world_size=2) for r in range(2)]
+    assert all(t.epoch == 1 and t.seed == 11 and t.local_batch_size == 4 for t in twins)
+    for (x_ref, _), *parts in zip(reference, *[list(t) for t in twins]):
+        assert np.array_equal(np.concatenate([x for x, _ in parts]), x_ref)
     # The cheap mode augments each slice with its own generator: reproducible, not identical.
     cheap = [dist.ShardedDataLoader(data, 8, shuffle=True, seed=11, transform=transform, rank=r, world_size=2,
                                     exact_augmentation=False) for r in range(2)]

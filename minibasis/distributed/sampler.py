@@ -199,6 +199,20 @@ class ShardedDataLoader(DataLoader):
                                       drop_last=self.drop_last, uneven=uneven, rank=rank, world_size=world_size)
         self.exact_augmentation = bool(exact_augmentation)
 
+    @classmethod
+    def from_loader(cls, loader: DataLoader, *, uneven: str = "pad", rank: int | None = None,
+                    world_size: int | None = None, exact_augmentation: bool = True) -> "ShardedDataLoader":
+        """The sharded twin of a ``DataLoader``: same dataset, global batch size, shuffling, seed,
+        ``drop_last``, transform and current epoch. A training loop written for ``DataLoader``
+        becomes data-parallel by swapping its loader for this one."""
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"from_loader expects a minibasis.data.DataLoader, got {type(loader).__name__}")
+        sharded = cls(loader.dataset, loader.batch_size, shuffle=loader.shuffle, seed=loader.seed,
+                      drop_last=loader.drop_last, transform=loader.transform, uneven=uneven, rank=rank,
+                      world_size=world_size, exact_augmentation=exact_augmentation)
+        sharded.set_epoch(loader.epoch)
+        return sharded
+
     @property
     def rank(self) -> int:
         return self.sampler.rank
