@@ -1,2 +1,14 @@
 """Datasets, batching and augmentation (host-side NumPy)."""
+from minibasis.data.loader import ArrayDataset, DataLoader, epoch_permutation
 from minibasis.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_NUM_CLASSES, synthetic, synthetic_class_names
+from minibasis.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Compose,
+    Normalize,
+    RandomCrop,
+    RandomHorizontalFlip,
+    ToFloat,
+)

@@ -19,13 +19,16 @@ period. Two consequences, both on purpose:
   training pipeline.
 
 ``synthetic(...)`` returns ``(x_train, y_train), (x_test, y_test)`` in the same form as the real
-loaders: uint8 images of shape (N, C, H, W) and int64 labels of shape (N,).
+loaders (a ``DatasetSplits`` carrying ``.label_names``): uint8 images of shape (N, C, H, W) and
+int64 labels of shape (N,).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from minibasis.data.files import DatasetSplits
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -89,7 +92,7 @@ def synthetic(
     channels: int = 3,
     seed: int = 0,
     noise: float = 0.08,
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+) -> DatasetSplits:
     """Make a procedural classification dataset of windowed oriented patterns.
 
     Args:
@@ -106,8 +109,9 @@ def synthetic(
 
     Returns:
         ``(x_train, y_train), (x_test, y_test)``: uint8 arrays of shape
-        (N, channels, image_size, image_size) and int64 labels of shape (N,). Each split is
-        class-balanced (counts differ by at most one) and in random order.
+        (N, channels, image_size, image_size) and int64 labels of shape (N,), as a
+        ``DatasetSplits`` like the real loaders return (``.label_names`` gives the class names).
+        Each split is class-balanced (counts differ by at most one) and in random order.
     """
     num_train = _check_count("num_train", num_train)
     num_test = _check_count("num_test", num_test)
@@ -125,7 +129,7 @@ def synthetic(
     for count, stream in ((num_train, train_stream), (num_test, test_stream)):
         rng = np.random.default_rng(stream)
         splits.append(_make_split(rng, count, num_classes, image_size, channels, noise))
-    return splits[0], splits[1]
+    return DatasetSplits(splits[0], splits[1], synthetic_class_names(num_classes))
 
 
 def _make_split(
