@@ -152,7 +152,7 @@ def softmax_cross_entropy_numpy(logits, labels):
     for i in range(n):
         row = logits[i] - logits[i].max()
         p = np.exp(row) / np.exp(row).sum()
-        loss -= np.log(p[labels[i]])
+        loss += np.log(np.exp(row).sum()) - row[labels[i]]  # −log p, without log(1 − tiny) cancellation
         grad[i] = p
         grad[i, labels[i]] -= 1.0
     return loss / n, grad / n
