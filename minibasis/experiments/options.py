@@ -1,0 +1,265 @@
+"""Command-line options the experiment verbs share, and what they turn into.
+
+* ``--device``, ``--seed``, ``--batch-size``, ``--output`` (every verb);
+* ``--model``, ``--depth``, ``--num-classes``, ``--checkpoint`` → a zoo model with weights;
+* ``--dataset``, ``--data``, ``--normalize`` → host arrays and the transforms to feed them.
+
+Every problem a user can fix (unknown model, missing data folder, a checkpoint for another
+architecture, CuPy missing) becomes a one-line :class:`minibasis.cli.UserError`.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+
+from minibasis import backend
+from minibasis.cli import UserError
+
+__all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "build_model",
+           "load_weights", "add_data_arguments", "load_dataset", "eval_transform", "train_transform",
+           "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
+
+#: The paper's Figure 2 thresholds.
+DEFAULT_THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+# ---------------------------------------------------------------------------
+# Common options
+# ---------------------------------------------------------------------------
+def add_common_arguments(parser, *, batch_size: int = 128, seed: int = 0) -> None:
+    """``--device``, ``--seed``, ``--batch-size`` and ``--output`` (every verb takes them)."""
+    group = parser.add_argument_group("common options")
+    group.add_argument("--device", choices=("numpy", "cupy"), default="numpy",
+                       help="array backend: numpy (CPU) or cupy (NVIDIA GPU) (default: numpy)")
+    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"mini-batch size (default: {batch_size})")
+    group.add_argument("--output", type=Path, default=None,
+                       help="folder for results, logs, checkpoints and plots (default: runs/<verb>-<timestamp>)")
+    group.add_argument("--quiet", action="store_true", help="no progress lines, only results")
+
+
+def select_device(name: str) -> None:
+    """Switch the backend, turning a missing CuPy or GPU into a one-line :class:`UserError`."""
+    try:
+        backend.use(name)
+    except (RuntimeError, ValueError, ImportError) as exc:
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(f"--device {name} is not usable here: {first_line}") from None
+
+
+def check_positive(option: str, value, allow_zero: bool = False):
+    """``value`` unchanged, or a one-line :class:`UserError` when it is not positive."""
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UserError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return value
+
+
+def check_common(args) -> None:
+    """Validate the common options and switch the device."""
+    check_positive("--batch-size", args.batch_size)
+    check_positive("--seed", args.seed, allow_zero=True)
+    select_device(args.device)
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """``"1.0,0.95,0.9"`` → ``[1.0, 0.95, 0.9]``, each in (0, 1]."""
+    try:
+        values = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------
+# Models and checkpoints
+# ---------------------------------------------------------------------------
+def default_shared() -> Path:
+    from minibasis.experiments.common import shared_dir
+    return shared_dir()
+
+
+def default_data_dir() -> Path:
+    """``<shared>/data`` ($MINIBASIS_SHARED, else ../shared beside the repository)."""
+    return default_shared() / "data"
+
+
+def pretrained_checkpoint(model: str, depth: int | None) -> Path | None:
+    """The shared akamaster checkpoint for ``resnet_cifar`` of ``depth`` (``resnet<depth>-*.th``), if present."""
+    name = model if depth is None or model != "resnet_cifar" else f"resnet{depth}"
+    matches = sorted(glob.glob(str(default_shared() / "models" / "akamaster" / f"{name}-*.th")))
+    return Path(matches[0]) if matches else None
+
+
+def add_model_arguments(parser, *, model: str = "resnet_cifar", depth: int | None = 56,
+                        checkpoint: str | None = "auto", num_classes: int = 10) -> None:
+    """``--model``, ``--depth``, ``--num-classes`` and (unless ``checkpoint`` is False) ``--checkpoint``."""
+    from minibasis.models import model_names
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=model,
+                       help=f"zoo model (default: {model}); one of {', '.join(model_names())}")
+    group.add_argument("--depth", type=int, default=depth,
+                       help=f"depth of resnet_cifar (20, 32, 44, 56, 110, 1202) (default: {depth})")
+    group.add_argument("--num-classes", type=int, default=num_classes, help=f"classes (default: {num_classes})")
+    if checkpoint is not False:
+        group.add_argument("--checkpoint", default=checkpoint,
+                           help="weights: a PyTorch checkpoint (.th/.pt/.pth, read without torch) or a minibasis "
+                                ".npz; 'auto' (default) picks the shared pretrained "
+                                "models/akamaster/resnet<depth>-*.th; 'none' keeps the random init")
+
+
+def build_model(args):
+    """The zoo model named by ``--model`` (``--depth`` for resnet_cifar, ``--num-classes``)."""
+    from minibasis.models import MODELS, get_model
+
+    if args.model not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; known models: {', '.join(MODELS)}")
+    kwargs = {"num_classes": check_positive("--num-classes", args.num_classes)}
+    if args.model == "resnet_cifar":
+        kwargs["depth"] = args.depth
+    try:
+        return get_model(args.model, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"cannot build model {args.model!r}: {str(exc).splitlines()[0]}") from None
+
+
+def describe_model(args) -> str:
+    return f"resnet{args.depth}" if args.model == "resnet_cifar" else args.model
+
+
+def resolve_checkpoint(args) -> Path | None:
+    """``--checkpoint`` as a path (``auto`` → the shared pretrained file; ``none`` → None)."""
+    value = getattr(args, "checkpoint", None)
+    if value is None or str(value).lower() == "none":
+        return None
+    if str(value) == "auto":
+        found = pretrained_checkpoint(args.model, getattr(args, "depth", None))
+        if found is None:
+            where = default_shared() / "models" / "akamaster"
+            raise UserError(f"no --checkpoint given and no pretrained {describe_model(args)} in {where} "
+                            "(set MINIBASIS_SHARED or pass --checkpoint PATH)")
+        return found
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def read_state(path: Path) -> dict:
+    """Name → array from a PyTorch checkpoint, a minibasis ``.npz`` state or training checkpoint."""
+    from minibasis import io
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04" and path.suffix == ".npz":
+            state = io.load(path)
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]  # a training checkpoint: the model part
+        else:
+            state = io.load_torch_checkpoint(path)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is not readable: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"checkpoint {path} holds no model weights")
+    return state
+
+
+def load_weights(model, path: Path, description: str = "") -> None:
+    """Load ``path`` into ``model``; a checkpoint for another architecture is a one-line UserError."""
+    from minibasis.experiments.trainer import load_model_state
+
+    state = read_state(path)
+    label = description or type(model).__name__
+    load_model_state(model, state, source=f"checkpoint {path}", model_name=label)
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+#: ``--dataset`` name → (loader in minibasis.data, number of classes)
+DATASETS = {"cifar10": ("load_cifar10", 10), "cifar100": ("load_cifar100", 100), "svhn": ("load_svhn", 10),
+            "synthetic": ("synthetic", 10)}
+
+
+def add_data_arguments(parser, *, dataset: str = "cifar10", normalize: str = "imagenet") -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=sorted(DATASETS), default=dataset, help=f"(default: {dataset})")
+    group.add_argument("--data", type=Path, default=None,
+                       help="folder holding the dataset files (default: <shared>/data, where <shared> is "
+                            "$MINIBASIS_SHARED or ../shared beside the repository)")
+    group.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=normalize,
+                       help="per-channel input normalization; the shared akamaster ResNets were trained with "
+                            f"ImageNet statistics (default: {normalize})")
+
+
+def load_dataset(name: str, root, *, num_train: int | None = None, num_test: int | None = None, seed: int = 0):
+    """``((x_train, y_train), (x_test, y_test))``: uint8 (N, C, H, W) images and int64 labels.
+
+    ``synthetic`` is generated (``num_train``/``num_test`` images); the others are read from
+    ``root`` (default: the shared data folder) and cut to the first ``num_train``/``num_test``.
+    """
+    from minibasis import data
+
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        kwargs = {"seed": seed}
+        kwargs.update({k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None})
+        return data.synthetic(**kwargs)
+    root = Path(root) if root is not None else default_data_dir()
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist (it should hold the {name} files, "
+                        f"e.g. {root / 'cifar-10-batches-py'} for cifar10)")
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(data, DATASETS[name][0])(root)
+    except FileNotFoundError as exc:
+        raise UserError(f"{name} files not found under {root}: {str(exc).splitlines()[0]}") from None
+    except ValueError as exc:
+        raise UserError(f"{name} files under {root} are not usable: {str(exc).splitlines()[0]}") from None
+    if num_train is not None:
+        x_train, y_train = x_train[:num_train], y_train[:num_train]
+    if num_test is not None:
+        x_test, y_test = x_test[:num_test], y_test[:num_test]
+    return (x_train, y_train), (x_test, y_test)
+
+
+def _statistics(normalize: str):
+    from minibasis import data
+    table = {"imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD), "cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
+             "none": None}
+    if normalize not in table:
+        raise UserError(f"unknown normalization {normalize!r}; expected one of {', '.join(table)}")
+    return table[normalize]
+
+
+def eval_transform(normalize: str = "cifar10"):
+    """uint8 → float32 in [0, 1] → per-channel normalization (no augmentation)."""
+    from minibasis import data
+    stats = _statistics(normalize)
+    return data.Compose([data.ToFloat()] + ([data.Normalize(*stats)] if stats else []))
+
+
+def train_transform(normalize: str = "cifar10", augment: bool = True, image_size: int = 32):
+    """Random crop (padding 4) and horizontal flip, then :func:`eval_transform`'s steps."""
+    from minibasis import data
+    steps = [data.RandomCrop(image_size, padding=4), data.RandomHorizontalFlip()] if augment else []
+    stats = _statistics(normalize)
+    steps += [data.ToFloat()] + ([data.Normalize(*stats)] if stats else [])
+    return data.Compose(steps)
+
+
+def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed: int):
+    """A class-mixed random subset of ``count`` samples (all when None or ≥ N), fixed by ``seed``."""
+    if count is None or count >= len(labels):
+        return images, labels
+    index = np.sort(np.random.default_rng(seed).permutation(len(labels))[:count])
+    return images[index], labels[index]

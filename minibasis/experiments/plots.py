@@ -1,0 +1,162 @@
+"""PNG plots of the experiments (matplotlib, imported only when a plot is drawn).
+
+matplotlib is an optional dependency (``pip install 'minibasis[plot]'``). Without it the
+commands still write their JSON/CSV results; :func:`save_plot` returns None and the caller
+prints :data:`MISSING_MESSAGE` once. Every PNG is rendered in memory and written with
+:func:`minibasis.io.atomic_write`, so an interrupted run never leaves a truncated image.
+"""
+from __future__ import annotations
+
+import io as _stdio
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["MISSING_MESSAGE", "PlotUnavailable", "matplotlib_pyplot", "save_plot", "plot_demo",
+           "plot_retained_filters", "plot_accuracy_vs_retained", "plot_training_curves"]
+
+MISSING_MESSAGE = "plots skipped: matplotlib is not installed (pip install 'minibasis[plot]')"
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib cannot be imported."""
+
+
+def matplotlib_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or :class:`PlotUnavailable`."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=True)  # files only: never open a window or need a display
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotUnavailable(MISSING_MESSAGE) from exc
+    return plt
+
+
+def save_plot(path: Path, draw: Callable, *args, **kwargs) -> Path | None:
+    """Create a figure, ``draw(fig, *args, **kwargs)`` on it, write it as PNG atomically.
+
+    Returns the path, or None when matplotlib is missing.
+    """
+    from minibasis.io import atomic_write
+
+    try:
+        plt = matplotlib_pyplot()
+    except PlotUnavailable:
+        return None
+    fig = plt.figure(figsize=kwargs.pop("figsize", (6.4, 4.2)), dpi=100)
+    try:
+        draw(fig, *args, **kwargs)
+        fig.tight_layout()
+        buffer = _stdio.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+def _demo(fig, rows: Sequence[dict], baseline_acc: float | None):
+    t = [r["threshold"] for r in rows]
+    left, right = fig.subplots(1, 2)
+    left.plot(t, [100 * r["mult_ratio_measured"] for r in rows], "o-", label="measured")
+    left.plot(t, [100 * r["mult_ratio_formula"] for r in rows], "x--", label="formula Σ(QD + MQ)·Ho·Wo")
+    left.set_xlabel("energy threshold t")
+    left.set_ylabel("conv multiplications (% of original)")
+    left.invert_xaxis()
+    left.grid(alpha=0.3)
+    left.legend()
+    right.plot(t, [100 * r["test_acc"] for r in rows], "o-", color="C2", label="compressed")
+    if baseline_acc is not None:
+        right.axhline(100 * baseline_acc, color="gray", ls=":", label="original")
+    right.set_xlabel("energy threshold t")
+    right.set_ylabel("test accuracy (%)")
+    right.invert_xaxis()
+    right.grid(alpha=0.3)
+    right.legend()
+    fig.suptitle("minibasis demo: compression of a small CNN (synthetic data)")
+
+
+def plot_demo(path: Path, rows: Sequence[dict], baseline_acc: float | None = None) -> Path | None:
+    """Measured vs formula conv multiplications, and accuracy, against the threshold."""
+    return save_plot(path, _demo, rows, baseline_acc, figsize=(10, 4.2))
+
+
+def _series(rows: Sequence[dict], key: str = "model"):
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key, "")), []).append(r)
+    return groups
+
+
+def _retained(fig, rows: Sequence[dict]):
+    ax = fig.subplots()
+    for name, group in _series(rows).items():
+        ax.plot([r["threshold"] for r in group], [r["retained_filters_pct"] for r in group], "o-", label=name)
+        ax.plot([r["threshold"] for r in group], [100 * r["mult_ratio_measured"] for r in group], "x:",
+                label=f"{name}: conv mults (%)")
+    ax.set_xlabel("energy threshold t")
+    ax.set_ylabel("% of the original")
+    ax.set_title("Retained filters vs threshold (cf. the paper's Figure 2)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def plot_retained_filters(path: Path, rows: Sequence[dict]) -> Path | None:
+    """Retained filters (%) and measured conv multiplications (%) against t, one line per model."""
+    return save_plot(path, _retained, rows)
+
+
+def _accuracy(fig, rows: Sequence[dict]):
+    ax = fig.subplots()
+    for name, group in _series(rows).items():
+        ax.plot([r["retained_filters_pct"] for r in group], [100 * r["test_acc"] for r in group], "o-", label=name)
+        for r in group:
+            ax.annotate(f"{r['threshold']:g}", (r["retained_filters_pct"], 100 * r["test_acc"]),
+                        textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xlabel("retained filters (% of the original)")
+    ax.set_ylabel("test accuracy before fine-tuning (%)")
+    ax.set_title("Accuracy vs retained filters (labels: t)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict]) -> Path | None:
+    """Test accuracy (before fine-tuning) against the percentage of retained filters."""
+    return save_plot(path, _accuracy, rows)
+
+
+def _curves(fig, history: Sequence[dict], title: str):
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    x = list(range(1, len(history) + 1))
+    loss_ax.plot(x, [r["train_loss"] for r in history], "o-")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.grid(alpha=0.3)
+    acc_ax.plot(x, [100 * r["train_acc"] for r in history], "o-", label="train")
+    if any("test_acc" in r for r in history):
+        acc_ax.plot([i for i, r in zip(x, history) if "test_acc" in r],
+                    [100 * r["test_acc"] for r in history if "test_acc" in r], "s-", label="test")
+    acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("accuracy (%)")
+    acc_ax.grid(alpha=0.3)
+    acc_ax.legend()
+    # Stage boundaries (fine-tuning's step 1 → step 2).
+    stages = [r.get("stage") for r in history]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            for ax in (loss_ax, acc_ax):
+                ax.axvline(i + 0.5, color="gray", ls=":")
+    fig.suptitle(title)
+
+
+def plot_training_curves(path: Path, history: Sequence[dict], title: str = "training") -> Path | None:
+    """Loss and accuracy per epoch (all stages of a run in order)."""
+    if not history:
+        return None
+    return save_plot(path, _curves, history, title, figsize=(10, 4.2))
