@@ -312,7 +312,7 @@ def init(comm: str = "auto", abort_on_exception: bool = True, use_nccl: bool | N
     if comm not in ("auto", "mpi", "single"):
         raise ValueError(f"init: comm must be 'auto', 'mpi' or 'single', got {comm!r}")
     if _world is not None:
-        if comm != "auto" and comm != _world.name and not (comm == "mpi" and _world.name == "mpi"):
+        if comm != "auto" and comm != _world.name:
             raise DistributedError(f"init({comm!r}): already initialized as {_world.name!r}")
         return _world
     if comm == "single" or (comm == "auto" and not launched_by_mpi()):
@@ -375,11 +375,6 @@ def finalize(exit_code: int) -> int:
     if exit_code and world.size > 1:
         abort(int(exit_code), f"exiting with status {exit_code}; aborting all {world.size} ranks")
     return exit_code
-
-
-def _reset_for_tests() -> None:  # pragma: no cover - test hygiene only
-    global _world
-    _world = None
 
 
 def describe() -> dict[str, Any]:

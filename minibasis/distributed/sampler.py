@@ -160,10 +160,9 @@ class ShardedSampler:
 
     def __len__(self) -> int:
         """Batches (steps) per epoch, the same on every rank."""
-        total = self.num_samples + self.num_padded - self.num_dropped
         if self.drop_last:
             return self.num_samples // self.batch_size
-        return math.ceil(total / self.batch_size)
+        return math.ceil((self.num_samples + self.num_padded - self.num_dropped) / self.batch_size)
 
     def __repr__(self) -> str:
         return (f"ShardedSampler(num_samples={self.num_samples}, batch_size={self.batch_size}, rank={self.rank}, "
