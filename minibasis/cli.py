@@ -63,4 +63,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module, so that the UserError raised by the verbs (imported
+    # from minibasis.cli) is the class main() catches, not a copy defined in __main__.
+    from minibasis.cli import main as _main
+    sys.exit(_main())

@@ -150,17 +150,23 @@ def resolve_checkpoint(args) -> Path | None:
     return path
 
 
-def read_state(path: Path) -> dict:
-    """Name → array from a PyTorch checkpoint, a minibasis ``.npz`` state or training checkpoint."""
+def read_state(path: Path) -> tuple[dict, dict]:
+    """(name → array, BasisConv layout) from a PyTorch checkpoint, a minibasis ``.npz`` state,
+    model file (:func:`save_model_file`) or training checkpoint."""
     from minibasis import io
 
     path = Path(path)
+    layout: dict = {}
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"PK\x03\x04" and path.suffix == ".npz":
             state = io.load(path)
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            if isinstance(state, dict) and state.get("format") == MODEL_FILE_FORMAT:
+                layout = state.get("basisconv") or {}
+                state = state["state_dict"]
+            elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+                layout = (state.get("meta") or {}).get("basisconv") or {}
                 state = state["model"]  # a training checkpoint: the model part
         else:
             state = io.load_torch_checkpoint(path)
@@ -170,14 +176,22 @@ def read_state(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is not readable: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or not state:
         raise UserError(f"checkpoint {path} holds no model weights")
-    return state
+    if not isinstance(layout, dict):
+        raise UserError(f"checkpoint {path} has a malformed BasisConv layout")
+    return state, layout
 
 
 def load_weights(model, path: Path, description: str = "") -> None:
-    """Load ``path`` into ``model``; a checkpoint for another architecture is a one-line UserError."""
+    """Load ``path`` into ``model``; a checkpoint for another architecture is a one-line UserError.
+
+    A file saved from a compressed or random-basis model carries its BasisConv layout: the
+    matching ``Conv2d`` layers of ``model`` are replaced first, so the weights fit.
+    """
     from minibasis.experiments.trainer import load_model_state
 
-    state = read_state(path)
+    state, layout = read_state(path)
+    if layout:
+        apply_basis_layout(model, layout, source=f"checkpoint {path}")
     label = description or type(model).__name__
     load_model_state(model, state, source=f"checkpoint {path}", model_name=label)
 
@@ -263,3 +277,58 @@ def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed:
         return images, labels
     index = np.sort(np.random.default_rng(seed).permutation(len(labels))[:count])
     return images[index], labels[index]
+
+
+# ---------------------------------------------------------------------------
+# Model files that remember their BasisConv layers
+# ---------------------------------------------------------------------------
+MODEL_FILE_FORMAT = "minibasis-model/1"
+
+
+def basis_layout(model) -> dict:
+    """Module path → how each ``BasisConv2d`` is built (Q, BN, basis bias), to rebuild the model."""
+    from minibasis.nn import BasisConv2d
+    return {path: {"num_basis": m.num_basis, "bn": m.bn is not None, "basis_bias": m.basis_bias is not None,
+                   "energy": m.energy}
+            for path, m in model.named_modules() if isinstance(m, BasisConv2d)}
+
+
+def replace_module(model, path: str, new) -> None:
+    """Put ``new`` at ``path`` (keeping its place among its siblings)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = dict(model.named_modules())[parent_path]
+    if name not in parent._modules:
+        raise KeyError(path)
+    parent._modules[name] = new
+
+
+def apply_basis_layout(model, layout: dict, source: str) -> None:
+    """Replace the ``Conv2d`` at each path of ``layout`` by a ``BasisConv2d`` of that shape."""
+    from minibasis.nn import BasisConv2d, Conv2d
+
+    modules = dict(model.named_modules())
+    for path, spec in layout.items():
+        conv = modules.get(path)
+        if not isinstance(conv, Conv2d):
+            found = type(conv).__name__ if conv is not None else "nothing"
+            raise UserError(f"{source} has a BasisConv2d at {path!r}, where the model has {found} "
+                            "(another architecture?)")
+        try:
+            layer = BasisConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, int(spec["num_basis"]),
+                                stride=conv.stride, padding=conv.padding, bias=conv.bias is not None,
+                                bn=bool(spec.get("bn", False)), basis_bias=bool(spec.get("basis_bias", False)))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UserError(f"{source}: BasisConv2d at {path!r} does not fit the model: {exc}") from None
+        replace_module(model, path, layer)
+
+
+def save_model_file(path: Path, model, architecture: dict) -> None:
+    """The model's weights plus what rebuilds it (zoo name, depth, BasisConv layout), via ``io.save``."""
+    from minibasis import io
+    io.save({"format": MODEL_FILE_FORMAT, "architecture": dict(architecture), "basisconv": basis_layout(model),
+             "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
+
+
+def architecture_of(args) -> dict:
+    return {"model": args.model, "depth": args.depth if args.model == "resnet_cifar" else None,
+            "num_classes": args.num_classes}

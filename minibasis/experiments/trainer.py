@@ -415,13 +415,15 @@ class Trainer:
         progress: print a progress line while an epoch runs.
         on_epoch_end: optional ``callback(trainer, row)`` after the checkpoint of each epoch is
             written (tests use it to kill a run at a known point).
+        extra_meta: JSON-able facts stored in every checkpoint's ``meta`` (e.g. the model's
+            architecture and BasisConv layout, so the checkpoint can rebuild the model).
     """
 
     def __init__(self, model: Module, optimizer, train_loader, *, epochs: int, scheduler=None,
                  eval_fn: Callable[[Module], dict] | None = None, folder: RunFolder | None = None,
                  stage: str = "train", seed: int = 0, detect_anomaly: bool = False, progress: bool = True,
                  on_epoch_end: Callable[["Trainer", dict], None] | None = None,
-                 loss_fn: Callable = F.cross_entropy):
+                 loss_fn: Callable = F.cross_entropy, extra_meta: dict | None = None):
         if epochs < 0:
             raise ValueError(f"epochs must be ≥ 0, got {epochs}")
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -429,6 +431,7 @@ class Trainer:
         self.folder, self.stage, self.seed = folder, stage, int(seed)
         self.detect_anomaly, self.progress, self.on_epoch_end = detect_anomaly, progress, on_epoch_end
         self.loss_fn = loss_fn
+        self.extra_meta = dict(extra_meta or {})
         self.epoch = 0          # completed epochs of this stage
         self.global_step = 0    # optimizer steps of this stage
         self.history: list[dict] = []
@@ -441,7 +444,7 @@ class Trainer:
     def save(self) -> None:
         if self.checkpoint_path is None:
             return
-        meta = {"stage": self.stage, "epoch": self.epoch, "epochs": self.epochs, "global_step": self.global_step,
+        meta = {**self.extra_meta, "stage": self.stage, "epoch": self.epoch, "epochs": self.epochs, "global_step": self.global_step,
                 "loader": self.train_loader.state_dict(), "rng": capture_rng_state(), "history": self.history}
         save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, meta=meta)

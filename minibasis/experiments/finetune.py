@@ -1,0 +1,206 @@
+"""``minibasis finetune``: the paper's two-step fine-tuning of a compressed network (section 4.3).
+
+1. Compress the trained network at threshold t (or at the largest t of ``--thresholds``
+   whose measured conv multiplications are at most ``--target-mult-ratio`` of the original).
+2. Step 1: train only the BasisConv coefficients (default 15 epochs, SGD, lr 0.1 divided by
+   10 every 5 epochs).
+3. Step 2: train every non-convolutional parameter — coefficients, BatchNorm, fully connected
+   layers, biases — (default 10 epochs, lr 5e-4). The basis filters (buffers) and the weights
+   of convolutions kept as they are stay frozen throughout.
+
+Augmentation (random crop with padding 4, horizontal flip) is on; the test accuracy is
+measured after every epoch. ``--baseline`` fine-tunes the *uncompressed* original under the
+same budget instead (step 1 then trains its convolution weights, the counterpart of the
+coefficients; step 2 its non-convolutional parameters), which is the fair reference when
+the data differ from the original training data (the shared CIFAR-10 is JPEG-re-encoded).
+
+The run folder gets ``config.json``, ``log.txt``, ``metrics-step1/2.{json,csv}``,
+``checkpoint-step1/2.npz`` (every epoch; ``--resume`` continues), ``results.json``,
+``finetune.png`` and ``model.npz`` (the fine-tuned model, loadable with ``--checkpoint``).
+"""
+from __future__ import annotations
+
+import time
+
+from minibasis.cli import UserError
+from minibasis.experiments import options, sweep, trainer
+
+__all__ = ["add_arguments", "run", "coefficient_parameters", "conv_weight_parameters", "non_conv_parameters",
+           "freeze_all_but"]
+
+
+def add_arguments(parser) -> None:
+    options.add_model_arguments(parser, model="resnet_cifar", depth=20, checkpoint="auto")
+    options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
+    group = parser.add_argument_group("compression")
+    group.add_argument("--threshold", type=float, default=0.9, help="energy threshold t (default: 0.9)")
+    group.add_argument("--target-mult-ratio", type=float, default=None,
+                       help="instead of --threshold: the largest t of --thresholds whose measured conv "
+                            "multiplications are at most this fraction of the original (e.g. 0.5)")
+    group.add_argument("--thresholds", default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
+                       help="grid searched by --target-mult-ratio (default: the paper's 1.0 ... 0.7)")
+    group.add_argument("--replace-all", action="store_true",
+                       help="replace every conv, even where BasisConv needs as many multiplications or more")
+    group.add_argument("--baseline", action="store_true",
+                       help="fine-tune the uncompressed original under the same budget (a fair reference)")
+    group = parser.add_argument_group("fine-tuning (defaults: the paper's section 4.3)")
+    group.add_argument("--epochs1", type=int, default=15, help="step 1 epochs, coefficients only (default: 15)")
+    group.add_argument("--lr1", type=float, default=0.1, help="step 1 learning rate (default: 0.1)")
+    group.add_argument("--lr1-step", type=int, default=5, help="divide the step 1 rate by 10 every N epochs (default: 5)")
+    group.add_argument("--epochs2", type=int, default=10, help="step 2 epochs, all non-conv parameters (default: 10)")
+    group.add_argument("--lr2", type=float, default=5e-4, help="step 2 learning rate (default: 5e-4)")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
+    group.add_argument("--train-subset", type=int, default=None,
+                       help="train on a random subset of N training images (default: all)")
+    group.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    group.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    group.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    group.add_argument("--detect-anomaly", action="store_true",
+                       help="check every module's output and gradient for NaN/inf (slower); name the first culprit")
+    options.add_common_arguments(parser, batch_size=128)
+
+
+# ---------------------------------------------------------------------------
+# What each step trains
+# ---------------------------------------------------------------------------
+def coefficient_parameters(model) -> list:
+    """The 1×1 coefficients (M×Q) of every ``BasisConv2d``."""
+    from minibasis.nn import BasisConv2d
+    return [m.coeffs for m in model.modules() if isinstance(m, BasisConv2d)]
+
+
+def conv_weight_parameters(model) -> list:
+    """The weights (not biases) of every ordinary ``Conv2d``."""
+    from minibasis.nn import Conv2d
+    return [m.weight for m in model.modules() if isinstance(m, Conv2d)]
+
+
+def non_conv_parameters(model) -> list:
+    """Every parameter except ``Conv2d`` weights (the basis is a buffer, never a parameter)."""
+    frozen = {id(p) for p in conv_weight_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def freeze_all_but(model, params: list) -> list:
+    """``requires_grad`` only on ``params``; returns them."""
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def choose_threshold(model, args, shapes, log) -> float:
+    """``--threshold``, or the largest grid t whose measured conv-mult ratio ≤ ``--target-mult-ratio``."""
+    if args.target_mult_ratio is None:
+        if not 0.0 < args.threshold <= 1.0:
+            raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+        return args.threshold
+    if not 0.0 < args.target_mult_ratio <= 1.0:
+        raise UserError(f"--target-mult-ratio must be in (0, 1], got {args.target_mult_ratio}")
+    grid = sorted(options.parse_thresholds(args.thresholds), reverse=True)
+    for t in grid:
+        row, _ = sweep.measure_threshold(model, t, shapes, lambda m: None, skip_unprofitable=not args.replace_all)
+        log(f"  t = {t:g}: measured conv multiplications {100 * row['mult_ratio_measured']:.1f}% of the original")
+        if row["mult_ratio_measured"] <= args.target_mult_ratio:
+            return t
+    raise UserError(f"no threshold in {grid} brings the conv multiplications to "
+                            f"{args.target_mult_ratio:g} of the original or less; add smaller thresholds")
+
+
+def run(args) -> int:
+    from minibasis import backend, compress, data, manual_seed, optim
+    from minibasis.experiments.common import evaluate
+    from minibasis.experiments import plots
+
+    options.check_common(args)
+    for option in ("epochs1", "epochs2", "lr1_step"):
+        options.check_positive(f"--{option.replace('_', '-')}", getattr(args, option), allow_zero=option != "lr1_step")
+    options.check_positive("--train-subset", args.train_subset)
+    options.check_positive("--limit", args.limit)
+    model = options.build_model(args)
+    checkpoint = options.resolve_checkpoint(args)
+    if checkpoint is not None:
+        options.load_weights(model, checkpoint, options.describe_model(args))
+    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_test=args.limit,
+                                                                seed=args.seed)
+    x_train, y_train = options.take_subset(x_train, y_train, args.train_subset, args.seed)
+    folder = trainer.prepare_run_folder(args, "finetune")
+    log = folder.log
+    started = time.perf_counter()
+    name = options.describe_model(args)
+    log(f"minibasis finetune: {name} from {checkpoint or 'random initialization'}; {len(y_train)} training and "
+        f"{len(y_test)} test images ({args.dataset}); on {backend.current()}; output folder {folder.path}")
+    manual_seed(args.seed)
+    test_transform = options.eval_transform(args.normalize)
+
+    def test_metrics(m) -> dict:
+        result = evaluate(m, x_test, y_test, batch_size=256, transform=test_transform, progress=False)
+        return {"test_acc": result.accuracy, "test_loss": result.loss}
+
+    original_acc = test_metrics(model)["test_acc"]
+    log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
+    shapes = trainer.output_shapes(model, (1, 3, 32, 32))
+    compression = None
+    if args.baseline:
+        threshold = None
+        tuned = model
+        step1_params = conv_weight_parameters(tuned)
+        log("baseline: fine-tuning the uncompressed original (step 1: conv weights; step 2: non-conv parameters)")
+    else:
+        threshold = choose_threshold(model, args, shapes, log)
+        tuned, report = compress(model, energy_threshold=threshold, skip_unprofitable=not args.replace_all)
+        before, after, _ = sweep.formula_conv_mults(report, shapes)
+        compression = {**report.to_dict(), "conv_mults_formula_after": after, "conv_mults_formula_before": before}
+        log(f"compressed at t = {threshold:g}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
+            f"conv multiplications {report.conv_mults_before:,} -> {report.conv_mults_after:,} "
+            f"({100 * report.mult_ratio:.1f}%), learnable parameters {report.params_before:,} -> "
+            f"{report.params_after:,}")
+        step1_params = coefficient_parameters(tuned)
+    before_acc = test_metrics(tuned)["test_acc"]
+    log(f"before fine-tuning: test accuracy {100 * before_acc:.2f}%")
+
+    loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
+                             transform=options.train_transform(args.normalize, augment=not args.no_augment))
+    meta = {"architecture": options.architecture_of(args), "basisconv": options.basis_layout(tuned)}
+    common = dict(eval_fn=test_metrics, folder=folder, seed=args.seed, detect_anomaly=args.detect_anomaly,
+                  progress=not args.quiet, extra_meta=meta)
+
+    freeze_all_but(tuned, step1_params)
+    optimizer1 = optim.SGD(step1_params, lr=args.lr1, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler1 = optim.StepLR(optimizer1, step_size=args.lr1_step, gamma=0.1)
+    log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
+        f"/10 every {args.lr1_step}")
+    history = list(trainer.Trainer(tuned, optimizer1, loader, epochs=args.epochs1, scheduler=scheduler1,
+                                   stage="step1", **common).fit(resume=args.resume))
+
+    step2_params = freeze_all_but(tuned, non_conv_parameters(tuned))
+    optimizer2 = optim.SGD(step2_params, lr=args.lr2, momentum=args.momentum, weight_decay=args.weight_decay)
+    log(f"step 2: {sum(p.size for p in step2_params):,} parameters, {args.epochs2} epochs, lr {args.lr2:g}")
+    history += trainer.Trainer(tuned, optimizer2, loader, epochs=args.epochs2, stage="step2",
+                               **common).fit(resume=args.resume)
+    tuned.requires_grad_(True)
+    for p in conv_weight_parameters(tuned):  # leave the model as trained: conv weights stay frozen
+        p.requires_grad_(False)
+
+    after_acc = test_metrics(tuned)["test_acc"]
+    options.save_model_file(folder.file("model.npz"), tuned, options.architecture_of(args))
+    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "baseline": args.baseline,
+               "threshold": threshold, "dataset": args.dataset, "train_images": int(len(y_train)),
+               "test_images": int(len(y_test)), "augment": not args.no_augment,
+               "epochs1": args.epochs1, "lr1": args.lr1, "lr1_step": args.lr1_step, "epochs2": args.epochs2,
+               "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
+               "batch_size": args.batch_size, "seed": args.seed, "device": backend.current(),
+               "test_acc_original": original_acc, "test_acc_before": before_acc, "test_acc_after": after_acc,
+               "learnable_params": sum(p.size for p in non_conv_parameters(tuned)),
+               "compression": compression, "history": history,
+               "seconds": round(time.perf_counter() - started, 1)}
+    folder.write_json("results.json", results)
+    plot = plots.plot_training_curves(folder.file("finetune.png"), history,
+                                      title=f"fine-tuning {name}" + ("" if threshold is None else f" at t = {threshold:g}"))
+    log(f"test accuracy: original {100 * original_acc:.2f}%, "
+        f"{'baseline start' if args.baseline else 'compressed'} {100 * before_acc:.2f}%, "
+        f"after fine-tuning {100 * after_acc:.2f}%")
+    log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
+        + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
+    return 0
