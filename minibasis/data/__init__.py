@@ -12,3 +12,4 @@ from minibasis.data.transforms import (
     RandomHorizontalFlip,
     ToFloat,
 )
+from minibasis.data.files import DatasetError, DatasetSplits, load_cifar10, load_cifar100, load_svhn
