@@ -152,9 +152,11 @@ def config_from_args(args, verb: str) -> dict:
     return config
 
 
-# Settings a resumed run may change without breaking the bit-for-bit guarantee of its
-# parameters (where the run lives, how chatty it is, the device it finishes on).
-_RESUME_MAY_DIFFER = frozenset({"resume", "output", "device", "quiet", "verb", "progress"})
+# Settings a resumed run may change: where the run lives, how chatty it is, how it is
+# evaluated, anomaly checks, and (``train``) the number of epochs, to extend a run: the
+# schedule does not depend on it, so the parameters still equal an uninterrupted run's. A
+# different device continues the run too, equal to rounding rather than bit for bit.
+_RESUME_MAY_DIFFER = frozenset({"resume", "output", "device", "quiet", "verb", "limit", "detect_anomaly", "epochs"})
 
 
 def check_resume_config(saved: dict | None, current: dict, folder: Path) -> None:

@@ -1,0 +1,78 @@
+"""``minibasis compress``: compress a trained model's convolutions at one energy threshold.
+
+Prints the per-layer report of :func:`minibasis.compress` (M, C, k, D, Q, retained energy,
+conv multiplications per image measured before and after, the formula ratio Q/M + Q/D,
+learnable parameters) and writes ``report.json`` and ``model.npz`` — the compressed
+model, which ``--checkpoint`` of ``eval``, ``sweep`` and ``finetune`` accepts (the file
+carries its BasisConv layout). ``--evaluate`` adds the test accuracy before and after.
+"""
+from __future__ import annotations
+
+from minibasis.cli import UserError
+from minibasis.experiments import options, sweep, trainer
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser) -> None:
+    options.add_model_arguments(parser, model="resnet_cifar", depth=20, checkpoint="auto")
+    group = parser.add_argument_group("compression")
+    group.add_argument("--threshold", type=float, default=None, help="energy threshold t in (0, 1] (default: 0.9)")
+    group.add_argument("--num-basis", type=int, default=None, help="instead of --threshold: Q for every layer")
+    group.add_argument("--layers", default=None, help="comma-separated module paths of the convs to compress (default: all)")
+    group.add_argument("--replace-all", action="store_true",
+                       help="replace every selected conv, even where BasisConv needs as many multiplications or more")
+    group.add_argument("--evaluate", action="store_true", help="also measure test accuracy before and after")
+    group.add_argument("--limit", type=int, default=None, help="with --evaluate: the first N test images only")
+    options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
+    options.add_common_arguments(parser, batch_size=256)
+
+
+def run(args) -> int:
+    from minibasis import backend, compress
+
+    options.check_common(args)
+    options.check_positive("--limit", args.limit)
+    if args.threshold is not None and args.num_basis is not None:
+        raise UserError("give --threshold or --num-basis, not both")
+    threshold = 0.9 if args.threshold is None and args.num_basis is None else args.threshold
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise UserError(f"--threshold must be in (0, 1], got {threshold}")
+    options.check_positive("--num-basis", args.num_basis)
+    model = options.build_model(args)
+    checkpoint = options.resolve_checkpoint(args)
+    name = options.describe_model(args)
+    if checkpoint is not None:
+        options.load_weights(model, checkpoint, name)
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    try:
+        compressed, report = compress(model, energy_threshold=threshold, num_basis=args.num_basis,
+                                      skip_unprofitable=not args.replace_all, layers=layers)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    folder = trainer.prepare_run_folder(args, "compress")
+    log = folder.log
+    log(f"minibasis compress: {name} from {checkpoint or 'random initialization'} on {backend.current()}")
+    for line in report.table().splitlines():
+        log(line)
+    shapes = trainer.output_shapes(model, (1, 3, 32, 32))
+    before, after, _ = sweep.formula_conv_mults(report, shapes)
+    log(f"formula (Σ (Q·D + M·Q)·Ho·Wo over replaced convs, M·D·Ho·Wo over kept ones): {before:,} -> {after:,}")
+    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, **report.to_dict(),
+               "conv_mults_formula_before": before, "conv_mults_formula_after": after}
+    if args.evaluate:
+        from minibasis.experiments.common import evaluate
+        _, (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)
+        transform = options.eval_transform(args.normalize)
+        accuracies = {}
+        for label, m in (("original", model), ("compressed", compressed)):
+            accuracies[label] = evaluate(m, x_test, y_test, batch_size=args.batch_size, transform=transform,
+                                         progress=not args.quiet, desc=f"eval {label}").accuracy
+        log(f"test accuracy ({len(y_test)} {args.dataset} images): original {100 * accuracies['original']:.2f}%, "
+            f"compressed {100 * accuracies['compressed']:.2f}% (before fine-tuning)")
+        results.update({"test_images": int(len(y_test)), "test_acc_original": accuracies["original"],
+                        "test_acc_compressed": accuracies["compressed"]})
+    folder.write_json("report.json", results)
+    options.save_model_file(folder.file("model.npz"), compressed, options.architecture_of(args))
+    log(f"wrote {folder.file('report.json')}, {folder.file('model.npz')}")
+    return 0
