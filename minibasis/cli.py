@@ -50,6 +50,18 @@ def _available_verbs() -> dict:
 
 
 def main(argv=None) -> int:
+    # Under mpirun (data-parallel training, minibasis.distributed): join the process group before
+    # anything can fail, so that an exception on one rank ends every rank, and turn a non-zero
+    # exit status on one rank into an abort of all (a rank that just returned would leave the
+    # others blocked in their next collective).
+    from minibasis import distributed
+    if distributed.launched_by_mpi():
+        distributed.init()
+        return distributed.finalize(_run_verb(argv))
+    return _run_verb(argv)
+
+
+def _run_verb(argv=None) -> int:
     parser = build_parser(_available_verbs())
     args = parser.parse_args(argv)
     try:
