@@ -12,7 +12,8 @@ Usage::
 
     new_model, report = minibasis.compress(model, energy_threshold=0.9)
     print(report.table())
-    open("report.json", "w").write(report.to_json())
+    with minibasis.io.atomic_write("report.json", "w") as f:  # as every file minibasis writes
+        f.write(report.to_json())
 
 ``minibasis.compress`` is this module, made callable, so it works both as the
 function and as the module that holds :class:`CompressionReport` and friends.

@@ -62,6 +62,12 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None, newline
 
     ``mode`` is "wb" (binary) or "w" (text, UTF-8 unless ``encoding`` says otherwise).
     The new file gets the permissions of the file it replaces, or 0o666 minus the umask.
+
+    A process killed outright (SIGKILL, power loss) runs no cleanup: ``path`` still holds
+    the previous complete file, and the temporary may stay behind as
+    ``.<name>.<random>.tmp`` in the same folder. That name never matches ``path`` (nor a
+    ``*.npz`` pattern), minibasis never reads it, and it may be deleted at any time when
+    no writer is running (tests/test_atomic_kill.py kills writers at random points).
     """
     if mode not in ("wb", "w", "wt"):
         raise ValueError(f"atomic_write mode must be 'wb', 'w' or 'wt', got {mode!r}")
