@@ -323,8 +323,12 @@ def apply_basis_layout(model, layout: dict, source: str) -> None:
 
 
 def save_model_file(path: Path, model, architecture: dict) -> None:
-    """The model's weights plus what rebuilds it (zoo name, depth, BasisConv layout), via ``io.save``."""
-    from minibasis import io
+    """The model's weights plus what rebuilds it (zoo name, depth, BasisConv layout), via ``io.save``.
+    Under mpirun only rank 0 writes (every rank holds the same weights)."""
+    from minibasis import distributed, io
+
+    if not distributed.is_main_process():
+        return
     io.save({"format": MODEL_FILE_FORMAT, "architecture": dict(architecture), "basisconv": basis_layout(model),
              "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
 

@@ -35,9 +35,14 @@ def matplotlib_pyplot():
 def save_plot(path: Path, draw: Callable, *args, **kwargs) -> Path | None:
     """Create a figure, ``draw(fig, *args, **kwargs)`` on it, write it as PNG atomically.
 
-    Returns the path, or None when matplotlib is missing.
+    Returns the path, or None when matplotlib is missing. Under mpirun only rank 0 draws and
+    writes (the others return the path it writes).
     """
+    from minibasis import distributed
     from minibasis.io import atomic_write
+
+    if not distributed.is_main_process():
+        return Path(path)
 
     try:
         plt = matplotlib_pyplot()
