@@ -25,8 +25,8 @@ import time
 from minibasis.cli import UserError
 from minibasis.experiments import options, sweep, trainer
 
-__all__ = ["add_arguments", "run", "coefficient_parameters", "conv_weight_parameters", "non_conv_parameters",
-           "freeze_all_but"]
+__all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
+           "non_conv_parameters", "freeze_all_but"]
 
 
 def add_arguments(parser) -> None:
@@ -90,6 +90,40 @@ def freeze_all_but(model, params: list) -> list:
     return params
 
 
+def fine_tune(model, loader, *, step1_params: list, epochs1: int = 15, lr1: float = 0.1, lr1_step: int = 5,
+              epochs2: int = 10, lr2: float = 5e-4, momentum: float = 0.9, weight_decay: float = 1e-4,
+              eval_fn=None, folder=None, seed: int = 0, detect_anomaly: bool = False, progress: bool = True,
+              resume: bool = False, extra_meta: dict | None = None, on_step_end=None) -> list[dict]:
+    """The paper's two steps on ``model``; returns the metrics rows of every epoch.
+
+    Step 1 (stage ``step1``) trains ``step1_params`` only (the coefficients of a compressed
+    model) with SGD at ``lr1``, divided by 10 every ``lr1_step`` epochs; step 2 (stage
+    ``step2``) trains :func:`non_conv_parameters` at ``lr2``. Everything else is frozen
+    (``requires_grad`` False). ``on_step_end(stage, model)`` runs after each step. With a
+    ``folder``, each step checkpoints every epoch and ``resume`` continues from there. On
+    return ``Conv2d`` weights stay frozen and every other parameter requires a gradient.
+    """
+    from minibasis import optim
+    from minibasis.experiments import trainer
+
+    common = dict(eval_fn=eval_fn, folder=folder, seed=seed, detect_anomaly=detect_anomaly, progress=progress,
+                  extra_meta=extra_meta)
+    freeze_all_but(model, step1_params)
+    optimizer1 = optim.SGD(step1_params, lr=lr1, momentum=momentum, weight_decay=weight_decay)
+    scheduler1 = optim.StepLR(optimizer1, step_size=lr1_step, gamma=0.1)
+    history = list(trainer.Trainer(model, optimizer1, loader, epochs=epochs1, scheduler=scheduler1,
+                                   stage="step1", **common).fit(resume=resume))
+    if on_step_end is not None:
+        on_step_end("step1", model)
+
+    step2_params = freeze_all_but(model, non_conv_parameters(model))
+    optimizer2 = optim.SGD(step2_params, lr=lr2, momentum=momentum, weight_decay=weight_decay)
+    history += trainer.Trainer(model, optimizer2, loader, epochs=epochs2, stage="step2", **common).fit(resume=resume)
+    if on_step_end is not None:
+        on_step_end("step2", model)
+    return history
+
+
 def choose_threshold(model, args, shapes, log) -> float:
     """``--threshold``, or the largest grid t whose measured conv-mult ratio ≤ ``--target-mult-ratio``."""
     if args.target_mult_ratio is None:
@@ -109,7 +143,7 @@ def choose_threshold(model, args, shapes, log) -> float:
 
 
 def run(args) -> int:
-    from minibasis import backend, compress, data, manual_seed, optim
+    from minibasis import backend, compress, data, manual_seed
     from minibasis.experiments.common import evaluate
     from minibasis.experiments import plots
 
@@ -122,8 +156,11 @@ def run(args) -> int:
     checkpoint = options.resolve_checkpoint(args)
     if checkpoint is not None:
         options.load_weights(model, checkpoint, options.describe_model(args))
-    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_test=args.limit,
-                                                                seed=args.seed)
+    trainer.check_resume(args, "finetune")
+    # A synthetic training set is generated at the subset's size rather than cut from a larger one.
+    synthetic_train = args.train_subset if args.dataset == "synthetic" else None
+    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=synthetic_train,
+                                                                num_test=args.limit, seed=args.seed)
     x_train, y_train = options.take_subset(x_train, y_train, args.train_subset, args.seed)
     folder = trainer.prepare_run_folder(args, "finetune")
     log = folder.log
@@ -162,27 +199,15 @@ def run(args) -> int:
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=options.train_transform(args.normalize, augment=not args.no_augment))
-    meta = {"architecture": options.architecture_of(args), "basisconv": options.basis_layout(tuned)}
-    common = dict(eval_fn=test_metrics, folder=folder, seed=args.seed, detect_anomaly=args.detect_anomaly,
-                  progress=not args.quiet, extra_meta=meta)
-
-    freeze_all_but(tuned, step1_params)
-    optimizer1 = optim.SGD(step1_params, lr=args.lr1, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler1 = optim.StepLR(optimizer1, step_size=args.lr1_step, gamma=0.1)
     log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
-        f"/10 every {args.lr1_step}")
-    history = list(trainer.Trainer(tuned, optimizer1, loader, epochs=args.epochs1, scheduler=scheduler1,
-                                   stage="step1", **common).fit(resume=args.resume))
-
-    step2_params = freeze_all_but(tuned, non_conv_parameters(tuned))
-    optimizer2 = optim.SGD(step2_params, lr=args.lr2, momentum=args.momentum, weight_decay=args.weight_decay)
-    log(f"step 2: {sum(p.size for p in step2_params):,} parameters, {args.epochs2} epochs, lr {args.lr2:g}")
-    history += trainer.Trainer(tuned, optimizer2, loader, epochs=args.epochs2, stage="step2",
-                               **common).fit(resume=args.resume)
-    tuned.requires_grad_(True)
-    for p in conv_weight_parameters(tuned):  # leave the model as trained: conv weights stay frozen
-        p.requires_grad_(False)
-
+        f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
+        f"{args.epochs2} epochs, lr {args.lr2:g}")
+    history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
+                        lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
+                        weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
+                        detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
+                        extra_meta={"architecture": options.architecture_of(args),
+                                    "basisconv": options.basis_layout(tuned)})
     after_acc = test_metrics(tuned)["test_acc"]
     options.save_model_file(folder.file("model.npz"), tuned, options.architecture_of(args))
     results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "baseline": args.baseline,

@@ -110,8 +110,11 @@ def run(args) -> int:
         seed = args.seed if args.basis_seed is None else args.basis_seed
         layers = use_random_bases(model, args.num_basis, args.basis_fraction, seed)
         name += " (random bases)"
-    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_test=args.limit,
-                                                                seed=args.seed)
+    trainer.check_resume(args, "train")
+    # A synthetic training set is generated at the subset's size rather than cut from a larger one.
+    synthetic_train = args.train_subset if args.dataset == "synthetic" else None
+    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=synthetic_train,
+                                                                num_test=args.limit, seed=args.seed)
     x_train, y_train = options.take_subset(x_train, y_train, args.train_subset, args.seed)
     folder = trainer.prepare_run_folder(args, "train")
     log = folder.log

@@ -125,7 +125,12 @@ class RunFolder:
         write_json(self.path / "config.json", config)
 
     def read_config(self) -> dict | None:
-        path = self.path / "config.json"
+        return self.read_config_at(self.path)
+
+    @staticmethod
+    def read_config_at(folder: Path) -> dict | None:
+        """The ``config.json`` of a run folder, or None where there is none."""
+        path = Path(folder) / "config.json"
         if not path.is_file():
             return None
         try:
@@ -173,19 +178,28 @@ def check_resume_config(saved: dict | None, current: dict, folder: Path) -> None
                         "resume with the same options")
 
 
+def check_resume(args, verb: str) -> None:
+    """With ``--resume``: a :class:`UserError` unless ``--output`` holds a run of ``verb`` with these settings.
+
+    Cheap, and free of side effects, so verbs call it before loading data.
+    """
+    if not getattr(args, "resume", False):
+        return
+    if args.output is None:
+        raise UserError("--resume needs --output DIR: the folder of the run to continue")
+    folder = Path(args.output)
+    saved = RunFolder.read_config_at(folder)
+    check_resume_config(saved, config_from_args(args, verb), folder)
+
+
 def prepare_run_folder(args, verb: str) -> RunFolder:
     """Create (or, with ``--resume``, reopen) the run folder and record ``config.json``."""
-    resume = bool(getattr(args, "resume", False))
-    if resume and args.output is None:
-        raise UserError("--resume needs --output DIR: the folder of the run to continue")
+    check_resume(args, verb)
     if args.output is None:
         args.output = default_output(verb)
     folder = RunFolder(args.output)
-    config = config_from_args(args, verb)
-    if resume:
-        check_resume_config(folder.read_config(), config, folder.path)
-    else:
-        folder.write_config(config)
+    if not getattr(args, "resume", False):
+        folder.write_config(config_from_args(args, verb))
     return folder
 
 
@@ -271,12 +285,18 @@ def load_checkpoint(path: Path) -> dict:
 # Non-finite guard
 # ---------------------------------------------------------------------------
 class NonFiniteError(RuntimeError):
-    """Training produced NaN or ±inf: names the step, the loss and the first offending module."""
+    """Training produced NaN or ±inf: names the step, the loss and the first offending module.
+
+    Attributes: ``step`` (the failing optimizer step, counted from 1 within the stage),
+    ``epoch`` (0-based), ``loss`` (float), ``module`` (module
+    path or None) and ``where`` (what went non-finite there: "output", "gradient produced by
+    backward", "gradient arriving at the output" or "parameter gradient").
+    """
 
     def __init__(self, *, step: int, epoch: int, loss: float, module: str | None, where: str | None):
         self.step, self.epoch, self.loss, self.module, self.where = step, epoch, loss, module, where
         culprit = (f"first non-finite {where} in module '{module}'" if module is not None
-                   else "no module output was non-finite (check the loss and the inputs)")
+                   else "no module output was non-finite (check the loss function and the inputs)")
         super().__init__(f"non-finite training at step {step} (epoch {epoch + 1}): loss = {loss!r}; {culprit}")
 
 
@@ -286,29 +306,32 @@ def _is_finite(array) -> bool:
 
 
 class _GradientProbe(Function):
-    """Identity in forward; in backward checks the gradient arriving at a module's output."""
+    """Identity in forward; in backward reports a non-finite gradient passing through it."""
 
     name = "gradient_probe"
 
-    def __init__(self, detector: "AnomalyDetector", path: str):
-        self.detector, self.path = detector, path
+    def __init__(self, detector: "AnomalyDetector", path: str, where: str):
+        self.detector, self.path, self.where = detector, path, where
 
     def forward(self, x):
         return x
 
     def backward(self, gy):
         if self.detector.first_bad_gradient is None and not _is_finite(gy):
-            self.detector.first_bad_gradient = self.path
+            self.detector.first_bad_gradient = (self.path, self.where)
         return gy
 
 
 @contextlib.contextmanager
-def forward_taps(model: Module, tap: Callable[[str, Module, Any], Any]):
+def forward_taps(model: Module, tap: Callable[[str, Module, Any], Any],
+                 before: Callable[[str, Module, tuple], tuple] | None = None):
     """Inside the block, every module's output passes through ``tap(path, module, output)``.
 
-    ``tap`` returns the output to use (usually the same object). Each module's ``forward``
-    is wrapped by an instance attribute that shadows the class method (``Module.__call__``
-    looks ``forward`` up per call) and is removed on exit, so nothing changes outside.
+    ``tap`` returns the output to use (usually the same object); ``before(path, module,
+    args)``, if given, returns the positional arguments to call the module with. Each
+    module's ``forward`` is wrapped by an instance attribute that shadows the class method
+    (``Module.__call__`` looks ``forward`` up per call) and is removed on exit, so nothing
+    changes outside the block.
     """
     wrapped: list[Module] = []
 
@@ -316,6 +339,8 @@ def forward_taps(model: Module, tap: Callable[[str, Module, Any], Any]):
         original = module.forward
 
         def tapped_forward(*args, **kwargs):
+            if before is not None:
+                args = before(path, module, args)
             return tap(path, module, original(*args, **kwargs))
 
         object.__setattr__(module, "forward", tapped_forward)
@@ -350,34 +375,54 @@ def output_shapes(model: Module, input_shape: tuple) -> dict[str, tuple]:
 
 
 class AnomalyDetector:
-    """Check every module's output (forward) and output gradient (backward) for NaN/inf.
+    """Find the first module where NaN or ±inf appears, forward or backward.
 
-    A context manager around a model (see :func:`forward_taps`). ``first_bad_output`` is
-    the first module, in execution order, whose output is non-finite; ``first_bad_gradient``
-    the first, in backward order, that receives a non-finite gradient at its output.
-    Costs one ``isfinite`` reduction per module output and per output gradient.
+    A context manager around a model (see :func:`forward_taps`):
+
+    * ``first_bad_output``: the first module, in execution order, whose output is non-finite;
+    * ``first_bad_gradient``: ``(module path, where)`` for the first non-finite gradient in
+      backward order — "gradient produced by backward" when the module's own backward turned
+      a finite gradient at its output into a non-finite one at its input, "gradient arriving
+      at the output" when it came from further down the graph (e.g. the loss);
+    * :meth:`bad_parameter_gradient`: the first module holding a non-finite parameter
+      gradient after ``backward()`` (for a layer whose input needs no gradient).
+
+    Costs one ``isfinite`` reduction per module output and per gradient through a module.
     """
 
     def __init__(self, model: Module, check_gradients: bool = True):
         self.model = model
         self.check_gradients = check_gradients
         self.first_bad_output: str | None = None
-        self.first_bad_gradient: str | None = None
+        self.first_bad_gradient: tuple[str, str] | None = None
         self._taps = None
 
     def reset(self) -> None:
         self.first_bad_output = self.first_bad_gradient = None
 
-    def _check(self, path: str, module: Module, out):
+    def _inputs(self, path: str, module: Module, args: tuple) -> tuple:
+        if not self.check_gradients:
+            return args
+        return tuple(_GradientProbe(self, path, "gradient produced by backward")(a)
+                     if isinstance(a, Tensor) and a.requires_grad else a for a in args)
+
+    def _output(self, path: str, module: Module, out):
         if isinstance(out, Tensor):
             if self.first_bad_output is None and not _is_finite(out.data):
                 self.first_bad_output = path
             if self.check_gradients and out.requires_grad:
-                out = _GradientProbe(self, path)(out)
+                out = _GradientProbe(self, path, "gradient arriving at the output")(out)
         return out
 
+    def bad_parameter_gradient(self) -> str | None:
+        for path, module in self.model.named_modules():
+            for p in module.parameters(recurse=False):
+                if p.grad is not None and not _is_finite(p.grad.data):
+                    return path or type(module).__name__
+        return None
+
     def __enter__(self) -> "AnomalyDetector":
-        self._taps = forward_taps(self.model, self._check)
+        self._taps = forward_taps(self.model, self._output, before=self._inputs)
         self._taps.__enter__()
         return self
 
@@ -520,9 +565,8 @@ class Trainer:
                 self._check(loss_value, x_host, detector)
                 self.optimizer.zero_grad()
                 loss.backward()
-                if detector is not None and detector.first_bad_gradient is not None:
-                    raise NonFiniteError(step=self.global_step, epoch=epoch, loss=loss_value,
-                                         module=detector.first_bad_gradient, where="gradient")
+                if detector is not None:
+                    self._check_gradients(detector, loss_value)
                 self.optimizer.step()
                 self.global_step += 1
                 n = len(y_host)
@@ -543,8 +587,17 @@ class Trainer:
             module = detector.first_bad_output
         else:
             module = self._locate_non_finite_output(x_host)
-        raise NonFiniteError(step=self.global_step, epoch=self.epoch, loss=loss_value, module=module,
+        raise NonFiniteError(step=self.global_step + 1, epoch=self.epoch, loss=loss_value, module=module,
                              where="output" if module is not None else None)
+
+    def _check_gradients(self, detector: "AnomalyDetector", loss_value: float) -> None:
+        if detector.first_bad_gradient is not None:
+            module, where = detector.first_bad_gradient
+        else:
+            module, where = detector.bad_parameter_gradient(), "parameter gradient"
+        if module is not None:
+            raise NonFiniteError(step=self.global_step + 1, epoch=self.epoch, loss=loss_value, module=module,
+                                 where=where)
 
     def _locate_non_finite_output(self, x_host) -> str | None:
         """Re-run the failing batch's forward pass under the detector to name the culprit.

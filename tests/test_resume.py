@@ -1,0 +1,162 @@
+"""Long runs are safe: a run killed with SIGKILL resumes to the same parameters, bit for bit,
+and a writer killed in the middle of a checkpoint never destroys the previous one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minibasis
+from minibasis import io, nn, optim
+from minibasis.cli import main
+from minibasis.data import DataLoader, ToFloat, synthetic
+from minibasis.experiments import trainer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Runs the real command line, but SIGKILLs itself right after the checkpoint of epoch
+# $KILL_AFTER_EPOCH has been written (no cleanup, no flush: as if the machine died).
+KILLING_DRIVER = """
+import os, signal, sys
+from minibasis.experiments import trainer
+save = trainer.Trainer.save
+def save_then_die(self):
+    save(self)
+    if self.epoch == int(os.environ["KILL_AFTER_EPOCH"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.Trainer.save = save_then_die
+from minibasis.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OPENBLAS_NUM_THREADS": "1"}
+
+
+def _arrays(path) -> dict:
+    return io.load(path)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigkilled_training_resumes_bit_for_bit(tmp_path):
+    # Random bases + BatchNorm on the intermediate + augmentation + momentum + a step schedule:
+    # every piece of state a resume has to restore.
+    args = ["train", "--basis", "random", "--dataset", "synthetic", "--train-subset", "96", "--limit", "16",
+            "--epochs", "3", "--lr", "0.05", "--lr-step", "2", "--batch-size", "32", "--seed", "5", "--quiet"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(args + ["--output", str(straight)]) == 0
+
+    proc = subprocess.run([sys.executable, "-c", KILLING_DRIVER, *args, "--output", str(interrupted)],
+                          env={**_env(), "KILL_AFTER_EPOCH": "1"}, cwd=tmp_path, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not (interrupted / "model.npz").exists()  # it really died mid-run
+    assert io.load(interrupted / "checkpoint-train.npz")["meta"]["epoch"] == 1
+
+    assert main(args + ["--output", str(interrupted), "--resume"]) == 0
+    a, b = _arrays(straight / "model.npz"), _arrays(interrupted / "model.npz")
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    history_a = json.loads((straight / "metrics-train.json").read_text())
+    history_b = json.loads((interrupted / "metrics-train.json").read_text())
+    assert [r["train_loss"] for r in history_a] == [r["train_loss"] for r in history_b]
+    assert "resumed from" in (interrupted / "log.txt").read_text()
+
+
+def _dropout_run(folder, stop_after=None, resume=False, model_only=False):
+    """A run with dropout (device RNG) and an augmentation-free loader; returns final parameters."""
+    minibasis.manual_seed(11)
+    (x, y), _ = synthetic(num_train=48, num_test=0, image_size=16, seed=2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5),
+                          nn.Linear(4, 10))
+    optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    scheduler = optim.StepLR(optimizer, step_size=1, gamma=0.5)
+    loader = DataLoader((x, y), batch_size=16, shuffle=True, seed=4, transform=ToFloat())
+
+    class Stop(Exception):
+        pass
+
+    def stop(t, row):
+        if t.epoch == stop_after:
+            raise Stop
+
+    run = trainer.Trainer(model, optimizer, loader, epochs=4, scheduler=scheduler, folder=trainer.RunFolder(folder),
+                          seed=9, progress=False, on_epoch_end=stop)
+    if model_only:  # a naive resume: the weights only (no momentum, schedule or random states)
+        model.load_state_dict(trainer.load_checkpoint(run.checkpoint_path)["model"])
+        run.epoch = 2
+        loader.set_epoch(2)
+    try:
+        run.fit(resume=resume)
+    except Stop:
+        pass
+    # Something unrelated draws from the global generators between the two halves.
+    np.random.random(5)
+    minibasis.backend.host_rng().random(5)
+    return {k: minibasis.to_numpy(v).copy() for k, v in model.state_dict().items()}
+
+
+def test_resume_restores_dropout_and_optimizer_state(tmp_path, capsys):
+    straight = _dropout_run(tmp_path / "a")
+    _dropout_run(tmp_path / "b", stop_after=2)
+    resumed = _dropout_run(tmp_path / "b", resume=True)
+    for key in straight:
+        assert np.array_equal(straight[key], resumed[key]), key
+    # Restoring the weights alone is not enough (so the comparison above can fail).
+    _dropout_run(tmp_path / "c", stop_after=2)
+    naive = _dropout_run(tmp_path / "c", model_only=True)
+    assert not all(np.array_equal(straight[k], naive[k]) for k in straight)
+
+
+# A writer that saves checkpoints of a growing step counter as fast as it can. Every array of
+# checkpoint n is filled with n, so a torn write would show as a mix of values.
+WRITER = """
+import sys
+import numpy as np
+from minibasis import nn
+from minibasis.experiments import trainer
+path, start = sys.argv[1], int(sys.argv[2])
+model = nn.Linear(1024, 1024)
+step = start
+while True:
+    step += 1
+    model.weight.data[...] = step
+    model.bias.data[...] = step
+    trainer.save_checkpoint(path, model=model, meta={"step": step, "blob": [step] * 1000})
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_killing_a_checkpoint_writer_never_loses_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.npz"
+    step, torn_writes = 0, 0
+    for kill in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(step)], env=_env(), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Wait until it has written at least one checkpoint, then kill it a little later,
+        # at a different point of its write loop each time.
+        first = proc.stdout.readline()
+        assert first, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.005 * kill)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        proc.stdout.close()
+        proc.stderr.close()
+        torn_writes += sum(1 for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+        for leftover in tmp_path.glob(".*.tmp"):
+            leftover.unlink()
+        state = trainer.load_checkpoint(path)  # loadable after every kill ...
+        saved = state["meta"]["step"]
+        assert saved > step                     # ... and newer than the one before the writer started
+        weight = state["model"]["weight"]
+        assert weight.shape == (1024, 1024) and (weight == saved).all() and (state["model"]["bias"] == saved).all()
+        assert state["meta"]["blob"] == [saved] * 1000
+        step = saved
+    assert torn_writes > 0  # at least one kill landed in the middle of a write
