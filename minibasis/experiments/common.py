@@ -85,6 +85,8 @@ class ProgressBar:
             return
         now = time.perf_counter()
         finished = self.total is not None and self.done >= self.total
+        if finished and not self._tty:
+            return  # close() writes the final line; a log needs no "100%, ETA 0:00" line before it
         interval = self.min_interval if self._tty else self.log_interval
         if finished or now - self._last_draw >= interval:
             self._draw(final=False)

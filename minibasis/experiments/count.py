@@ -1,0 +1,283 @@
+"""``minibasis count MODEL``: parameters, filters and convolution multiplications, measured and by formula.
+
+For each model (one 32×32 image, eval mode, no graph):
+
+* parameters: all of them (BatchNorm weights and biases included, running
+  statistics not, as in PyTorch's ``parameters()``) and the learnable ones;
+* conv filters, two ways: plain, Σ M over the conv layers, and the paper's
+  Table 2 convention, Σ min(M, D) (D = C·kh·kw): the most basis filters a layer
+  can ever need, since its M filters span at most min(M, D) dimensions;
+* conv multiplications per image, **measured**: what the engine's convolution
+  ops actually multiplied (``count_mults().conv``) during one forward pass, and
+  beside it the **formula** M·D·Ho·Wo (``minibasis.formulas``) summed over the
+  conv layers, with each layer's Ho×Wo computed by ``formulas.conv_output_size``
+  from the input size that reached it. GFLOPs in the paper's sense are conv
+  multiplications / 10⁹.
+
+For the paper's four CIFAR-100 nets (alexnet, vgg16, resnet110 with 1×1-conv
+shortcuts, densenet190) the paper's Table 1 parameters and Table 2 filters and
+GFLOPs are printed beside the measurements; docs/models.md explains which of
+them the same nets reproduce and which they cannot.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from minibasis import backend, formulas
+from minibasis.autograd import Tensor, no_grad
+from minibasis.cli import UserError
+from minibasis.counting import count_mults
+from minibasis.nn import Conv2d, Module
+
+__all__ = ["PAPER_FIGURES", "PAPER_NAMES", "count_model", "conv_layers", "trace_conv_inputs", "model_config",
+           "format_table", "format_layers", "add_arguments", "run"]
+
+#: The paper's figures for its CIFAR-100 nets: Table 1 parameters, Table 2 filters and GFLOPs (conv mults / 10⁹),
+#: and the configuration those nets have (bearpaw's zoo: 100 classes, 1×1-conv shortcuts for the ResNet).
+PAPER_FIGURES = {
+    "alexnet": {"params": 2_495_396, "filters": 1152, "gflops": 0.24, "config": {"num_classes": 100}},
+    "vgg16": {"params": 14_765_988, "filters": 4187, "gflops": 0.313, "config": {"num_classes": 100}},
+    "resnet110": {"params": 1_736_564, "filters": 4096, "gflops": 0.253,
+                  "config": {"num_classes": 100, "shortcut": "B"}},
+    "densenet190": {"params": 25_821_620, "filters": 20117, "gflops": 18.678, "config": {"num_classes": 100}},
+}
+PAPER_NAMES = tuple(PAPER_FIGURES)
+
+_RESNET_NAMES = ("resnet_cifar", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202")
+_DEPTH_NAMES = ("resnet_cifar", "densenet_bc")
+
+
+def _is_basis_conv(module: Module) -> bool:
+    # Duck-typed so that counting does not depend on the BasisConv layer being importable.
+    return hasattr(module, "num_basis") and hasattr(module, "coeffs")
+
+
+def conv_layers(model: Module) -> list[tuple[str, Module]]:
+    """(path, layer) for every Conv2d and BasisConv2d of ``model``, outermost only, in module order."""
+    found: list[tuple[str, Module]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, Conv2d) or _is_basis_conv(module):
+            if any(path.startswith(parent + ".") for parent, _ in found):
+                continue  # a conv inside a BasisConv2d belongs to that layer
+            found.append((path, module))
+    return found
+
+
+def trace_conv_inputs(model: Module, x: Tensor, layers: list[tuple[str, Module]]) -> dict[str, tuple]:
+    """Run ``model(x)`` once and return path → the input shape each layer in ``layers`` received."""
+    shapes: dict[str, tuple] = {}
+
+    def recorder(path: str, forward):
+        def traced(inp, *args, **kwargs):
+            shapes[path] = tuple(inp.shape)
+            return forward(inp, *args, **kwargs)
+        return traced
+
+    try:
+        for path, module in layers:
+            # An instance attribute shadows the class's forward for this call only.
+            module.__dict__["forward"] = recorder(path, module.forward)
+        model(x)
+    finally:
+        for _, module in layers:
+            module.__dict__.pop("forward", None)
+    return shapes
+
+
+def _layer_row(path: str, module: Module, in_shape: tuple) -> dict[str, Any]:
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    ph, pw = module.padding
+    c, m = module.in_channels, module.out_channels
+    _, _, h, w = in_shape
+    ho = formulas.conv_output_size(h, kh, sh, ph)
+    wo = formulas.conv_output_size(w, kw, sw, pw)
+    d = formulas.filter_dim(c, (kh, kw))
+    row = {"layer": path, "type": type(module).__name__, "in_channels": c, "out_channels": m,
+           "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "input_hw": [h, w], "output_hw": [ho, wo],
+           "filter_dim": d}
+    if _is_basis_conv(module):
+        q = module.num_basis
+        row.update(num_basis=q, filters=q, filters_min_md=q,
+                   formula_mults=formulas.basisconv_mults(m, q, c, (kh, kw), ho, wo))
+    else:
+        row.update(filters=m, filters_min_md=min(m, d), formula_mults=formulas.conv_mults(m, c, (kh, kw), ho, wo))
+    return row
+
+
+def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> dict[str, Any]:
+    """Parameters, filters and conv multiplications of ``model`` for one input image.
+
+    Returns a dict: ``params``, ``learnable_params``, ``filters`` (Σ M), ``filters_min_md``
+    (Σ min(M, D)), ``conv_mults_measured`` (the engine's conv ops, one forward pass,
+    batch 1), ``conv_mults_formula`` (Σ formulas per conv layer), ``all_mults_measured``
+    (every multiplication of the forward pass, BatchNorm and linear included), ``gflops``
+    (measured conv mults / 10⁹) and ``layers`` (one row per conv layer with its measured
+    and formula mults). The model is left in eval mode.
+    """
+    model.eval()
+    layers = conv_layers(model)
+    x = Tensor(backend.asarray(np.zeros((1, in_channels, input_size, input_size), dtype=backend.default_dtype)))
+    with no_grad():
+        shapes = trace_conv_inputs(model, x, layers)
+        with count_mults() as counter:
+            model(x)
+    measured_by_layer = counter.forward.conv_by_layer()
+    rows = []
+    for path, module in layers:
+        if path not in shapes:
+            raise RuntimeError(f"conv layer {path!r} did not run in the forward pass; cannot count it")
+        row = _layer_row(path, module, shapes[path])
+        row["measured_mults"] = sum(n for key, n in measured_by_layer.items()
+                                    if key == path or key.startswith(path + "."))
+        rows.append(row)
+    measured = counter.forward.conv
+    return {
+        "params": model.num_parameters(),
+        "learnable_params": model.num_parameters(learnable_only=True),
+        "conv_layers": len(rows),
+        "filters": sum(r["filters"] for r in rows),
+        "filters_min_md": sum(r["filters_min_md"] for r in rows),
+        "conv_mults_measured": measured,
+        "conv_mults_formula": sum(r["formula_mults"] for r in rows),
+        "all_mults_measured": counter.forward.total,
+        "gflops": measured / 1e9,
+        "input_shape": [1, in_channels, input_size, input_size],
+        "layers": rows,
+    }
+
+
+def model_config(name: str, num_classes: int | None, depth: int | None, shortcut: str | None) -> dict[str, Any]:
+    """Constructor keyword arguments for ``name``: the paper's configuration for its four nets
+    (CIFAR-100; bearpaw's 1×1-conv shortcuts for ResNet-110), CIFAR-10 otherwise, overridden
+    by what the user gave (``depth`` and ``shortcut`` only where ``name`` takes them)."""
+    from minibasis.models import MODELS
+
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    config: dict[str, Any] = dict(PAPER_FIGURES.get(name, {}).get("config", {"num_classes": 10}))
+    if num_classes is not None:
+        config["num_classes"] = num_classes
+    if depth is not None and name in _DEPTH_NAMES:
+        config["depth"] = depth
+    if name in _DEPTH_NAMES and "depth" not in config:
+        raise UserError(f"{name} needs --depth (e.g. resnet_cifar --depth 20, densenet_bc --depth 190)")
+    if shortcut is not None and name in _RESNET_NAMES:
+        config["shortcut"] = shortcut
+    return config
+
+
+def _paper_figures(name: str, config: dict) -> dict | None:
+    """The paper's figures when ``config`` is the paper's configuration of ``name``."""
+    figures = PAPER_FIGURES.get(name)
+    if figures is None:
+        return None
+    defaults = {"shortcut": "A"} if name in _RESNET_NAMES else {}
+    same = all(config.get(k, defaults.get(k)) == v for k, v in figures["config"].items())
+    return {k: v for k, v in figures.items() if k != "config"} if same else None
+
+
+def _describe(name: str, config: dict) -> str:
+    extras = ",".join(f"{k}={v}" for k, v in config.items() if k != "num_classes")
+    return f"{name}({extras})" if extras else name
+
+
+def format_table(reports: list[dict]) -> str:
+    """One line per model: ours beside the paper's (``-`` where the paper has no figure)."""
+    header = (f"{'model':<24}{'classes':>8}{'params':>13}{'paper':>13}{'filters ΣM':>12}{'Σmin(M,D)':>11}"
+              f"{'paper':>8}{'conv mults measured':>21}{'formula':>15}{'GFLOPs':>9}{'paper':>9}")
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        paper = r.get("paper") or {}
+        lines.append(
+            f"{r['description']:<24}{r['config']['num_classes']:>8}{r['params']:>13,}"
+            f"{format(paper['params'], ',') if 'params' in paper else '-':>13}"
+            f"{r['filters']:>12,}{r['filters_min_md']:>11,}{format(paper['filters'], ',') if paper else '-':>8}"
+            f"{r['conv_mults_measured']:>21,}{r['conv_mults_formula']:>15,}{r['gflops']:>9.3f}"
+            f"{format(paper['gflops'], 'g') if paper else '-':>9}")
+    return "\n".join(lines)
+
+
+def format_layers(report: dict) -> str:
+    """Per conv layer: shapes, filters and mults (measured vs formula)."""
+    header = (f"{'layer':<28}{'M':>6}{'C':>6}{'k':>6}{'s':>3}{'in':>8}{'out':>8}{'D':>7}{'min(M,D)':>9}"
+              f"{'measured':>14}{'formula':>14}")
+    lines = [f"{report['description']}: {report['conv_layers']} conv layers", header, "-" * len(header)]
+    for r in report["layers"]:
+        k = "x".join(map(str, r["kernel"]))
+        lines.append(f"{r['layer']:<28}{r['out_channels']:>6}{r['in_channels']:>6}{k:>6}{r['stride'][0]:>3}"
+                     f"{'x'.join(map(str, r['input_hw'])):>8}{'x'.join(map(str, r['output_hw'])):>8}"
+                     f"{r['filter_dim']:>7}{r['filters_min_md']:>9}{r['measured_mults']:>14,}{r['formula_mults']:>14,}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("models", nargs="+", metavar="MODEL",
+                        help="model names (table3_cnn, alexnet, vgg16, vgg16_bn, resnet20/32/44/56/110/1202, "
+                             "resnet_cifar --depth D, densenet190, densenet_bc --depth D), or 'paper' for the "
+                             "paper's four nets")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="output classes (default: 100 for the paper's CIFAR-100 nets alexnet, vgg16, "
+                             "resnet110, densenet190; 10 otherwise)")
+    parser.add_argument("--depth", type=int, default=None, help="depth for resnet_cifar (6n+2) or densenet_bc (6n+4)")
+    parser.add_argument("--shortcut", choices=("A", "B"), default=None,
+                        help="CIFAR ResNet shortcut: A zero-padding (akamaster), B 1×1 conv + BN (bearpaw) "
+                             "(default: B for resnet110, the paper's net; A otherwise)")
+    parser.add_argument("--layers", action="store_true", help="also print one line per conv layer")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="write the full report as JSON to PATH ('-' for standard output)")
+
+
+def run(args) -> int:
+    from minibasis.models import get_model
+
+    names = []
+    for name in args.models:
+        names.extend(PAPER_NAMES if name == "paper" else [name])
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be ≥ 1, got {args.num_classes}")
+    if args.depth is not None and not any(name in _DEPTH_NAMES for name in names):
+        raise UserError(f"--depth applies to {' and '.join(_DEPTH_NAMES)}, not to {', '.join(names)}")
+    if args.shortcut is not None and not any(name in _RESNET_NAMES for name in names):
+        raise UserError(f"--shortcut applies to the CIFAR ResNets, not to {', '.join(names)}")
+    reports = []
+    for name in names:
+        config = model_config(name, args.num_classes, args.depth, args.shortcut)
+        try:
+            model = get_model(name, **config)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"cannot build {name} with {config}: {exc}") from None
+        report = {"model": name, "description": _describe(name, config), "config": config,
+                  **count_model(model)}
+        report["paper"] = _paper_figures(name, config)
+        if report["conv_mults_measured"] != report["conv_mults_formula"]:
+            print(f"warning: {name}: measured conv mults {report['conv_mults_measured']:,} differ from the "
+                  f"formula's {report['conv_mults_formula']:,}", file=sys.stderr)
+        reports.append(report)
+    text_out = sys.stderr if args.json == "-" else sys.stdout
+    print(format_table(reports), file=text_out)
+    if args.layers:
+        for report in reports:
+            print("\n" + format_layers(report), file=text_out)
+    if any(r["paper"] for r in reports):
+        print("\nparams: all parameters, BatchNorm weights and biases included (the paper's Table 1); "
+              "filters: Σ M, and Σ min(M, D) as in the paper's Table 2; GFLOPs: measured conv multiplications "
+              "/ 1e9 for one 32×32 image. See docs/models.md for the figures the paper's nets do not reproduce.",
+              file=text_out)
+    document = {"input_shape": [1, 3, 32, 32], "models": reports}
+    if args.json == "-":
+        json.dump(document, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif args.json:
+        from minibasis.io import atomic_write
+        try:
+            with atomic_write(args.json, "w") as handle:
+                json.dump(document, handle, indent=2)
+                handle.write("\n")
+        except OSError as exc:
+            raise UserError(f"cannot write {args.json}: {exc}") from None
+    return 0
