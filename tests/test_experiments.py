@@ -232,3 +232,36 @@ def test_anomaly_mode_names_the_module_whose_backward_breaks():
     assert (info.value.step, info.value.module, info.value.where) == (1, "1", "gradient produced by backward")
     assert math.isfinite(info.value.loss)
     assert np.isfinite(model[0].weight.numpy()).all()  # stopped before the optimizer step
+
+
+# ---------------------------------------------------------------------------
+# device hygiene
+# ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_commands_run_on_a_strict_device_backend_and_match_numpy(tmp_path):
+    """The "strict" stand-in refuses every silent host/device mix-up as CuPy would; its results
+    equal NumPy's bit for bit, so training, resume, fine-tuning and the sweep must agree."""
+    from minibasis import io
+
+    def train(epochs, device, folder, *extra):
+        return main(["train", "--basis", "random", "--dataset", "synthetic", "--train-subset", "64", "--limit", "32",
+                     "--epochs", str(epochs), "--batch-size", "32", "--quiet", "--device", device,
+                     "--output", str(tmp_path / folder), *extra])
+
+    assert train(2, "numpy", "numpy") == 0
+    assert train(1, "strict", "strict") == 0
+    assert train(2, "strict", "strict", "--resume") == 0  # extended to 2 epochs through --resume
+    a = io.load(tmp_path / "numpy" / "model.npz")["state_dict"]
+    b = io.load(tmp_path / "strict" / "model.npz")["state_dict"]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    plain = tmp_path / "plain"
+    assert main(["train", "--dataset", "synthetic", "--train-subset", "32", "--limit", "16", "--epochs", "1",
+                 "--batch-size", "32", "--quiet", "--output", str(plain)]) == 0
+    common = ["--model", "table3_cnn", "--checkpoint", str(plain / "model.npz"), "--dataset", "synthetic",
+              "--normalize", "cifar10", "--limit", "16", "--device", "strict", "--quiet"]
+    assert main(["sweep", *common, "--thresholds", "1,0.6", "--output", str(tmp_path / "sweep")]) == 0
+    assert main(["finetune", *common, "--threshold", "0.8", "--train-subset", "16", "--epochs1", "1",
+                 "--epochs2", "1", "--detect-anomaly", "--output", str(tmp_path / "ft")]) == 0
+    assert main(["demo", "--device", "strict", "--epochs", "1", "--num-train", "32", "--num-test", "16",
+                 "--thresholds", "1,0.7", "--quiet", "--output", str(tmp_path / "demo")]) == 0

@@ -44,6 +44,7 @@ def run(args) -> int:
     name = options.describe_model(args)
     if checkpoint is not None:
         options.load_weights(model, checkpoint, name)
+    options.require_convs(model, f"the model {options.describe_model(args)}")
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     try:
         compressed, report = compress(model, energy_threshold=threshold, num_basis=args.num_basis,

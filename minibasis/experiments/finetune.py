@@ -156,6 +156,8 @@ def run(args) -> int:
     checkpoint = options.resolve_checkpoint(args)
     if checkpoint is not None:
         options.load_weights(model, checkpoint, options.describe_model(args))
+    if not args.baseline:
+        options.require_convs(model, f"the model {options.describe_model(args)}")
     trainer.check_resume(args, "finetune")
     # A synthetic training set is generated at the subset's size rather than cut from a larger one.
     synthetic_train = args.train_subset if args.dataset == "synthetic" else None

@@ -31,7 +31,9 @@ DEFAULT_THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 def add_common_arguments(parser, *, batch_size: int = 128, seed: int = 0) -> None:
     """``--device``, ``--seed``, ``--batch-size`` and ``--output`` (every verb takes them)."""
     group = parser.add_argument_group("common options")
-    group.add_argument("--device", choices=("numpy", "cupy"), default="numpy",
+    # "strict" (a CPU stand-in that refuses host/device mix-ups as CuPy does) is accepted too,
+    # so the whole command path can be checked for device bugs on a machine without a GPU.
+    group.add_argument("--device", choices=backend.available_backends(), default="numpy", metavar="{numpy,cupy}",
                        help="array backend: numpy (CPU) or cupy (NVIDIA GPU) (default: numpy)")
     group.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"mini-batch size (default: {batch_size})")
@@ -336,3 +338,11 @@ def save_model_file(path: Path, model, architecture: dict) -> None:
 def architecture_of(args) -> dict:
     return {"model": args.model, "depth": args.depth if args.model == "resnet_cifar" else None,
             "num_classes": args.num_classes}
+
+
+def require_convs(model, description: str) -> None:
+    """A :class:`UserError` when ``model`` has no ordinary ``Conv2d`` left to compress."""
+    from minibasis.nn import Conv2d
+    if not any(isinstance(m, Conv2d) for m in model.modules()):
+        raise UserError(f"{description} has no ordinary Conv2d layer to compress "
+                        "(are its convolutions BasisConv2d already?)")

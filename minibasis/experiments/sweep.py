@@ -96,6 +96,7 @@ def run(args) -> int:
     checkpoint = options.resolve_checkpoint(args)
     if checkpoint is not None:
         options.load_weights(model, checkpoint, options.describe_model(args))
+    options.require_convs(model, f"the model {options.describe_model(args)}")
     (_, _), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=0 if args.dataset == "synthetic" else None,
                                                     num_test=args.limit, seed=args.seed)
     folder = trainer.prepare_run_folder(args, "sweep")

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from minibasis import backend
+from minibasis import distributed as dist
 from minibasis import functions as F
 from minibasis.autograd import Function, Tensor, no_grad, tensor
 from minibasis.cli import UserError
@@ -115,6 +116,8 @@ class RunFolder:
         return self.path / name
 
     def log(self, message: str) -> None:
+        if not dist.is_main_process():  # under mpirun only rank 0 prints and writes
+            return
         if not self.quiet:
             print(message, flush=True)
         stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
@@ -122,6 +125,8 @@ class RunFolder:
             f.write(f"{stamp}  {message}\n")
 
     def write_config(self, config: dict) -> None:
+        if not dist.is_main_process():
+            return
         write_json(self.path / "config.json", config)
 
     def read_config(self) -> dict | None:
@@ -139,11 +144,13 @@ class RunFolder:
             raise UserError(f"{path} is not readable JSON: {exc}") from None
 
     def write_json(self, name: str, obj) -> Path:
-        write_json(self.path / name, obj)
+        if dist.is_main_process():
+            write_json(self.path / name, obj)
         return self.path / name
 
     def write_csv(self, name: str, rows: list[dict]) -> Path:
-        write_csv(self.path / name, rows)
+        if dist.is_main_process():
+            write_csv(self.path / name, rows)
         return self.path / name
 
 
@@ -482,6 +489,13 @@ class Trainer:
         self.epoch = 0          # completed epochs of this stage
         self.global_step = 0    # optimizer steps of this stage
         self.history: list[dict] = []
+        # Under mpirun (minibasis.distributed): one replica per rank, each training on its slice
+        # of every global batch, gradients averaged before each step; one process: no-ops.
+        self.world = dist.init()
+        if self.world.size > 1:
+            if not isinstance(self.train_loader, dist.ShardedDataLoader):
+                self.train_loader = dist.ShardedDataLoader.from_loader(self.train_loader)
+            dist.broadcast_parameters(self.model)
 
     # -- checkpoints --------------------------------------------------------
     @property
@@ -489,7 +503,7 @@ class Trainer:
         return None if self.folder is None else self.folder.file(f"checkpoint-{self.stage}.npz")
 
     def save(self) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not dist.is_main_process():
             return
         meta = {**self.extra_meta, "stage": self.stage, "epoch": self.epoch, "epochs": self.epochs, "global_step": self.global_step,
                 "loader": self.train_loader.state_dict(), "rng": capture_rng_state(), "history": self.history}
@@ -552,7 +566,7 @@ class Trainer:
         total_loss, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
         bar = ProgressBar(len(self.train_loader.dataset), desc=f"[{self.stage}] epoch {epoch + 1}/{self.epochs}",
-                          enabled=self.progress)
+                          enabled=self.progress and dist.is_main_process())
         detector = AnomalyDetector(model) if self.detect_anomaly else None
         with (detector if detector is not None else contextlib.nullcontext()):
             for x_host, y_host in self.train_loader:
@@ -567,15 +581,22 @@ class Trainer:
                 loss.backward()
                 if detector is not None:
                     self._check_gradients(detector, loss_value)
+                if self.world.size > 1:
+                    dist.allreduce_gradients(model)
                 self.optimizer.step()
                 self.global_step += 1
                 n = len(y_host)
                 total_loss += loss_value * n
                 correct += int(backend.to_numpy(logits.data.argmax(axis=1) == y).sum())
                 seen += n
-                bar.update(n, loss=total_loss / seen, acc=correct / seen)
+                # Every rank takes the same share of each global batch: n × W images per step.
+                bar.update(n * self.world.size, loss=total_loss / seen, acc=correct / seen)
         bar.close()
         elapsed = time.perf_counter() - start
+        if self.world.size > 1:  # the epoch's figures over every rank's samples (global images/s)
+            totals = dist.allreduce_metrics({"loss": total_loss, "correct": correct, "seen": seen})
+            total_loss, correct, seen = totals["loss"], int(totals["correct"]), int(totals["seen"])
+            elapsed = dist.allreduce_metrics({"elapsed": elapsed}, op="max")["elapsed"]
         return {"stage": self.stage, "epoch": epoch + 1, "lr": lr, "train_loss": total_loss / max(seen, 1),
                 "train_acc": correct / max(seen, 1), "seconds": round(elapsed, 3),
                 "images_per_s": round(seen / elapsed, 1) if elapsed > 0 else None}
@@ -617,12 +638,14 @@ class Trainer:
 
     # -- output ---------------------------------------------------------------
     def _write_metrics(self) -> None:
-        if self.folder is None:
+        if self.folder is None or not dist.is_main_process():
             return
         self.folder.write_json(f"metrics-{self.stage}.json", self.history)
         self.folder.write_csv(f"metrics-{self.stage}.csv", self.history)
 
     def _log(self, message: str) -> None:
+        if not dist.is_main_process():
+            return
         if self.folder is not None:
             self.folder.log(message)
         elif self.progress:
