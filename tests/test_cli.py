@@ -88,6 +88,14 @@ def test_resume_with_other_settings_is_refused(capsys, tmp_path):
     _fails_with_one_line(capsys, changed + ["--resume"], "other settings", "train-subset")
 
 
+def test_training_that_diverges_stops_with_one_line(capsys, tmp_path):
+    out = tmp_path / "run"
+    _fails_with_one_line(capsys, ["train", "--dataset", "synthetic", "--train-subset", "64", "--limit", "16",
+                                  "--epochs", "3", "--lr", "1e6", "--batch-size", "32", "--output", str(out), "--quiet"],
+                         "non-finite training at step", "loss = ", "module '")
+    assert "stopped: non-finite training" in (out / "log.txt").read_text()
+
+
 def test_missing_cupy_or_gpu_is_one_line(capsys, tmp_path):
     try:
         import cupy  # noqa: F401

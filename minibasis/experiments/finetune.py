@@ -204,12 +204,15 @@ def run(args) -> int:
     log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
         f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")
-    history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
-                        lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
-                        weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
-                        detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
-                        extra_meta={"architecture": options.architecture_of(args),
-                                    "basisconv": options.basis_layout(tuned)})
+    try:
+        history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
+                            lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
+                            weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
+                            detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
+                            extra_meta={"architecture": options.architecture_of(args),
+                                        "basisconv": options.basis_layout(tuned)})
+    except trainer.NonFiniteError as exc:
+        raise options.user_error_for_non_finite(exc) from None
     after_acc = test_metrics(tuned)["test_acc"]
     options.save_model_file(folder.file("model.npz"), tuned, options.architecture_of(args))
     results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "baseline": args.baseline,

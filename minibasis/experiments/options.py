@@ -346,3 +346,8 @@ def require_convs(model, description: str) -> None:
     if not any(isinstance(m, Conv2d) for m in model.modules()):
         raise UserError(f"{description} has no ordinary Conv2d layer to compress "
                         "(are its convolutions BasisConv2d already?)")
+
+
+def user_error_for_non_finite(exc) -> UserError:
+    """A training that went NaN/inf, as the one-line message the command line prints."""
+    return UserError(f"{exc} (lower the learning rate; --detect-anomaly names the first module where it happens)")

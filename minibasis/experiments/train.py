@@ -138,10 +138,13 @@ def run(args) -> int:
     optimizer = optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = optim.StepLR(optimizer, step_size=args.lr_step, gamma=args.gamma)
     meta = {"architecture": options.architecture_of(args), "basisconv": options.basis_layout(model)}
-    history = trainer.Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
-                              eval_fn=test_metrics, folder=folder, seed=args.seed,
-                              detect_anomaly=args.detect_anomaly, progress=not args.quiet,
-                              extra_meta=meta).fit(resume=args.resume)
+    try:
+        history = trainer.Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
+                                  eval_fn=test_metrics, folder=folder, seed=args.seed,
+                                  detect_anomaly=args.detect_anomaly, progress=not args.quiet,
+                                  extra_meta=meta).fit(resume=args.resume)
+    except trainer.NonFiniteError as exc:
+        raise options.user_error_for_non_finite(exc) from None
     final = test_metrics(model)
     options.save_model_file(folder.file("model.npz"), model, options.architecture_of(args))
     results = {"model": name, "basis": args.basis, "random_basis_layers": layers, "dataset": args.dataset,

@@ -539,7 +539,12 @@ class Trainer:
         if resume and self.restore():
             self._log(f"[{self.stage}] resumed from {self.checkpoint_path} after epoch {self.epoch}/{self.epochs}")
         while self.epoch < self.epochs:
-            row = self.train_epoch()
+            try:
+                row = self.train_epoch()
+            except NonFiniteError as exc:
+                last = f"; the last good state is {self.checkpoint_path}" if self.epoch and self.checkpoint_path else ""
+                self._log(f"[{self.stage}] stopped: {exc}{last}")
+                raise
             if self.eval_fn is not None:
                 row.update(self.eval_fn(self.model))
             self.epoch += 1
@@ -568,7 +573,9 @@ class Trainer:
         bar = ProgressBar(len(self.train_loader.dataset), desc=f"[{self.stage}] epoch {epoch + 1}/{self.epochs}",
                           enabled=self.progress and dist.is_main_process())
         detector = AnomalyDetector(model) if self.detect_anomaly else None
-        with (detector if detector is not None else contextlib.nullcontext()):
+        # NumPy's overflow/invalid warnings would only repeat, less precisely, what the
+        # non-finite guard reports (step, loss, module).
+        with (detector if detector is not None else contextlib.nullcontext()), np.errstate(all="ignore"):
             for x_host, y_host in self.train_loader:
                 x, y = to_device_batch(x_host, y_host)
                 if detector is not None:
@@ -629,7 +636,7 @@ class Trainer:
         """
         saved = {k: v.copy() for k, v in self.model.state_dict().items()}
         try:
-            with AnomalyDetector(self.model, check_gradients=False) as detector, no_grad():
+            with AnomalyDetector(self.model, check_gradients=False) as detector, no_grad(), np.errstate(all="ignore"):
                 x, _ = to_device_batch(x_host, np.zeros(len(x_host), dtype=np.int64))
                 self.model(x)
             return detector.first_bad_output
