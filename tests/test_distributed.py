@@ -438,3 +438,38 @@ def test_nccl_allreduce_matches_host_reduction(launcher):
     result, _ = _mpirun(launcher, 2, "nccl_allreduce.py", timeout=180)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert "nccl ok" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# The experiments Trainer under mpirun
+# ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trainer_under_mpirun_matches_one_process_writes_once_and_resumes(launcher, tmp_path):
+    """Trainer with mpirun -n 2: same checkpoint as the Trainer in one process; only rank 0
+    writes the run folder (each epoch logged once); a run stopped after epoch 1 and resumed under
+    mpirun ends where the uninterrupted one does."""
+    from minibasis.experiments.trainer import load_checkpoint
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        trainer_run = _load_script("trainer_run")
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    trainer_run.run(tmp_path / "reference", epochs=2)
+    runs = [("full", "--epochs", "2"), ("resumed", "--epochs", "1"), ("resumed", "--epochs", "2", "--resume")]
+    for name, *args in runs:
+        result, _ = _mpirun(launcher, 2, "trainer_run.py", "--out", str(tmp_path / name), *args, timeout=180)
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    reference = load_checkpoint(tmp_path / "reference" / "checkpoint-train.npz")
+    for name in ("full", "resumed"):
+        saved = load_checkpoint(tmp_path / name / "checkpoint-train.npz")
+        for key, ref in reference["model"].items():
+            np.testing.assert_allclose(saved["model"][key], ref, rtol=0, atol=1e-6, err_msg=f"{name} {key}")
+        assert saved["meta"]["epoch"] == 2
+        # Epoch figures are global: the loss over all 24 samples, as in one process.
+        np.testing.assert_allclose([r["train_loss"] for r in saved["meta"]["history"]],
+                                   [r["train_loss"] for r in reference["meta"]["history"]], rtol=1e-9)
+    log = (tmp_path / "full" / "log.txt").read_text().splitlines()
+    assert sum("] epoch 1," in line for line in log) == 1 and sum("] epoch 2," in line for line in log) == 1
+    resumed_log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert resumed_log.count("resumed from") == 1
