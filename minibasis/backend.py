@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy
 
 __all__ = [
-    "xp", "use", "current", "get_array_module", "to_numpy", "asarray",
+    "xp", "use", "current", "get_array_module", "to_numpy", "asarray", "as_strided",
     "register_backend", "available_backends", "default_dtype",
     "matmul", "tensordot", "einsum", "mul", "set_mult_recorder",
     "manual_seed", "host_rng", "random_uniform", "random_normal",
@@ -126,6 +126,16 @@ def to_numpy(array) -> numpy.ndarray:
         if isinstance(data, backend.array_types):
             return backend.to_host(data)
     return numpy.asarray(data)
+
+
+def as_strided(array, shape: tuple, strides: tuple):
+    """A view of ``array`` with the given shape and byte strides (NumPy's and CuPy's ``as_strided``).
+
+    Nothing is checked: the caller guarantees that every element of the view lies
+    inside ``array`` (as im2col's sliding windows over a padded input do).
+    """
+    module = get_array_module(array)
+    return module.lib.stride_tricks.as_strided(array, shape=tuple(shape), strides=tuple(strides))
 
 
 def asarray(obj, dtype=None):

@@ -285,7 +285,9 @@ class Function:
     def __call__(self, *inputs):
         like = next((x for x in inputs if isinstance(x, Tensor)), None)
         tensors = [as_tensor(x, like) for x in inputs]
-        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        # Without a graph (no_grad) no input needs a gradient, so forward keeps nothing
+        # for backward (no column buffers, masks or saved inputs in evaluation).
+        self.needs_input_grad = tuple(_grad_enabled and t.requires_grad for t in tensors)
         record = counting.active()
         self.layer = counting.current_layer() if record else None
         op_name = self.op_name
@@ -296,7 +298,7 @@ class Function:
             outputs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outputs, tuple)
         outputs = (outputs,) if single else outputs
-        requires_grad = _grad_enabled and any(self.needs_input_grad)
+        requires_grad = any(self.needs_input_grad)
         results = [Tensor(y, requires_grad=requires_grad) for y in outputs]
         if requires_grad:
             self.inputs = tensors

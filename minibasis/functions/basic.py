@@ -18,12 +18,14 @@ def _check_float(name: str, **arrays) -> None:
 
 class ReLU(Function):
     def forward(self, x):
-        self.mask = x > 0
-        return backend.get_array_module(x).maximum(x, 0)
+        y = backend.get_array_module(x).maximum(x, 0)
+        if self.needs_input_grad[0]:
+            self.y = y  # y > 0 exactly where x > 0: the output doubles as the mask (one pass, no extra array)
+        return y
 
     def backward(self, gy):
         # A select, not a product: ReLU's backward costs no multiplications.
-        return backend.get_array_module(gy).where(self.mask, gy, 0).astype(gy.dtype, copy=False)
+        return backend.get_array_module(gy).where(self.y > 0, gy, 0).astype(gy.dtype, copy=False)
 
 
 def relu(x: Tensor) -> Tensor:

@@ -3,22 +3,36 @@
 Layouts (NCHW, PyTorch's): x (N, C, H, W), weight (M, C, kh, kw), bias (M,),
 output (N, M, Ho, Wo) with Ho = (H + 2·ph − kh) // sh + 1.
 
-The column buffer is (N, D, P) with D = C·kh·kw in (C, kh, kw) order (the order
-of ``weight.reshape(M, D)`` rows, which ``minibasis.basis`` relies on) and
-P = Ho·Wo, so one batched GEMM ``W (M, D) @ col (N, D, P)`` writes the output
-directly in NCHW with no transpose. A 1×1 stride-1 unpadded conv needs no
-column buffer at all: ``x.reshape(N, C, H·W)`` already is one.
+The column buffer of a chunk of n images is (D, n·P) with D = C·kh·kw rows in
+(C, kh, kw) order (the order of ``weight.reshape(M, D)`` columns, which
+``minibasis.basis`` relies on) and n·P columns in (image, Ho, Wo) order,
+P = Ho·Wo. It is one strided view of the padded chunk copied once, and the
+chunk's convolution is one large GEMM ``W (M, D) @ col (D, n·P)`` (one big GEMM
+runs several times faster than n small ones), whose (M, n, P) result is
+transposed into the NCHW output. A 1×1 stride-1 unpadded conv needs no column
+buffer: ``x.reshape(N, C, H·W)`` already holds one (C, P) matrix per image.
+
+Backward, chunk by chunk: gyᵀ (M, n·P) (one copy of the gradient), the weight
+gradient gyᵀ @ colᵀ accumulated over chunks, and the input gradient
+col2im(Wᵀ @ gyᵀ), col2im summing over the kh·kw kernel offsets with strided
+slice additions (no scatter, no ``add.at``).
+
+Chunks: the batch always goes through in chunks of about ``CHUNK_TARGET_BYTES``
+of columns (a few MiB), so each chunk's columns are still in cache when the
+GEMM reads them; backward rebuilds a chunk's columns from x rather than keeping
+the whole batch's (rebuilding from cache is cheaper than a round trip through
+memory, and training memory stays small). ``IM2COL_BUDGET_BYTES`` caps the
+chunk (a hard memory bound); both settings change speed and memory, never
+results beyond float rounding of the order of summation.
 
 Multiplications recorded (all under op ``conv2d``, which counts as convolution):
 
-* forward: N·M·D·P (the GEMM);
+* forward: N·M·D·P (the GEMMs, over all chunks);
 * backward: N·M·P·D for the weight gradient when the weight requires grad, plus
   N·D·M·P for the input gradient when the input requires grad. So a backward
   that needs both costs exactly twice the forward; the bias gradient is a sum.
 
-Memory: when the column buffer of the whole batch would exceed
-``IM2COL_BUDGET_BYTES``, the batch is processed in chunks (the same result);
-backward then rebuilds each chunk's columns instead of keeping them.
+Without a graph (``no_grad``) nothing is kept for backward.
 """
 from __future__ import annotations
 
@@ -26,10 +40,12 @@ from minibasis import backend
 from minibasis.autograd import Function, Tensor
 
 __all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "set_im2col_budget",
-           "IM2COL_BUDGET_BYTES"]
+           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES"]
 
-#: Largest column buffer built at once (bytes); larger batches are processed in chunks.
+#: Largest column buffer built at once (bytes): a hard cap on im2col memory.
 IM2COL_BUDGET_BYTES = 256 * 2 ** 20
+#: Preferred column-buffer size of one chunk (bytes), small enough to stay in cache.
+CHUNK_TARGET_BYTES = 8 * 2 ** 20
 
 
 def set_im2col_budget(num_bytes: int) -> int:
@@ -42,7 +58,8 @@ def set_im2col_budget(num_bytes: int) -> int:
 
 
 def _pair(value, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    # A float or None must reach the message below, not fail in tuple() with "not iterable".
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     return pair
@@ -68,7 +85,12 @@ def _pad_spatial(x, padding):
 
 
 def im2col(x, kernel: tuple, stride: tuple, padding: tuple):
-    """Columns (N, C·kh·kw, Ho·Wo) of ``x`` (N, C, H, W); a view when the conv is pointwise."""
+    """Columns (C·kh·kw, N·Ho·Wo) of ``x`` (N, C, H, W): rows in (C, kh, kw), columns in (N, Ho, Wo) order.
+
+    One copy of a 6-D strided view (C, kh, kw, N, Ho, Wo) of the padded input.
+    A pointwise conv (1×1, stride 1, no padding) needs none: it gets the view
+    (N, C, H·W) of x, one (C, P) column matrix per image.
+    """
     n, c, h, w = x.shape
     if _is_pointwise(kernel, stride, padding):
         return x.reshape(n, c, h * w)
@@ -76,20 +98,18 @@ def im2col(x, kernel: tuple, stride: tuple, padding: tuple):
     sh, sw = stride
     ho, wo = conv_output_shape(h, w, kernel, stride, padding)
     xp = backend.get_array_module(x)
-    padded = _pad_spatial(x, padding)
-    col = xp.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
-    # k² strided copies (Chainer's im2col_cpu): no fancy indexing, same code on any backend.
-    for i in range(kh):
-        for j in range(kw):
-            col[:, :, i, j] = padded[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw]
-    return col.reshape(n, c * kh * kw, ho * wo)
+    padded = xp.ascontiguousarray(_pad_spatial(x, padding))
+    s_n, s_c, s_h, s_w = padded.strides
+    windows = backend.as_strided(padded, (c, kh, kw, n, ho, wo), (s_c, s_h, s_w, s_n, s_h * sh, s_w * sw))
+    return xp.ascontiguousarray(windows).reshape(c * kh * kw, n * ho * wo)
 
 
 def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple):
-    """Adjoint of :func:`im2col`: sum column entries back into an (N, C, H, W) array.
+    """Adjoint of :func:`im2col`: sum (C·kh·kw, N·Ho·Wo) columns back into an (N, C, H, W) array.
 
     Accumulates over the kh·kw kernel offsets with strided slice additions, so no
-    scatter (``add.at``) is needed even where windows overlap.
+    scatter (``add.at``) is needed even where windows overlap. With padding the
+    result is a view into the padded accumulator.
     """
     n, c, h, w = x_shape
     if _is_pointwise(kernel, stride, padding):
@@ -99,16 +119,25 @@ def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple):
     ph, pw = padding
     ho, wo = conv_output_shape(h, w, kernel, stride, padding)
     xp = backend.get_array_module(col)
-    col = col.reshape(n, c, kh, kw, ho, wo)
+    col = col.reshape(c, kh, kw, n, ho, wo)
     out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype)
+    target = out.transpose(1, 0, 2, 3)  # a (C, N, Hp, Wp) view, in the columns' order
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += col[:, :, i, j]
+            target[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += col[:, i, j]
     return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
 
 
 def _chunk_size(n: int, per_sample_bytes: int) -> int:
-    return max(1, min(n, IM2COL_BUDGET_BYTES // max(per_sample_bytes, 1)))
+    """Images per chunk: about CHUNK_TARGET_BYTES of columns, never over IM2COL_BUDGET_BYTES (but ≥ 1)."""
+    target = min(CHUNK_TARGET_BYTES, IM2COL_BUDGET_BYTES)
+    return max(1, min(n, target // max(per_sample_bytes, 1)))
+
+
+def _channels_first(a):
+    """(n, M, Ho, Wo) → contiguous (M, n·Ho·Wo) (one copy)."""
+    m = a.shape[1]
+    return backend.get_array_module(a).ascontiguousarray(a.transpose(1, 0, 2, 3)).reshape(m, -1)
 
 
 class Conv2dFunction(Function):
@@ -123,64 +152,61 @@ class Conv2dFunction(Function):
     def forward(self, x, weight, bias=None):
         n, c, h, w = x.shape
         m, _, kh, kw = weight.shape
-        self.kernel = (kh, kw)
-        ho, wo = conv_output_shape(h, w, self.kernel, self.stride, self.padding)
+        self.kernel = kernel = (kh, kw)
+        ho, wo = conv_output_shape(h, w, kernel, self.stride, self.padding)
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         w2 = weight.reshape(m, -1)
-        self.x_shape, self.w2 = x.shape, w2
-        per_sample = c * kh * kw * ho * wo * x.dtype.itemsize
-        step = _chunk_size(n, per_sample)
-        keep_col = self.needs_input_grad[1] and step == n
-        xp = backend.get_array_module(x)
-        if step == n:
-            col = im2col(x, self.kernel, self.stride, self.padding)
-            y = backend.matmul(w2, col)
+        self.x_shape = x.shape
+        self.w2 = w2 if need_x else None
+        self.x = x if need_w else None  # backward rebuilds the columns from x
+        if _is_pointwise(kernel, self.stride, self.padding):
+            # A batched GEMM on the view: (M, C) @ (N, C, P) → (N, M, P), already NCHW.
+            y = backend.matmul(w2, im2col(x, kernel, self.stride, self.padding)).reshape(n, m, ho, wo)
         else:
-            col = None
-            y = xp.empty((n, m, ho * wo), dtype=x.dtype)
+            step = self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize)
+            y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
             for start in range(0, n, step):
-                part = im2col(x[start:start + step], self.kernel, self.stride, self.padding)
-                backend.matmul(w2, part, out=y[start:start + step])
-        # Keep the columns when they fit; otherwise backward rebuilds them chunk by chunk from x.
-        self.col = col if keep_col else None
-        self.x = x if (self.needs_input_grad[1] and not keep_col) else None
-        self.step = step
-        y = y.reshape(n, m, ho, wo)
+                col = im2col(x[start:start + step], kernel, self.stride, self.padding)
+                y[start:start + step] = backend.matmul(w2, col).reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
         if bias is not None:
             y += bias.reshape(1, m, 1, 1)
         return y
 
     def backward(self, gy):
-        n, m = gy.shape[:2]
-        gy3 = gy.reshape(n, m, -1)
+        n, m, ho, wo = gy.shape
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
+        c = self.x_shape[1]
         gx = gw = gb = None
-        if need_w:
-            gw = self._weight_grad(gy3).reshape(m, *self.x_shape[1:2], *self.kernel)
-        if need_x and self.step == n:
-            gcol = backend.matmul(self.w2.T, gy3)
-            gx = col2im(gcol, self.x_shape, self.kernel, self.stride, self.padding)
-        elif need_x:
-            # Chunked like forward, so the column gradient never exceeds the im2col budget.
-            gx = backend.get_array_module(gy).empty(self.x_shape, dtype=gy.dtype)
+        if _is_pointwise(self.kernel, self.stride, self.padding):
+            gy3 = gy.reshape(n, m, ho * wo)
+            if need_w:
+                x3 = self.x.reshape(n, c, ho * wo)
+                gw = backend.matmul(gy3, x3.transpose(0, 2, 1)).sum(axis=0)
+            if need_x:
+                gx = backend.matmul(self.w2.T, gy3).reshape(self.x_shape)
+        else:
+            xp = backend.get_array_module(gy)
+            gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
             for start in range(0, n, self.step):
-                gcol = backend.matmul(self.w2.T, gy3[start:start + self.step])
-                gx[start:start + self.step] = col2im(gcol, (gcol.shape[0],) + tuple(self.x_shape[1:]),
-                                                     self.kernel, self.stride, self.padding)
+                stop = min(n, start + self.step)
+                gy_t = _channels_first(gy[start:stop])
+                if need_w:
+                    col = im2col(self.x[start:stop], self.kernel, self.stride, self.padding)
+                    part = backend.matmul(gy_t, col.T)
+                    if gw is None:
+                        gw = part
+                    else:
+                        gw += part
+                    del col  # free before the column gradient is built: one chunk buffer at a time
+                if need_x:
+                    gx[start:stop] = col2im(backend.matmul(self.w2.T, gy_t), (stop - start,) + tuple(self.x_shape[1:]),
+                                            self.kernel, self.stride, self.padding)
+        if gw is not None:
+            gw = gw.reshape(m, c, *self.kernel)
         if need_b:
             gb = gy.sum(axis=(0, 2, 3))
         return (gx, gw, gb) if len(self.needs_input_grad) > 2 else (gx, gw)
-
-    def _weight_grad(self, gy3):
-        """Σ_n gy[n] (M, P) @ col[n]ᵀ (P, D) → (M, D)."""
-        if self.col is not None:
-            return backend.matmul(gy3, self.col.transpose(0, 2, 1)).sum(axis=0)
-        total = None
-        for start in range(0, gy3.shape[0], self.step):
-            part = im2col(self.x[start:start + self.step], self.kernel, self.stride, self.padding)
-            g = backend.matmul(gy3[start:start + self.step], part.transpose(0, 2, 1)).sum(axis=0)
-            total = g if total is None else total + g
-        return total
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:

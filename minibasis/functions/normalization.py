@@ -23,14 +23,18 @@ class BatchNorm(Function):
         self.training, self.momentum, self.eps = training, momentum, eps
 
     def forward(self, x, gamma, beta):
+        # Temporaries are written in place where this op owns them: one (N, C, H, W)
+        # buffer in evaluation without a graph, two in training (x̂ is kept for backward).
         xp = backend.get_array_module(x)
         axes = (0,) if x.ndim == 2 else (0, 2, 3)
         shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
         count = x.size // x.shape[1]
+        out = None
         if self.training:
             mean = x.mean(axis=axes)
             centered = x - mean.reshape(shape)
-            var = backend.mul(centered, centered).mean(axis=axes)
+            out = backend.mul(centered, centered)  # (x − μ)², then reused for y
+            var = out.mean(axis=axes)
             if self.running_mean is not None:
                 m = self.momentum
                 unbiased = m * count / max(count - 1, 1)
@@ -41,9 +45,13 @@ class BatchNorm(Function):
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
             centered = x - mean.reshape(shape)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
-        x_hat = backend.mul(centered, inv_std.reshape(shape))
-        self.x_hat, self.inv_std, self.gamma, self.axes, self.shape = x_hat, inv_std, gamma, axes, shape
-        y = backend.mul(x_hat, gamma.reshape(shape))
+        x_hat = backend.mul(centered, inv_std.reshape(shape), out=centered)
+        keep = any(self.needs_input_grad)
+        if keep:
+            self.x_hat, self.inv_std, self.gamma, self.axes, self.shape = x_hat, inv_std, gamma, axes, shape
+        elif out is None:
+            out = x_hat  # nothing needs x̂ later: y overwrites it
+        y = backend.mul(x_hat, gamma.reshape(shape), out=out)
         y += beta.reshape(shape)
         return y
 
@@ -51,17 +59,23 @@ class BatchNorm(Function):
         shape, axes = self.shape, self.axes
         need_x, need_gamma, need_beta = self.needs_input_grad
         g_beta = gy.sum(axis=axes) if need_beta else None
-        g_gamma = backend.mul(gy, self.x_hat).sum(axis=axes) if (need_gamma or (need_x and self.training)) else None
+        g_gamma = scratch = None
+        if need_gamma or (need_x and self.training):
+            scratch = backend.mul(gy, self.x_hat)  # reused below for the input gradient
+            g_gamma = scratch.sum(axis=axes)
         g_x = None
         if need_x:
             scale = backend.mul(self.gamma, self.inv_std).reshape(shape)
             if self.training:
                 # dx = γ/σ · (gy − mean(gy) − x̂ · mean(gy · x̂)): the batch statistics depend on x.
+                # Computed in place in the scratch buffer (gy may be shared: it is only read).
                 count = gy.size // gy.shape[1]
                 mean_gy = (g_beta if g_beta is not None else gy.sum(axis=axes)) / count
                 mean_gy_xhat = g_gamma / count
-                g_x = backend.mul(gy - mean_gy.reshape(shape)
-                                  - backend.mul(self.x_hat, mean_gy_xhat.reshape(shape)), scale)
+                g_x = backend.mul(self.x_hat, mean_gy_xhat.reshape(shape), out=scratch)
+                backend.get_array_module(gy).subtract(gy, g_x, out=g_x)
+                g_x -= mean_gy.reshape(shape)
+                backend.mul(g_x, scale, out=g_x)
             else:
                 g_x = backend.mul(gy, scale)
         return g_x, (g_gamma if need_gamma else None), g_beta
