@@ -1,0 +1,1 @@
+"""Benchmarks (run as scripts: python bench/conv.py); not part of the installed package."""

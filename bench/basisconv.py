@@ -1,0 +1,133 @@
+"""Do counted savings become time savings? The pretrained ResNet-56 compressed at each sweep threshold.
+
+For each energy threshold t, ``minibasis.compress`` replaces the ResNet-56's
+convolutions by BasisConv2d layers (skipping unprofitable ones). Both networks
+then evaluate the same batch (256 random 32×32 images, no graph), and the bench
+reports, compressed / original:
+
+* the measured convolution multiplication ratio (``count_mults().conv``, the
+  paper's convention) and the ratio of all measured multiplications;
+* the wall-clock ratio of the evaluation: original and compressed runs are
+  interleaved, ``--repeats`` times each, and the best of each is kept.
+
+Target (issue 6): wall-clock ratio ≤ 1.25 × multiplication ratio wherever the
+multiplication ratio is ≤ 0.6.
+
+    python bench/basisconv.py [--repeats 3] [--batch 256] [--checkpoint path.th]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+TARGET_SLACK, TARGET_BELOW = 1.25, 0.6
+CHECKPOINT = Path("models") / "akamaster" / "resnet56-4bfd9763.th"
+
+
+def default_checkpoint() -> Path:
+    shared = Path(os.environ.get("MINIBASIS_SHARED", common.REPO_ROOT.parent / "shared"))
+    return shared / CHECKPOINT
+
+
+def interleaved_best(functions: dict, repeats: int, sync) -> dict:
+    """Best seconds of each function, the calls interleaved so that load drift hits all alike."""
+    for fn in functions.values():
+        fn()
+    sync()
+    best = {name: float("inf") for name in functions}
+    for _ in range(max(1, repeats)):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main(argv=None) -> int:
+    parser = common.make_parser("basisconv", __doc__.splitlines()[0], repeats=3)
+    parser.add_argument("--checkpoint", default=None, help=f"ResNet-56 checkpoint (default: $MINIBASIS_SHARED/{CHECKPOINT})")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS))
+    args = parser.parse_args(argv)
+    env = common.check_machine(args)
+
+    import numpy
+
+    import minibasis as mb
+    from minibasis import io as mbio
+    from minibasis.models import resnet_cifar
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+    if not checkpoint.is_file():
+        sys.exit(f"checkpoint not found: {checkpoint} (pass --checkpoint or set MINIBASIS_SHARED)")
+    sync = common.select_device(args.device)
+    model = resnet_cifar(56)
+    model.load_state_dict(mbio.load_torch_checkpoint(checkpoint))
+    model.eval()
+    rng = numpy.random.default_rng(0)
+    x = mb.tensor(rng.standard_normal((args.batch, 3, 32, 32), dtype=numpy.float32))
+
+    def evaluate(net):
+        def run():
+            with mb.no_grad():
+                net(x)
+        return run
+
+    def counted(net):
+        with mb.count_mults() as counter, mb.no_grad():
+            out = net(x)
+        return counter, mb.to_numpy(out)
+
+    base_counts, base_out = counted(model)
+    rows = []
+    for t in args.thresholds:
+        compressed, report = mb.compress(model, energy_threshold=t, input_shape=(1, 3, 32, 32))
+        compressed.eval()
+        counts, out = counted(compressed)
+        best = interleaved_best({"original": evaluate(model), "compressed": evaluate(compressed)}, args.repeats, sync)
+        row = {
+            "threshold": t,
+            "layers_replaced": sum(1 for layer in report.layers if layer.replaced),
+            "layers": len(report.layers),
+            "conv_mults_original": base_counts.conv, "conv_mults_compressed": counts.conv,
+            "mult_ratio": counts.conv / base_counts.conv,
+            "total_mult_ratio": counts.total / base_counts.total,
+            "report_mult_ratio": report.mult_ratio,
+            "seconds_original": best["original"], "seconds_compressed": best["compressed"],
+            "time_ratio": best["compressed"] / best["original"],
+            "top1_agreement_with_original": float((out.argmax(1) == base_out.argmax(1)).mean()),
+        }
+        row["time_over_mult_ratio"] = row["time_ratio"] / row["mult_ratio"]
+        row["target_applies"] = row["mult_ratio"] <= TARGET_BELOW
+        row["target_met"] = (row["time_ratio"] <= TARGET_SLACK * row["mult_ratio"]) if row["target_applies"] else None
+        rows.append(row)
+        print(f"  t={t}: mult ratio {row['mult_ratio']:.3f}, time ratio {row['time_ratio']:.3f}",
+              file=sys.stderr, flush=True)
+        del compressed
+    common.finish_environment(env)
+
+    table = [[r["threshold"], f"{r['layers_replaced']}/{r['layers']}", r["mult_ratio"], r["total_mult_ratio"],
+              r["seconds_original"] * 1e3, r["seconds_compressed"] * 1e3, r["time_ratio"], r["time_over_mult_ratio"],
+              r["top1_agreement_with_original"],
+              ("met" if r["target_met"] else "MISSED") if r["target_applies"] else "n/a"] for r in rows]
+    print(f"\nResNet-56 (pretrained) evaluation, batch {args.batch}, device {args.device}, "
+          f"best of {args.repeats} interleaved runs")
+    print(common.format_table(["threshold", "replaced", "conv mult ratio", "all mult ratio", "orig ms", "comp ms",
+                               "time ratio", "time/mult", "top-1 agree", f"time<={TARGET_SLACK}x mult"], table))
+    print(common.describe_environment(env))
+    common.write_json(args.output, {"benchmark": "basisconv", "device": args.device, "repeats": args.repeats,
+                                    "batch": args.batch, "checkpoint": str(checkpoint), "environment": env,
+                                    "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

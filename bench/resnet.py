@@ -1,0 +1,237 @@
+"""Whole-network speed and memory: ResNet-20 training step (batch 128), ResNet-56 evaluation (batch 256).
+
+Images per second (best of ``--repeats``) and peak memory, for minibasis and for
+the same networks in PyTorch CPU (option-A shortcuts, as akamaster's). Each
+measurement runs in its own fresh process so that its peak resident memory
+(``ru_maxrss``) is its own; the table shows the peak and the growth over the
+process's resident size right before the measured work (model, data and
+imports already loaded). Inputs are random: speed does not depend on the data.
+
+Targets (issue 6): ResNet-20 training ≥ 0.5× PyTorch CPU throughput; ResNet-56
+evaluation at batch 256 under 2 GiB peak resident memory.
+
+    python bench/resnet.py [--repeats 5] [--device numpy|cupy] [--output path.json]
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
+
+TASKS = {  # name: (depth, batch, training)
+    "resnet20_train": (20, 128, True),
+    "resnet56_eval": (56, 256, False),
+}
+TARGET_TRAIN_RATIO, TARGET_EVAL_PEAK_BYTES = 0.5, 2 * 2 ** 30
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (one per process)
+# ---------------------------------------------------------------------------------------------
+def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
+    import numpy
+
+    import minibasis as mb
+    from minibasis import functions as F, optim
+    try:
+        from minibasis.models import resnet_cifar
+    except ImportError as exc:
+        return {"error": f"minibasis.models.resnet_cifar is not available yet: {exc}"}
+    depth, batch, training = TASKS[task]
+    sync = common.select_device(device)
+    mb.manual_seed(0)
+    model = resnet_cifar(depth)
+    rng = numpy.random.default_rng(0)
+    x = mb.tensor(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32))
+    labels = mb.tensor(rng.integers(0, 10, size=batch))
+    if training:
+        model.train()
+        opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+        def run():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def run():
+            with mb.no_grad():
+                model(x)
+    return _measure(run, repeats, sync, batch)
+
+
+def _torch_resnet(torch, depth: int):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.stride, self.pad = stride, (cout - cin) // 2
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            short = x
+            if self.stride != 1 or self.pad:  # option A: subsample, zero-pad channels
+                short = nn.functional.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.pad, self.pad))
+            return torch.relu(out + short)
+
+    class ResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            n = (depth - 2) // 6
+            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            layers, cin = [], 16
+            for cout, stride in ((16, 1), (32, 2), (64, 2)):
+                for i in range(n):
+                    layers.append(Block(cin, cout, stride if i == 0 else 1))
+                    cin = cout
+            self.layers = nn.Sequential(*layers)
+            self.linear = nn.Linear(64, 10)
+
+        def forward(self, x):
+            out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+            return self.linear(out.mean(dim=(2, 3)))
+
+    return ResNet()
+
+
+def _torch_worker(task: str, device: str, repeats: int) -> dict:
+    import numpy
+    torch = common.load_torch(False, device)
+    if torch is None:
+        return {"error": "PyTorch not available"}
+    depth, batch, training = TASKS[task]
+    dev = "cuda" if device == "cupy" else "cpu"
+    torch.manual_seed(0)
+    model = _torch_resnet(torch, depth).to(dev)
+    rng = numpy.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32)).to(dev)
+    labels = torch.from_numpy(rng.integers(0, 10, size=batch)).to(dev)
+    if training:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+        def run():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model(x)
+    return _measure(run, repeats, common.torch_sync(torch, device), batch)
+
+
+def _measure(run, repeats: int, sync, batch: int) -> dict:
+    before = _rss_bytes()
+    timing = common.best_time(run, repeats, sync, warmup=1)
+    return {"seconds": timing, "images_per_s": batch / timing["best"], "batch": batch,
+            "rss_before_bytes": before, "peak_rss_bytes": _peak_rss_bytes(),
+            "peak_growth_bytes": _peak_rss_bytes() - before}
+
+
+def _spawn(framework: str, task: str, args) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{framework}:{task}",
+               "--device", args.device, "--repeats", str(args.repeats)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": f"worker failed ({done.returncode}): {done.stderr.strip()[-2000:]}"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = time.perf_counter() - start
+    return result
+
+
+def main(argv=None) -> int:
+    parser = common.make_parser("resnet", __doc__.splitlines()[0], repeats=5)
+    parser.add_argument("--worker", help=argparse_hidden())
+    parser.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=sorted(TASKS))
+    args = parser.parse_args(argv)
+    if args.worker:
+        framework, task = args.worker.split(":")
+        worker = _minibasis_worker if framework == "minibasis" else _torch_worker
+        print(json.dumps(worker(task, args.device, args.repeats)))
+        return 0
+
+    env = common.check_machine(args)
+    frameworks = ["minibasis"] + ([] if args.no_torch else ["torch"])
+    results = {}
+    for task in args.tasks:
+        for framework in frameworks:
+            print(f"  measuring {framework} {task} ...", file=sys.stderr, flush=True)
+            results[f"{framework}:{task}"] = _spawn(framework, task, args)
+    common.finish_environment(env)
+
+    mib = lambda v: v / 2 ** 20 if v is not None else None  # noqa: E731
+    rows, verdicts = [], {}
+    for task in args.tasks:
+        mine, theirs = results[f"minibasis:{task}"], results.get(f"torch:{task}", {})
+        for framework, r in (("minibasis", mine), ("torch", theirs)):
+            if framework == "torch" and args.no_torch:
+                continue
+            if "error" in r:
+                rows.append([task, framework, None, None, None, None, None, r["error"][:60]])
+                continue
+            ratio = (r["images_per_s"] / theirs["images_per_s"]
+                     if framework == "minibasis" and "images_per_s" in theirs else None)
+            rows.append([task, framework, r["seconds"]["best"] * 1e3, r["images_per_s"], ratio,
+                         mib(r["peak_rss_bytes"]), mib(r["peak_growth_bytes"]), ""])
+        if "error" not in mine:
+            if task == "resnet20_train" and "images_per_s" in theirs:
+                value = mine["images_per_s"] / theirs["images_per_s"]
+                verdicts["resnet20_train_throughput_over_torch"] = {
+                    "value": value, "limit": TARGET_TRAIN_RATIO, "met": value >= TARGET_TRAIN_RATIO}
+            if task == "resnet56_eval":
+                peak = mine["peak_rss_bytes"]
+                verdicts["resnet56_eval_peak_rss_bytes"] = {
+                    "value": peak, "limit": TARGET_EVAL_PEAK_BYTES, "met": peak <= TARGET_EVAL_PEAK_BYTES}
+    print(f"\nResNets on CIFAR-sized input, float32, device {args.device}, best of {args.repeats} "
+          "(each in its own process)")
+    print(common.format_table(["task", "framework", "step ms", "images/s", "vs torch", "peak RSS MiB",
+                               "growth MiB", "note"], rows))
+    print(common.describe_environment(env))
+    for key, v in verdicts.items():
+        comparison = ">=" if key.endswith("over_torch") else "<="
+        shown = f"{v['value']:.2f}" if key.endswith("over_torch") else f"{mib(v['value']):.0f} MiB"
+        limit = v["limit"] if key.endswith("over_torch") else f"{mib(v['limit']):.0f} MiB"
+        print(f"target {key} {comparison} {limit}: {shown} -> {'met' if v['met'] else 'MISSED'}")
+    common.write_json(args.output, {"benchmark": "resnet", "device": args.device, "repeats": args.repeats,
+                                    "environment": env, "results": results, "targets": verdicts})
+    return 0
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
