@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["MISSING_MESSAGE", "PlotUnavailable", "matplotlib_pyplot", "save_plot", "plot_demo",
-           "plot_retained_filters", "plot_accuracy_vs_retained", "plot_training_curves"]
+           "plot_retained_filters", "plot_accuracy_vs_retained", "plot_training_curves", "plot_accuracy_curves"]
 
 MISSING_MESSAGE = "plots skipped: matplotlib is not installed (pip install 'minibasis[plot]')"
 
@@ -136,8 +136,11 @@ def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict]) -> Path | None:
     return save_plot(path, _accuracy, rows)
 
 
-def _curves(fig, history: Sequence[dict], title: str):
+def _curves(fig, history: Sequence[dict], title: str, references: dict | None):
     loss_ax, acc_ax = fig.subplots(1, 2)
+    for label, value in (references or {}).items():
+        acc_ax.axhline(100 * value, ls=":", color="gray")
+        acc_ax.annotate(label, (1, 100 * value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="gray")
     x = list(range(1, len(history) + 1))
     loss_ax.plot(x, [r["train_loss"] for r in history], "o-")
     loss_ax.set_xlabel("epoch")
@@ -149,6 +152,8 @@ def _curves(fig, history: Sequence[dict], title: str):
                     [100 * r["test_acc"] for r in history if "test_acc" in r], "s-", label="test")
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.get_major_locator().set_params(integer=True)
     acc_ax.grid(alpha=0.3)
     acc_ax.legend()
     # Stage boundaries (fine-tuning's step 1 → step 2).
@@ -160,8 +165,30 @@ def _curves(fig, history: Sequence[dict], title: str):
     fig.suptitle(title)
 
 
-def plot_training_curves(path: Path, history: Sequence[dict], title: str = "training") -> Path | None:
-    """Loss and accuracy per epoch (all stages of a run in order)."""
+def plot_training_curves(path: Path, history: Sequence[dict], title: str = "training",
+                         references: dict[str, float] | None = None) -> Path | None:
+    """Loss and accuracy per epoch (all stages of a run in order); ``references``: label →
+    accuracy drawn as horizontal lines (e.g. the original network's)."""
     if not history:
         return None
-    return save_plot(path, _curves, history, title, figsize=(10, 4.2))
+    return save_plot(path, _curves, history, title, references, figsize=(10, 4.2))
+
+
+def _accuracy_curves(fig, curves: dict, references: dict, title: str):
+    ax = fig.subplots()
+    for label, points in curves.items():
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
+    for i, (label, value) in enumerate(references.items()):
+        ax.axhline(100 * value, ls=":", color=f"C{len(curves) + i}", label=label)
+    ax.set_xlabel("epoch (0: before fine-tuning)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+
+
+def plot_accuracy_curves(path: Path, curves: dict[str, Sequence[tuple[float, float]]],
+                         references: dict[str, float] | None = None, title: str = "") -> Path | None:
+    """Several runs' test accuracy per epoch on one axis: label → [(epoch, accuracy), ...]."""
+    return save_plot(path, _accuracy_curves, curves, references or {}, title)
