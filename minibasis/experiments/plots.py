@@ -100,10 +100,11 @@ def _series(rows: Sequence[dict], key: str = "model"):
 
 def _retained(fig, rows: Sequence[dict]):
     ax = fig.subplots()
-    for name, group in _series(rows).items():
-        ax.plot([r["threshold"] for r in group], [r["retained_filters_pct"] for r in group], "o-", label=name)
-        ax.plot([r["threshold"] for r in group], [100 * r["mult_ratio_measured"] for r in group], "x:",
-                label=f"{name}: conv mults (%)")
+    for i, (name, group) in enumerate(_series(rows).items()):
+        t = [r["threshold"] for r in group]
+        ax.plot(t, [r["retained_filters_pct"] for r in group], "o-", color=f"C{i}", label=f"{name}: retained filters")
+        ax.plot(t, [100 * r["mult_ratio_measured"] for r in group], "x:", color=f"C{i}",
+                label=f"{name}: conv multiplications (measured)")
     ax.set_xlabel("energy threshold t")
     ax.set_ylabel("% of the original")
     ax.set_title("Retained filters vs threshold (cf. the paper's Figure 2)")
