@@ -14,6 +14,7 @@ the operand shapes it was handed, to the recorder installed by
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -237,8 +238,16 @@ _host_rng = numpy.random.default_rng(0)
 
 
 def manual_seed(seed: int) -> None:
-    """Seed parameter initialization (host) and device-side randomness (dropout)."""
+    """Seed parameter initialization (host) and device-side randomness (dropout).
+
+    ``seed`` is an int in [0, 2**32 - 1] (the range of the device generators' legacy seeding).
+    """
     global _host_rng
+    # Checked before any generator changes, so a bad seed leaves every stream as it was.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"manual_seed: seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"manual_seed: seed must be in [0, 2**32 - 1], got {seed}")
     _host_rng = numpy.random.default_rng(seed)
     for backend in _LOADED.values():
         backend.xp.random.seed(seed)

@@ -288,6 +288,11 @@ def random_orthonormal_basis(dim, num_basis, seed=None) -> np.ndarray:
     if num_basis > dim:
         raise ValueError(f"num_basis ({num_basis}) must not exceed dim ({dim}): "
                          "there are at most dim orthonormal vectors")
+    if not (seed is None or isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence))):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be None, a non-negative int or a numpy.random.Generator, got {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed}")
     rng = np.random.default_rng(seed)
     gaussian = rng.standard_normal((dim, num_basis))
     q, r = np.linalg.qr(gaussian)

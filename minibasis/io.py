@@ -472,6 +472,9 @@ def load_torch_object(path) -> Any:
         if head == _ZIP_MAGIC:
             with _archive_errors(source, "zip checkpoint"):
                 return _load_zip_checkpoint(handle, source, file_size)
+        if head[:1] != b"\x80":  # a legacy checkpoint opens with the pickle PROTO opcode
+            raise CheckpointError(f"{source}: not a PyTorch checkpoint: neither a zip archive nor a legacy "
+                                  f"pickle (the file starts with {head!r})")
         data = handle.read()
     with _archive_errors(source, "legacy checkpoint"):
         return _load_legacy_checkpoint(data, source)

@@ -7,9 +7,12 @@ are bookkeeping, not ops of the model, and are not multiplication-counted.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable
 
 from minibasis import backend
+from minibasis.autograd import Tensor
 from minibasis.nn.module import Parameter
 
 __all__ = ["SGD", "StepLR", "Optimizer"]
@@ -20,7 +23,14 @@ class Optimizer:
 
     def __init__(self, params, defaults: dict):
         self.defaults = defaults
-        groups = list(params)
+        if isinstance(params, Tensor):
+            raise TypeError("optimizer params must be an iterable of Parameters (e.g. model.parameters()), "
+                            "got a single tensor; pass [param]")
+        try:
+            groups = list(params)
+        except TypeError:
+            raise TypeError("optimizer params must be an iterable of Parameters or of parameter-group dicts "
+                            f"(e.g. model.parameters()), got {type(params).__name__}") from None
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
         if not isinstance(groups[0], dict):
@@ -31,6 +41,9 @@ class Optimizer:
         self.state: dict[int, dict] = {}
 
     def add_param_group(self, group: dict) -> None:
+        if not isinstance(group, dict) or "params" not in group:
+            got = sorted(map(str, group)) if isinstance(group, dict) else type(group).__name__
+            raise ValueError(f"a parameter group must be a dict with a 'params' entry, got {got}")
         params = list(group["params"])
         for p in params:
             if not isinstance(p, Parameter):
@@ -41,7 +54,12 @@ class Optimizer:
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             raise ValueError(f"unknown optimizer options {sorted(unknown)}; known: {sorted(self.defaults)}")
-        self.param_groups.append({**self.defaults, **group, "params": params})
+        merged = {**self.defaults, **group, "params": params}
+        self._check_options(merged)
+        self.param_groups.append(merged)
+
+    def _check_options(self, group: dict) -> None:
+        """Raise for hyper-parameters out of range (each optimizer knows its own)."""
 
     def zero_grad(self) -> None:
         for group in self.param_groups:
@@ -65,6 +83,11 @@ class Optimizer:
         return {"param_groups": groups, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"optimizer load_state_dict: expected a dict, got {type(state_dict).__name__}")
+        missing = [key for key in ("param_groups", "state") if key not in state_dict]
+        if missing:
+            raise KeyError(f"optimizer load_state_dict: missing keys {missing} (has {sorted(map(str, state_dict))})")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
@@ -94,12 +117,20 @@ class SGD(Optimizer):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD needs lr, momentum, weight_decay ≥ 0, got {lr}, {momentum}, {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum needs momentum > 0 and dampening = 0")
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                                      weight_decay=weight_decay, nesterov=nesterov))
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+
+    def _check_options(self, group: dict) -> None:
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            value = group[name]
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"SGD: {name} must be a real number, got {value!r}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"SGD needs a finite {name} ≥ 0, got {value!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"Nesterov momentum needs momentum > 0 and dampening = 0, "
+                             f"got momentum={group['momentum']!r}, dampening={group['dampening']!r}")
 
     def step(self) -> None:
         for group in self.param_groups:
@@ -126,8 +157,16 @@ class StepLR:
     """Multiply each group's learning rate by ``gamma`` every ``step_size`` calls of ``step()`` (epochs)."""
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"StepLR needs a minibasis.optim Optimizer, got {type(optimizer).__name__}")
+        if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral):
+            raise TypeError(f"StepLR: step_size must be an int, got {step_size!r}")
         if step_size < 1:
             raise ValueError(f"step_size must be ≥ 1, got {step_size}")
+        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+            raise TypeError(f"StepLR: gamma must be a real number, got {gamma!r}")
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"StepLR: gamma must be a finite number > 0, got {gamma!r}")
         self.optimizer, self.step_size, self.gamma = optimizer, step_size, gamma
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.last_epoch = 0
@@ -146,5 +185,8 @@ class StepLR:
                 "last_epoch": self.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("step_size", "gamma", "base_lrs", "last_epoch") if k not in state]
+        if missing:
+            raise KeyError(f"StepLR load_state_dict: missing keys {missing}")
         self.step_size, self.gamma = int(state["step_size"]), float(state["gamma"])
         self.base_lrs, self.last_epoch = [float(v) for v in state["base_lrs"]], int(state["last_epoch"])

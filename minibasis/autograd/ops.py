@@ -4,6 +4,8 @@ Every product goes through ``backend.mul`` / ``backend.matmul`` so it is counted
 """
 from __future__ import annotations
 
+import numbers
+
 from minibasis import backend
 from minibasis.autograd.tensor import Function, Tensor, as_tensor, sum_to
 
@@ -67,8 +69,8 @@ class Pow(Function):
     """``a ** p`` for a Python scalar exponent p."""
 
     def __init__(self, exponent):
-        if isinstance(exponent, Tensor) or hasattr(exponent, "shape"):
-            raise TypeError("Tensor ** x supports Python scalar exponents only")
+        if isinstance(exponent, Tensor) or hasattr(exponent, "shape") or not isinstance(exponent, numbers.Real):
+            raise TypeError(f"Tensor ** x supports Python scalar exponents only, got {type(exponent).__name__}")
         self.exponent = exponent
 
     def forward(self, a):
@@ -135,6 +137,9 @@ class Transpose(Function):
         self.axes = axes
 
     def forward(self, a):
+        if self.axes and sorted(ax % a.ndim if isinstance(ax, numbers.Integral) and -a.ndim <= ax < a.ndim else -1
+                                for ax in self.axes) != list(range(a.ndim)):
+            raise ValueError(f"transpose: axes {self.axes} are not a permutation of the axes of shape {a.shape}")
         return a.transpose(self.axes) if self.axes else a.T
 
     def backward(self, gy):
@@ -146,11 +151,18 @@ class Transpose(Function):
         return gy.transpose(inverse)
 
 
-def _normalize_axes(axis, ndim):
+def _normalize_axes(axis, shape, op: str):
+    """``axis`` (None, an int or a sequence of ints) as non-negative axes, each checked against ``shape``."""
+    ndim = len(shape)
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(ax % ndim for ax in axes)
+    axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    for ax in axes:
+        if isinstance(ax, bool) or not isinstance(ax, numbers.Integral):
+            raise TypeError(f"{op}: axis must be an int or a tuple of ints, got {axis!r}")
+        if not -ndim <= ax < ndim:
+            raise ValueError(f"{op}: axis {ax} is out of range for a tensor of shape {tuple(shape)}")
+    return tuple(int(ax) % ndim for ax in axes)
 
 
 class Sum(Function):
@@ -159,7 +171,7 @@ class Sum(Function):
 
     def forward(self, a):
         self.in_shape = a.shape
-        self.axes = _normalize_axes(self.axis, a.ndim)
+        self.axes = _normalize_axes(self.axis, a.shape, type(self).__name__.lower())
         return a.sum(axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, gy):
@@ -225,20 +237,29 @@ def _pair(a, b):
     return as_tensor(a, like), as_tensor(b, like)
 
 
+def _broadcastable(op: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The operands, after checking NumPy's broadcasting rule (so the error names the op and both shapes)."""
+    for x, y in zip(reversed(a.shape), reversed(b.shape)):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} do not broadcast "
+                             f"(sizes {x} and {y} differ and neither is 1)")
+    return a, b
+
+
 def add(a, b) -> Tensor:
-    return Add()(*_pair(a, b))
+    return Add()(*_broadcastable("add", *_pair(a, b)))
 
 
 def sub(a, b) -> Tensor:
-    return Sub()(*_pair(a, b))
+    return Sub()(*_broadcastable("sub", *_pair(a, b)))
 
 
 def mul(a, b) -> Tensor:
-    return Mul()(*_pair(a, b))
+    return Mul()(*_broadcastable("mul", *_pair(a, b)))
 
 
 def div(a, b) -> Tensor:
-    return Div()(*_pair(a, b))
+    return Div()(*_broadcastable("div", *_pair(a, b)))
 
 
 def matmul(a, b) -> Tensor:

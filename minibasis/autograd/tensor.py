@@ -237,8 +237,9 @@ def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
     """
     if isinstance(data, Tensor):
         data = data.data
+    _reject_non_numeric(data)
     has_dtype = hasattr(data, "dtype")
-    array = backend.asarray(data, dtype=dtype)
+    array = _numeric(backend.asarray(data, dtype=dtype), data)
     if dtype is None and not has_dtype and array.dtype.kind == "f":
         array = array.astype(backend.default_dtype)
     if requires_grad and array.dtype.kind != "f":
@@ -250,12 +251,29 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     """Wrap arrays and Python scalars; scalars take ``like``'s dtype so float32 stays float32."""
     if isinstance(value, Tensor):
         return value
+    _reject_non_numeric(value)
     if like is not None and not hasattr(value, "shape"):
         module = backend.get_array_module(like.data)
         return Tensor(module.asarray(value, dtype=like.dtype))
     if hasattr(value, "shape"):
-        return Tensor(value)
-    return Tensor(backend.xp.asarray(value))
+        return Tensor(_numeric(value, value))
+    return Tensor(_numeric(backend.xp.asarray(value), value))
+
+
+def _reject_non_numeric(value) -> None:
+    # Checked before any conversion: asarray(None, float32) would silently give NaN, and
+    # asarray("a", float32) a conversion error that names neither the argument nor its type.
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"expected a Tensor, an array or a number (numeric data), "
+                        f"got {type(value).__name__} {value!r:.60}")
+
+
+def _numeric(array, source):
+    """``array`` after checking that its dtype is numeric (bool, int, float, complex)."""
+    if getattr(getattr(array, "dtype", None), "kind", None) not in ("b", "i", "u", "f", "c"):
+        raise TypeError(f"expected numeric data (bool, int, float), got {type(source).__name__} "
+                        f"of dtype {getattr(array, 'dtype', None)}")
+    return array
 
 
 _creation_order = itertools.count()

@@ -10,6 +10,7 @@ Per-image randomness is vectorised: one call draws the parameters for the whole 
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -78,8 +79,12 @@ class Normalize:
     """
 
     def __init__(self, mean: Sequence[float] | float, std: Sequence[float] | float):
-        self.mean = np.atleast_1d(np.asarray(mean, dtype=np.float64))
-        self.std = np.atleast_1d(np.asarray(std, dtype=np.float64))
+        try:
+            self.mean = np.atleast_1d(np.asarray(mean, dtype=np.float64))
+            self.std = np.atleast_1d(np.asarray(std, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise TypeError("Normalize: mean and std must be numbers or sequences of numbers, "
+                            f"got mean={mean!r}, std={std!r}") from None
         for name, values in (("mean", self.mean), ("std", self.std)):
             if values.ndim != 1 or not np.all(np.isfinite(values)):
                 raise ValueError(
@@ -159,6 +164,8 @@ class RandomHorizontalFlip:
     """Mirror each image left-right with probability ``p``, independently per image."""
 
     def __init__(self, p: float = 0.5):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise TypeError(f"RandomHorizontalFlip: p must be a number in [0, 1], got {p!r}")
         p = float(p)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p}")
@@ -181,6 +188,9 @@ class Compose:
     one reproducible stream)."""
 
     def __init__(self, transforms: Sequence[Transform]):
+        if not isinstance(transforms, (list, tuple)):
+            raise TypeError(f"Compose: expected a sequence (list or tuple) of transforms, "
+                            f"got {type(transforms).__name__}")
         self.transforms = list(transforms)
         for t in self.transforms:
             if not callable(t):

@@ -1,6 +1,7 @@
 """Elementwise activations, linear layers and shape ops."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 from minibasis import backend
@@ -53,6 +54,7 @@ class Linear(Function):
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (N, in), weight (out, in), bias (out,) → (N, out)."""
+    x, weight = as_tensor(x), as_tensor(weight)  # arrays are welcome; None or a str gets a TypeError
     x_shape, w_shape = tuple(x.shape), tuple(weight.shape)
     if len(x_shape) != 2:
         raise ValueError(f"linear expects input of shape (N, in_features), got {x_shape}")
@@ -70,6 +72,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def flatten(x: Tensor, start_dim: int = 1) -> Tensor:
     """Merge all axes from ``start_dim`` on: (N, C, H, W) → (N, C·H·W)."""
     shape = tuple(x.shape)
+    if isinstance(start_dim, bool) or not isinstance(start_dim, numbers.Integral):
+        raise TypeError(f"flatten: start_dim must be an int, got {start_dim!r}")
+    if not -len(shape) <= start_dim < len(shape):
+        raise ValueError(f"flatten: start_dim {start_dim} is out of range for input of shape {shape}")
     tail = 1
     for n in shape[start_dim:]:
         tail *= n
@@ -96,10 +102,15 @@ class Concat(Function):
 
 def concat(tensors: Sequence[Tensor], axis: int = 1) -> Tensor:
     """Concatenate along ``axis`` (channels by default, as DenseNet needs)."""
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"concat needs a list or tuple of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError("concat needs at least one tensor")
+    tensors = [as_tensor(t) for t in tensors]
     shapes = [tuple(t.shape) for t in tensors]
     ndim = len(shapes[0])
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+        raise ValueError(f"concat: axis {axis!r} is out of range for inputs of shape {shapes[0]}")
     axis = axis % ndim
     for s in shapes:
         if len(s) != ndim or any(a != b for i, (a, b) in enumerate(zip(s, shapes[0])) if i != axis):
@@ -127,7 +138,10 @@ class Pad(Function):
 
 def pad(x: Tensor, widths: Sequence[tuple[int, int]], value: float = 0.0) -> Tensor:
     """Constant padding; ``widths`` has one (before, after) pair per axis of x (NumPy's convention)."""
-    widths = tuple((int(a), int(b)) for a, b in widths)
+    try:
+        widths = tuple((int(a), int(b)) for a, b in widths)
+    except (TypeError, ValueError):
+        raise ValueError(f"pad: need {x.ndim} non-negative (before, after) pairs, got {widths!r}") from None
     if len(widths) != x.ndim or any(a < 0 or b < 0 for a, b in widths):
         raise ValueError(f"pad: need {x.ndim} non-negative (before, after) pairs, got {widths}")
     return Pad(widths, value)(x)
@@ -151,6 +165,8 @@ class Dropout(Function):
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """Zero each element with probability ``p`` in training; identity in evaluation."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"dropout probability must be a number in [0, 1), got {p!r}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if not training or p == 0.0:

@@ -7,6 +7,8 @@ variance (PyTorch's convention). Evaluation uses the running statistics.
 """
 from __future__ import annotations
 
+import numbers
+
 from minibasis import backend
 from minibasis.autograd import Function, Tensor
 
@@ -81,9 +83,21 @@ class BatchNorm(Function):
         return g_x, (g_gamma if need_gamma else None), g_beta
 
 
+def check_batch_norm_settings(momentum, eps, who: str = "batch_norm") -> None:
+    """Raise unless ``momentum`` is a real number in [0, 1] and ``eps`` a real number > 0."""
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{who}: {name} must be a real number, got {value!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{who}: momentum must be in [0, 1], got {momentum!r}")
+    if not eps > 0.0:  # eps <= 0 gives NaN or inf for a constant channel
+        raise ValueError(f"{who}: eps must be > 0, got {eps!r}")
+
+
 def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: Tensor,
                training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Normalize x (N, C) or (N, C, H, W) per channel; running stats are raw arrays updated in place."""
+    check_batch_norm_settings(momentum, eps)
     shape = tuple(x.shape)
     if len(shape) not in (2, 4):
         raise ValueError(f"batch_norm expects (N, C) or (N, C, H, W), got shape {shape}")

@@ -27,7 +27,7 @@ import numbers
 from minibasis import backend
 from minibasis import functions as F
 from minibasis.autograd import Tensor
-from minibasis.nn.layers import BatchNorm2d, Conv2d, kernel_pair
+from minibasis.nn.layers import BatchNorm2d, Conv2d, kernel_pair, padding_pair
 from minibasis.nn.module import Module, Parameter
 
 __all__ = ["BasisConv2d"]
@@ -37,14 +37,6 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _padding_pair(value) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
-                                 for v in pair):
-        raise ValueError(f"padding must be a non-negative int or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def _float_dtype(dtype):
@@ -109,7 +101,7 @@ class BasisConv2d(Module):
         self.out_channels = _positive_int("out_channels", out_channels)
         self.kernel_size = kernel_pair(kernel_size)
         self.stride = kernel_pair(stride, "stride")
-        self.padding = _padding_pair(padding)
+        self.padding = padding_pair(padding)
         q = _positive_int("num_basis", num_basis)
         self.num_basis = q
         self.energy = None

@@ -2,28 +2,47 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 
 from minibasis import backend
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
 __all__ = ["Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d", "ReLU", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d", "Dropout", "Flatten", "Sequential", "Identity", "kernel_pair"]
+           "AdaptiveAvgPool2d", "Dropout", "Flatten", "Sequential", "Identity", "kernel_pair", "padding_pair"]
+
+
+def _is_int(value) -> bool:
+    # bool is an int to Python, but Conv2d(True, ...) is a mistake, not one channel.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int_pair(value) -> tuple:
+    # Anything that is neither an int nor a 2-sequence reaches the caller's message as it is.
+    return (value, value) if _is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 def kernel_pair(value, name: str = "kernel_size") -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    pair = _int_pair(value)
+    if len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return pair
+    return int(pair[0]), int(pair[1])
+
+
+def padding_pair(value, name: str = "padding") -> tuple[int, int]:
+    pair = _int_pair(value)
+    if len(pair) != 2 or not all(_is_int(v) and v >= 0 for v in pair):
+        raise ValueError(f"{name} must be a non-negative int or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def _positive(name: str, value) -> int:
-    if not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def uniform_parameter(shape: tuple, bound: float) -> Parameter:
@@ -40,7 +59,7 @@ class Conv2d(Module):
         self.out_channels = _positive("out_channels", out_channels)
         self.kernel_size = kernel_pair(kernel_size)
         self.stride = kernel_pair(stride, "stride")
-        self.padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        self.padding = padding_pair(padding)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), PyTorch's default
         self.weight = uniform_parameter((out_channels, in_channels, *self.kernel_size), bound)
@@ -79,6 +98,7 @@ class _BatchNorm(Module):
                  track_running_stats: bool = True):
         super().__init__()
         self.num_features = _positive("num_features", num_features)
+        check_batch_norm_settings(momentum, eps, type(self).__name__)
         self.eps, self.momentum = eps, momentum
         xp, dtype = backend.xp, backend.default_dtype
         self.weight = Parameter(xp.ones(num_features, dtype=dtype), requires_grad=affine)
@@ -91,6 +111,9 @@ class _BatchNorm(Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != self.expected_ndim:
             raise ValueError(f"{type(self).__name__} expects a {self.expected_ndim}-D input, got shape {x.shape}")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels, "
+                             f"got input of shape {tuple(x.shape)}")
         stats = (self._buffers["running_mean"], self._buffers["running_var"]) if self.track_running_stats else (None, None)
         training = self.training or not self.track_running_stats
         return F.batch_norm(x, stats[0], stats[1], self.weight, self.bias, training, self.momentum, self.eps)
@@ -117,6 +140,11 @@ class ReLU(Module):
 class MaxPool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
+        kernel, pad = kernel_pair(kernel_size), padding_pair(padding)
+        if stride is not None:
+            kernel_pair(stride, "stride")
+        if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
+            raise ValueError(f"{type(self).__name__}: padding {pad} must be at most half the kernel {kernel}")
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x: Tensor) -> Tensor:
@@ -136,6 +164,8 @@ class AdaptiveAvgPool2d(Module):
 
     def __init__(self, output_size=1):
         super().__init__()
+        if kernel_pair(output_size, "output_size") != (1, 1):
+            raise ValueError(f"AdaptiveAvgPool2d supports output_size=1 (global pooling) only, got {output_size!r}")
         self.output_size = output_size
 
     def forward(self, x: Tensor) -> Tensor:
@@ -145,6 +175,8 @@ class AdaptiveAvgPool2d(Module):
 class Dropout(Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise TypeError(f"dropout probability must be a number in [0, 1), got {p!r}")
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
@@ -156,6 +188,8 @@ class Dropout(Module):
 class Flatten(Module):
     def __init__(self, start_dim: int = 1):
         super().__init__()
+        if not _is_int(start_dim):
+            raise TypeError(f"Flatten: start_dim must be an int, got {start_dim!r}")
         self.start_dim = start_dim
 
     def forward(self, x: Tensor) -> Tensor:

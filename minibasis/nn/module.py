@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
 from minibasis import backend, counting
@@ -84,6 +85,11 @@ class Module:
 
     def register_buffer(self, name: str, array, persistent: bool = True) -> None:
         """A non-learnable array saved in ``state_dict`` when persistent (BN statistics, fixed bases)."""
+        if not isinstance(name, str):
+            raise TypeError(f"register_buffer: name must be a str, got {type(name).__name__}")
+        if not name or "." in name:
+            raise ValueError(f"register_buffer: name {name!r} must be non-empty and contain no '.' "
+                             "(dots separate module paths in state_dict keys)")
         self.__dict__.pop(name, None)
         self._buffers[name] = array
         if not persistent:
@@ -142,6 +148,8 @@ class Module:
 
     # -- modes ------------------------------------------------------------
     def train(self, mode: bool = True) -> "Module":
+        if not isinstance(mode, bool):
+            raise TypeError(f"train(mode): mode must be a bool, got {mode!r}")
         for m in self.modules():
             object.__setattr__(m, "training", bool(mode))
         return self
@@ -150,6 +158,8 @@ class Module:
         return self.train(False)
 
     def requires_grad_(self, flag: bool = True) -> "Module":
+        if not isinstance(flag, bool):
+            raise TypeError(f"requires_grad_(flag): flag must be a bool, got {flag!r}")
         for p in self.parameters():
             p.requires_grad_(flag)
         return self
@@ -197,8 +207,10 @@ class Module:
         ``num_batches_tracked`` entries are ignored); every shape must match.
         Nothing is changed unless every check passes. Returns (missing, unexpected).
         """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict: expected a dict of name -> array, got {type(state).__name__}")
         own = self.state_dict()
-        incoming = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+        incoming = {k: v for k, v in state.items() if not (isinstance(k, str) and k.endswith("num_batches_tracked"))}
         missing = [k for k in own if k not in incoming]
         unexpected = [k for k in incoming if k not in own]
         if strict and (missing or unexpected):
