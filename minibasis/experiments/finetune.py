@@ -222,7 +222,7 @@ def run(args) -> int:
                "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
                "batch_size": args.batch_size, "seed": args.seed, "device": backend.current(),
                "test_acc_original": original_acc, "test_acc_before": before_acc, "test_acc_after": after_acc,
-               "learnable_params": sum(p.size for p in non_conv_parameters(tuned)),
+               "learnable_params": tuned.num_parameters(),  # every Parameter; the bases are buffers
                "compression": compression, "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
