@@ -175,13 +175,13 @@ def plot_training_curves(path: Path, history: Sequence[dict], title: str = "trai
     return save_plot(path, _curves, history, title, references, figsize=(10, 4.2))
 
 
-def _accuracy_curves(fig, curves: dict, references: dict, title: str):
+def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: str):
     ax = fig.subplots()
     for label, points in curves.items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
     for i, (label, value) in enumerate(references.items()):
         ax.axhline(100 * value, ls=":", color=f"C{len(curves) + i}", label=label)
-    ax.set_xlabel("epoch (0: before fine-tuning)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
@@ -190,6 +190,6 @@ def _accuracy_curves(fig, curves: dict, references: dict, title: str):
 
 
 def plot_accuracy_curves(path: Path, curves: dict[str, Sequence[tuple[float, float]]],
-                         references: dict[str, float] | None = None, title: str = "") -> Path | None:
+                         references: dict[str, float] | None = None, title: str = "", xlabel: str = "epoch") -> Path | None:
     """Several runs' test accuracy per epoch on one axis: label → [(epoch, accuracy), ...]."""
-    return save_plot(path, _accuracy_curves, curves, references or {}, title)
+    return save_plot(path, _accuracy_curves, curves, references or {}, title, xlabel)
