@@ -101,7 +101,8 @@ def _small_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
         nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.Conv2d(12, 12, 1), nn.AvgPool2d(2), nn.Dropout(0.25), nn.Flatten(), nn.Linear(12 * 2 * 2, 10))
+        nn.Conv2d(12, 12, 1), nn.Conv2d(12, 4, 3, padding=1),  # pointwise, then kn2row (M < C)
+        nn.AvgPool2d(2), nn.Dropout(0.25), nn.Flatten(), nn.Linear(4 * 2 * 2, 10))
 
 
 def _train_step_and_eval(backend_name: str):

@@ -12,6 +12,17 @@ runs several times faster than n small ones), whose (M, n, P) result is
 transposed into the NCHW output. A 1×1 stride-1 unpadded conv needs no column
 buffer: ``x.reshape(N, C, H·W)`` already holds one (C, P) matrix per image.
 
+A stride-1 "same" conv (odd kernel, padding (k−1)/2, so Ho·Wo = H·W) with fewer
+output than input channels (M < ``KN2ROW_CHANNEL_RATIO``·C, e.g. the basis stage
+of a BasisConv) runs forward as kn2row instead: one GEMM
+``W' (kh·kw·M, C) @ x' (C, n·H·W)`` over the channel-first input (no column
+buffer), then the kh·kw shifted (M, n, H, W) slices of the product are summed
+into the output. Its traffic grows with M where im2col's grows with C·kh·kw, so
+a conv with few output channels costs proportionally less, as its
+multiplications do. It multiplies kh·kw·M·C·n·H·W = n·M·D·P times, exactly
+im2col's count (H·W = P); the products of zero padding are skipped and those
+that land outside the output are discarded instead.
+
 Backward, chunk by chunk: gyᵀ (M, n·P) (one copy of the gradient), the weight
 gradient gyᵀ @ colᵀ accumulated over chunks, and the input gradient
 col2im(Wᵀ @ gyᵀ), col2im summing over the kh·kw kernel offsets with strided
@@ -40,12 +51,14 @@ from minibasis import backend
 from minibasis.autograd import Function, Tensor
 
 __all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "set_im2col_budget",
-           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES"]
+           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO"]
 
 #: Largest column buffer built at once (bytes): a hard cap on im2col memory.
 IM2COL_BUDGET_BYTES = 256 * 2 ** 20
 #: Preferred column-buffer size of one chunk (bytes), small enough to stay in cache.
 CHUNK_TARGET_BYTES = 8 * 2 ** 20
+#: Forward by kn2row when a "same" conv has M < KN2ROW_CHANNEL_RATIO · C (measured crossover).
+KN2ROW_CHANNEL_RATIO = 0.75
 
 
 def set_im2col_budget(num_bytes: int) -> int:
@@ -84,16 +97,97 @@ def _pad_spatial(x, padding):
     return out
 
 
+def _is_same(kernel, stride, padding) -> bool:
+    """Stride 1, odd kernel, padding (k − 1)/2: the output is as large as the input (Ho·Wo = H·W)."""
+    (kh, kw), (ph, pw) = kernel, padding
+    return stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (ph, pw) == ((kh - 1) // 2, (kw - 1) // 2)
+
+
+def _same_offsets(kernel, h: int, w: int):
+    """How each kernel offset (i, j) of a "same" conv maps output pixels to input pixels.
+
+    On the flattened (H·W) plane, output pixel d reads input pixel d + shift with
+    shift = (i − ph)·W + (j − pw). Yields ``(i, j, out_run, in_run, out_wrapped,
+    in_wrapped)``: the runs are the matching slices of output and input positions
+    whose input lies on the plane; within them, output columns ``out_wrapped`` read
+    (and input columns ``in_wrapped`` feed) a pixel of the neighbouring row, i.e.
+    really the zero padding, and must be zeroed or skipped.
+    """
+    kh, kw = kernel
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    hw = h * w
+    for i in range(kh):
+        for j in range(kw):
+            shift = (i - ph) * w + (j - pw)
+            first, last = max(0, -shift), min(hw, hw - shift)
+            out_run = slice(first, max(first, last))
+            in_run = slice(first + shift, max(first, last) + shift)
+            if j < pw:
+                out_wrapped, in_wrapped = slice(0, min(w, pw - j)), slice(max(0, w - (pw - j)), w)
+            elif j > pw:
+                out_wrapped, in_wrapped = slice(max(0, w - (j - pw)), w), slice(0, min(w, j - pw))
+            else:
+                out_wrapped = in_wrapped = None
+            yield i, j, out_run, in_run, out_wrapped, in_wrapped
+
+
+def _planes(a):
+    """(n, C, H, W) → a (C, n, H·W) view (a copy only if ``a`` is not contiguous)."""
+    n, c, h, w = a.shape
+    return a.reshape(n, c, h * w).transpose(1, 0, 2)
+
+
+def _im2col_same(x, kernel):
+    """im2col of a "same" conv by whole-plane shifted copies (long contiguous runs, no padded copy)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    xp = backend.get_array_module(x)
+    source = _planes(x)
+    col = xp.empty((c, kh, kw, n, h, w), dtype=x.dtype)
+    flat = col.reshape(c, kh, kw, n, h * w)
+    for i, j, out_run, in_run, out_wrapped, _ in _same_offsets(kernel, h, w):
+        block = flat[:, i, j]
+        block[:, :, out_run] = source[:, :, in_run]
+        block[:, :, :out_run.start] = 0
+        block[:, :, out_run.stop:] = 0
+        if out_wrapped is not None:
+            col[:, i, j, :, :, out_wrapped] = 0
+    return flat.reshape(c * kh * kw, n * h * w)
+
+
+def _col2im_same(col, x_shape, kernel):
+    """Adjoint of :func:`_im2col_same`; zeroes the wrapped entries of ``col`` (which it may overwrite)."""
+    n, c, h, w = x_shape
+    kh, kw = kernel
+    xp = backend.get_array_module(col)
+    col = col.reshape(c, kh, kw, n, h, w)
+    flat = col.reshape(c, kh, kw, n, h * w)
+    out = xp.empty((n, c, h, w), dtype=col.dtype)
+    target = _planes(out)
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    target[...] = flat[:, ph, pw]  # the centre offset reaches every pixel: no zero fill needed
+    for i, j, out_run, in_run, out_wrapped, _ in _same_offsets(kernel, h, w):
+        if (i, j) == (ph, pw):
+            continue
+        if out_wrapped is not None:
+            col[:, i, j, :, :, out_wrapped] = 0  # these entries belong to the zero padding
+        target[:, :, in_run] += flat[:, i, j, :, out_run]
+    return out
+
+
 def im2col(x, kernel: tuple, stride: tuple, padding: tuple):
     """Columns (C·kh·kw, N·Ho·Wo) of ``x`` (N, C, H, W): rows in (C, kh, kw), columns in (N, Ho, Wo) order.
 
-    One copy of a 6-D strided view (C, kh, kw, N, Ho, Wo) of the padded input.
-    A pointwise conv (1×1, stride 1, no padding) needs none: it gets the view
-    (N, C, H·W) of x, one (C, P) column matrix per image.
+    A "same" conv copies whole shifted planes (long runs); any other conv copies a
+    6-D strided view (C, kh, kw, N, Ho, Wo) of the padded input once. A pointwise
+    conv (1×1, stride 1, no padding) needs neither: it gets the view (N, C, H·W)
+    of x, one (C, P) column matrix per image.
     """
     n, c, h, w = x.shape
     if _is_pointwise(kernel, stride, padding):
         return x.reshape(n, c, h * w)
+    if _is_same(kernel, stride, padding):
+        return _im2col_same(x, kernel)
     kh, kw = kernel
     sh, sw = stride
     ho, wo = conv_output_shape(h, w, kernel, stride, padding)
@@ -107,13 +201,16 @@ def im2col(x, kernel: tuple, stride: tuple, padding: tuple):
 def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple):
     """Adjoint of :func:`im2col`: sum (C·kh·kw, N·Ho·Wo) columns back into an (N, C, H, W) array.
 
-    Accumulates over the kh·kw kernel offsets with strided slice additions, so no
-    scatter (``add.at``) is needed even where windows overlap. With padding the
-    result is a view into the padded accumulator.
+    Accumulates over the kh·kw kernel offsets with slice additions (whole shifted
+    planes for a "same" conv, strided windows otherwise), so no scatter
+    (``add.at``) is needed even where windows overlap. ``col`` may be overwritten.
+    With padding the generic result is a view into the padded accumulator.
     """
     n, c, h, w = x_shape
     if _is_pointwise(kernel, stride, padding):
         return col.reshape(n, c, h, w)
+    if _is_same(kernel, stride, padding):
+        return _col2im_same(col, x_shape, kernel)
     kh, kw = kernel
     sh, sw = stride
     ph, pw = padding
@@ -132,6 +229,35 @@ def _chunk_size(n: int, per_sample_bytes: int) -> int:
     """Images per chunk: about CHUNK_TARGET_BYTES of columns, never over IM2COL_BUDGET_BYTES (but ≥ 1)."""
     target = min(CHUNK_TARGET_BYTES, IM2COL_BUDGET_BYTES)
     return max(1, min(n, target // max(per_sample_bytes, 1)))
+
+
+def _uses_kn2row(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple) -> bool:
+    return _is_same(kernel, stride, padding) and kernel != (1, 1) and m < KN2ROW_CHANNEL_RATIO * c
+
+
+def _kn2row_forward(x, weight, out):
+    """out (n, M, H, W) ← "same" stride-1 conv of x (n, C, H, W), by kn2row.
+
+    ``products[i, j]`` = W[:, :, i, j] @ x at every input pixel (one GEMM for all
+    offsets); output pixel d then takes offset (i, j)'s product at input pixel
+    d + shift (see :func:`_same_offsets`) where that pixel is not padding.
+    """
+    n, c, h, w = x.shape
+    m, _, kh, kw = weight.shape
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    xp = backend.get_array_module(x)
+    stacked = xp.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw * m, c)
+    products = backend.matmul(stacked, _channels_first(x)).reshape(kh, kw, m, n, h, w)
+    flat = products.reshape(kh, kw, m, n, h * w)
+    target = _planes(out)  # (M, n, H·W) view of the NCHW output
+    target[...] = flat[ph, pw]  # the centre offset covers every output pixel
+    for i, j, out_run, in_run, _, in_wrapped in _same_offsets((kh, kw), h, w):
+        if (i, j) == (ph, pw):
+            continue
+        if in_wrapped is not None:
+            products[i, j, :, :, :, in_wrapped] = 0  # these only reach wrapped (padding) outputs
+        target[:, :, out_run] += flat[i, j, :, :, in_run]
+    return out
 
 
 def _channels_first(a):
@@ -163,11 +289,17 @@ class Conv2dFunction(Function):
             # A batched GEMM on the view: (M, C) @ (N, C, P) → (N, M, P), already NCHW.
             y = backend.matmul(w2, im2col(x, kernel, self.stride, self.padding)).reshape(n, m, ho, wo)
         else:
-            step = self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize)
+            # Backward always works on columns (chunks sized for them), whichever forward ran.
+            self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize)
             y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
-            for start in range(0, n, step):
-                col = im2col(x[start:start + step], kernel, self.stride, self.padding)
-                y[start:start + step] = backend.matmul(w2, col).reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
+            if _uses_kn2row(m, c, kernel, self.stride, self.padding):
+                step = _chunk_size(n, kh * kw * m * ho * wo * x.dtype.itemsize)
+                for start in range(0, n, step):
+                    _kn2row_forward(x[start:start + step], weight, y[start:start + step])
+            else:
+                for start in range(0, n, self.step):
+                    col = im2col(x[start:start + self.step], kernel, self.stride, self.padding)
+                    y[start:start + self.step] = backend.matmul(w2, col).reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
         if bias is not None:
             y += bias.reshape(1, m, 1, 1)
         return y
