@@ -2,13 +2,15 @@
 
 For each energy threshold t, ``minibasis.compress`` replaces the ResNet-56's
 convolutions by BasisConv2d layers (skipping unprofitable ones). Both networks
-then evaluate the same batch (256 random 32×32 images, no graph), and the bench
-reports, compressed / original:
+then evaluate the same batch (the first 256 CIFAR-10 test images, normalized as
+the checkpoint expects, when the shared data set is there; random images
+otherwise; no graph), and the bench reports, compressed / original:
 
 * the measured convolution multiplication ratio (``count_mults().conv``, the
   paper's convention) and the ratio of all measured multiplications;
 * the wall-clock ratio of the evaluation: original and compressed runs are
-  interleaved, ``--repeats`` times each, and the best of each is kept.
+  interleaved, ``--repeats`` times each, and the best of each is kept;
+* top-1 accuracy on the batch (real images only) and agreement with the original.
 
 Target (issue 6): wall-clock ratio ≤ 1.25 × multiplication ratio wherever the
 multiplication ratio is ≤ 0.6.
@@ -34,6 +36,25 @@ CHECKPOINT = Path("models") / "akamaster" / "resnet56-4bfd9763.th"
 def default_checkpoint() -> Path:
     shared = Path(os.environ.get("MINIBASIS_SHARED", common.REPO_ROOT.parent / "shared"))
     return shared / CHECKPOINT
+
+
+def bench_batch(batch: int):
+    """(images (batch, 3, 32, 32) float32, labels or None, description)."""
+    import numpy
+    shared = Path(os.environ.get("MINIBASIS_SHARED", common.REPO_ROOT.parent / "shared"))
+    root = shared / "data"
+    try:
+        from minibasis import data
+        splits = data.load_cifar10(root)
+        images, labels = splits[1][0][:batch], splits[1][1][:batch]
+        normalize = data.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)  # akamaster's training statistics
+        images = normalize(data.ToFloat()(images))
+        if len(images) == batch:
+            return numpy.ascontiguousarray(images, dtype=numpy.float32), numpy.asarray(labels), f"CIFAR-10 test[:{batch}]"
+    except Exception as exc:  # no data set here: random images time the same
+        print(f"CIFAR-10 not usable ({exc}); timing random images", file=sys.stderr)
+    rng = numpy.random.default_rng(0)
+    return rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32), None, "random N(0, 1) images"
 
 
 def interleaved_best(functions: dict, repeats: int, sync) -> dict:
@@ -72,8 +93,8 @@ def main(argv=None) -> int:
     model = resnet_cifar(56)
     model.load_state_dict(mbio.load_torch_checkpoint(checkpoint))
     model.eval()
-    rng = numpy.random.default_rng(0)
-    x = mb.tensor(rng.standard_normal((args.batch, 3, 32, 32), dtype=numpy.float32))
+    images, labels, source = bench_batch(args.batch)
+    x = mb.tensor(images)
 
     def evaluate(net):
         def run():
@@ -87,6 +108,7 @@ def main(argv=None) -> int:
         return counter, mb.to_numpy(out)
 
     base_counts, base_out = counted(model)
+    base_accuracy = None if labels is None else float((base_out.argmax(1) == labels).mean())
     rows = []
     for t in args.thresholds:
         compressed, report = mb.compress(model, energy_threshold=t, input_shape=(1, 3, 32, 32))
@@ -104,6 +126,7 @@ def main(argv=None) -> int:
             "seconds_original": best["original"], "seconds_compressed": best["compressed"],
             "time_ratio": best["compressed"] / best["original"],
             "top1_agreement_with_original": float((out.argmax(1) == base_out.argmax(1)).mean()),
+            "top1_accuracy": None if labels is None else float((out.argmax(1) == labels).mean()),
         }
         row["time_over_mult_ratio"] = row["time_ratio"] / row["mult_ratio"]
         row["target_applies"] = row["mult_ratio"] <= TARGET_BELOW
@@ -116,15 +139,17 @@ def main(argv=None) -> int:
 
     table = [[r["threshold"], f"{r['layers_replaced']}/{r['layers']}", r["mult_ratio"], r["total_mult_ratio"],
               r["seconds_original"] * 1e3, r["seconds_compressed"] * 1e3, r["time_ratio"], r["time_over_mult_ratio"],
-              r["top1_agreement_with_original"],
+              r["top1_accuracy"], r["top1_agreement_with_original"],
               ("met" if r["target_met"] else "MISSED") if r["target_applies"] else "n/a"] for r in rows]
-    print(f"\nResNet-56 (pretrained) evaluation, batch {args.batch}, device {args.device}, "
-          f"best of {args.repeats} interleaved runs")
+    print(f"\nResNet-56 (pretrained) evaluation, batch {args.batch} ({source}), device {args.device}, "
+          f"best of {args.repeats} interleaved runs; original top-1 on the batch: "
+          f"{'-' if base_accuracy is None else f'{base_accuracy:.3f}'}")
     print(common.format_table(["threshold", "replaced", "conv mult ratio", "all mult ratio", "orig ms", "comp ms",
-                               "time ratio", "time/mult", "top-1 agree", f"time<={TARGET_SLACK}x mult"], table))
+                               "time ratio", "time/mult", "top-1", "agree", f"time<={TARGET_SLACK}x mult"], table))
     print(common.describe_environment(env))
     common.write_json(args.output, {"benchmark": "basisconv", "device": args.device, "repeats": args.repeats,
-                                    "batch": args.batch, "checkpoint": str(checkpoint), "environment": env,
+                                    "batch": args.batch, "inputs": source, "original_top1_accuracy": base_accuracy,
+                                    "checkpoint": str(checkpoint), "environment": env,
                                     "rows": rows})
     return 0
 

@@ -189,3 +189,19 @@ def test_resnet56_evaluation_at_batch_256_stays_under_2_gib():
     assert peak < 2 * 2 ** 30
     # Tighter: a few activations (16 MiB each) and one chunk of columns, not the network's worth.
     assert peak < 256 * 2 ** 20, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_relu_backward_bit_mask_selects_exactly_like_where(dtype):
+    """ReLU's backward selects by a bit mask instead of numpy.where: bit-identical results, NaN and ±0 included."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(dtype)
+    x.flat[:4] = [np.nan, 0.0, -0.0, np.inf]
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    gy.flat[4:8] = [np.nan, -0.0, np.inf, -np.inf]
+    xt = mb.tensor(x, requires_grad=True)
+    F.relu(xt).backward(gy)
+    want = np.where(x > 0, gy, 0).astype(dtype)  # PyTorch's threshold backward: NaN input → 0
+    ints = np.dtype(f"i{np.dtype(dtype).itemsize}")
+    assert xt.grad.dtype == dtype
+    np.testing.assert_array_equal(xt.grad.data.view(ints), want.view(ints))

@@ -26,7 +26,24 @@ class ReLU(Function):
 
     def backward(self, gy):
         # A select, not a product: ReLU's backward costs no multiplications.
-        return backend.get_array_module(gy).where(self.y > 0, gy, 0).astype(gy.dtype, copy=False)
+        return _select_where_positive(self.y, gy)
+
+
+def _select_where_positive(y, gy):
+    """``where(y > 0, gy, 0)`` (PyTorch's threshold backward), computed as a bit mask.
+
+    NumPy's ``where`` with a scalar is several times slower than a bitwise AND of
+    the float bits with an all-ones / all-zeros integer mask, which selects
+    exactly the same values (+0.0 elsewhere) and multiplies nothing.
+    """
+    xp = backend.get_array_module(gy)
+    if gy.dtype.kind != "f" or y.shape != gy.shape:
+        return xp.where(y > 0, gy, 0).astype(gy.dtype, copy=False)
+    bits = xp.dtype(f"i{gy.dtype.itemsize}")
+    mask = (y > 0).astype(bits)
+    xp.negative(mask, out=mask)  # 1 → all bits set, 0 → none
+    xp.bitwise_and(xp.ascontiguousarray(gy).view(bits), mask, out=mask)
+    return mask.view(gy.dtype)
 
 
 def relu(x: Tensor) -> Tensor:

@@ -103,76 +103,78 @@ def _is_same(kernel, stride, padding) -> bool:
     return stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (ph, pw) == ((kh - 1) // 2, (kw - 1) // 2)
 
 
-def _same_offsets(kernel, h: int, w: int):
+def _same_offsets(kernel, n: int, h: int, w: int):
     """How each kernel offset (i, j) of a "same" conv maps output pixels to input pixels.
 
-    On the flattened (H·W) plane, output pixel d reads input pixel d + shift with
-    shift = (i − ph)·W + (j − pw). Yields ``(i, j, out_run, in_run, out_wrapped,
-    in_wrapped)``: the runs are the matching slices of output and input positions
-    whose input lies on the plane; within them, output columns ``out_wrapped`` read
-    (and input columns ``in_wrapped`` feed) a pixel of the neighbouring row, i.e.
-    really the zero padding, and must be zeroed or skipped.
+    Pixels are flattened over (image, row, column), n·H·W positions; output pixel d
+    reads input pixel d + shift, shift = di·W + dj with (di, dj) = (i − ph, j − pw).
+    Yields ``(i, j, out_run, in_run, out_bad, in_bad)``: ``out_run`` and ``in_run``
+    are the matching slices of output and input positions that stay inside the
+    array. Where a window reaches into the padding, the flat shift lands in the
+    neighbouring row or image instead: ``out_bad`` = (rows, columns) of the output
+    pixels concerned, whose entries must be zero, and ``in_bad`` = (rows, columns)
+    of the input pixels that feed only those outputs. None where there are none.
     """
     kh, kw = kernel
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
-    hw = h * w
+    size = n * h * w
+
+    def bad(delta: int, extent: int):
+        # (output index range, input index range) of the rows (or columns) crossing the border
+        if delta > 0:
+            return slice(max(0, extent - delta), extent), slice(0, min(extent, delta))
+        if delta < 0:
+            return slice(0, min(extent, -delta)), slice(max(0, extent + delta), extent)
+        return None, None
+
     for i in range(kh):
         for j in range(kw):
-            shift = (i - ph) * w + (j - pw)
-            first, last = max(0, -shift), min(hw, hw - shift)
-            out_run = slice(first, max(first, last))
-            in_run = slice(first + shift, max(first, last) + shift)
-            if j < pw:
-                out_wrapped, in_wrapped = slice(0, min(w, pw - j)), slice(max(0, w - (pw - j)), w)
-            elif j > pw:
-                out_wrapped, in_wrapped = slice(max(0, w - (j - pw)), w), slice(0, min(w, j - pw))
-            else:
-                out_wrapped = in_wrapped = None
-            yield i, j, out_run, in_run, out_wrapped, in_wrapped
+            di, dj = i - ph, j - pw
+            shift = di * w + dj
+            first, last = max(0, -shift), max(max(0, -shift), min(size, size - shift))
+            (out_rows, in_rows), (out_cols, in_cols) = bad(di, h), bad(dj, w)
+            yield (i, j, slice(first, last), slice(first + shift, last + shift),
+                   (out_rows, out_cols), (in_rows, in_cols))
 
 
-def _planes(a):
-    """(n, C, H, W) → a (C, n, H·W) view (a copy only if ``a`` is not contiguous)."""
-    n, c, h, w = a.shape
-    return a.reshape(n, c, h * w).transpose(1, 0, 2)
+def _zero_border(block, rows, cols) -> None:
+    """Zero rows ``rows`` and columns ``cols`` (None: none) of ``block`` (..., H, W)."""
+    if rows is not None:
+        block[..., rows, :] = 0
+    if cols is not None:
+        block[..., cols] = 0
 
 
 def _im2col_same(x, kernel):
-    """im2col of a "same" conv by whole-plane shifted copies (long contiguous runs, no padded copy)."""
+    """im2col of a "same" conv: one channel-first copy of x, then one shifted run per (channel, offset)."""
     n, c, h, w = x.shape
     kh, kw = kernel
     xp = backend.get_array_module(x)
-    source = _planes(x)
-    col = xp.empty((c, kh, kw, n, h, w), dtype=x.dtype)
-    flat = col.reshape(c, kh, kw, n, h * w)
-    for i, j, out_run, in_run, out_wrapped, _ in _same_offsets(kernel, h, w):
-        block = flat[:, i, j]
-        block[:, :, out_run] = source[:, :, in_run]
-        block[:, :, :out_run.start] = 0
-        block[:, :, out_run.stop:] = 0
-        if out_wrapped is not None:
-            col[:, i, j, :, :, out_wrapped] = 0
-    return flat.reshape(c * kh * kw, n * h * w)
+    source = _channels_first(x)  # (C, n·H·W)
+    col = xp.empty((c, kh, kw, n * h * w), dtype=x.dtype)
+    grid = col.reshape(c, kh, kw, n, h, w)
+    for i, j, out_run, in_run, out_bad, _ in _same_offsets(kernel, n, h, w):
+        col[:, i, j, out_run] = source[:, in_run]
+        col[:, i, j, :out_run.start] = 0
+        col[:, i, j, out_run.stop:] = 0
+        _zero_border(grid[:, i, j], *out_bad)
+    return col.reshape(c * kh * kw, n * h * w)
 
 
 def _col2im_same(col, x_shape, kernel):
-    """Adjoint of :func:`_im2col_same`; zeroes the wrapped entries of ``col`` (which it may overwrite)."""
+    """Adjoint of :func:`_im2col_same` (overwrites ``col``); returns a (n, C, H, W) transposed view."""
     n, c, h, w = x_shape
     kh, kw = kernel
-    xp = backend.get_array_module(col)
-    col = col.reshape(c, kh, kw, n, h, w)
-    flat = col.reshape(c, kh, kw, n, h * w)
-    out = xp.empty((n, c, h, w), dtype=col.dtype)
-    target = _planes(out)
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
-    target[...] = flat[:, ph, pw]  # the centre offset reaches every pixel: no zero fill needed
-    for i, j, out_run, in_run, out_wrapped, _ in _same_offsets(kernel, h, w):
+    flat = col.reshape(c, kh, kw, n * h * w)
+    grid = col.reshape(c, kh, kw, n, h, w)
+    total = flat[:, ph, pw]  # the centre offset maps every pixel to itself: accumulate into it
+    for i, j, out_run, in_run, out_bad, _ in _same_offsets(kernel, n, h, w):
         if (i, j) == (ph, pw):
             continue
-        if out_wrapped is not None:
-            col[:, i, j, :, :, out_wrapped] = 0  # these entries belong to the zero padding
-        target[:, :, in_run] += flat[:, i, j, :, out_run]
-    return out
+        _zero_border(grid[:, i, j], *out_bad)  # gradients of padding pixels: dropped
+        total[:, in_run] += flat[:, i, j, out_run]
+    return total.reshape(c, n, h, w).transpose(1, 0, 2, 3)
 
 
 def im2col(x, kernel: tuple, stride: tuple, padding: tuple):
@@ -239,24 +241,23 @@ def _kn2row_forward(x, weight, out):
     """out (n, M, H, W) ← "same" stride-1 conv of x (n, C, H, W), by kn2row.
 
     ``products[i, j]`` = W[:, :, i, j] @ x at every input pixel (one GEMM for all
-    offsets); output pixel d then takes offset (i, j)'s product at input pixel
-    d + shift (see :func:`_same_offsets`) where that pixel is not padding.
+    offsets); output pixel d then sums offset (i, j)'s product at input pixel
+    d + shift (see :func:`_same_offsets`), except where that is padding.
     """
     n, c, h, w = x.shape
     m, _, kh, kw = weight.shape
     ph, pw = (kh - 1) // 2, (kw - 1) // 2
     xp = backend.get_array_module(x)
     stacked = xp.ascontiguousarray(weight.transpose(2, 3, 0, 1)).reshape(kh * kw * m, c)
-    products = backend.matmul(stacked, _channels_first(x)).reshape(kh, kw, m, n, h, w)
-    flat = products.reshape(kh, kw, m, n, h * w)
-    target = _planes(out)  # (M, n, H·W) view of the NCHW output
-    target[...] = flat[ph, pw]  # the centre offset covers every output pixel
-    for i, j, out_run, in_run, _, in_wrapped in _same_offsets((kh, kw), h, w):
+    products = backend.matmul(stacked, _channels_first(x)).reshape(kh, kw, m, n * h * w)
+    grid = products.reshape(kh, kw, m, n, h, w)
+    total = products[ph, pw]  # the centre offset covers every output pixel: accumulate into it
+    for i, j, out_run, in_run, _, in_bad in _same_offsets((kh, kw), n, h, w):
         if (i, j) == (ph, pw):
             continue
-        if in_wrapped is not None:
-            products[i, j, :, :, :, in_wrapped] = 0  # these only reach wrapped (padding) outputs
-        target[:, :, out_run] += flat[i, j, :, :, in_run]
+        _zero_border(grid[i, j], *in_bad)  # products that would only reach padding outputs
+        total[:, out_run] += products[i, j, :, in_run]
+    out[...] = total.reshape(m, n, h, w).transpose(1, 0, 2, 3)
     return out
 
 
