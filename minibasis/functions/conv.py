@@ -6,10 +6,12 @@ output (N, M, Ho, Wo) with Ho = (H + 2·ph − kh) // sh + 1.
 The column buffer of a chunk of n images is (D, n·P) with D = C·kh·kw rows in
 (C, kh, kw) order (the order of ``weight.reshape(M, D)`` columns, which
 ``minibasis.basis`` relies on) and n·P columns in (image, Ho, Wo) order,
-P = Ho·Wo. It is one strided view of the padded chunk copied once, and the
-chunk's convolution is one large GEMM ``W (M, D) @ col (D, n·P)`` (one big GEMM
-runs several times faster than n small ones), whose (M, n, P) result is
-transposed into the NCHW output. A 1×1 stride-1 unpadded conv needs no column
+P = Ho·Wo. It is built by copies only: for a "same" conv (below) by kh·kw
+shifted runs of the channel-first chunk, one per channel and offset, with the
+entries that fall on the padding zeroed; otherwise by copying a 6-D strided view
+of the padded chunk once. The chunk's convolution is one large GEMM
+``W (M, D) @ col (D, n·P)`` (one big GEMM runs several times faster than n
+small ones), whose (M, n, P) result is transposed into the NCHW output. A 1×1 stride-1 unpadded conv needs no column
 buffer: ``x.reshape(N, C, H·W)`` already holds one (C, P) matrix per image.
 
 A stride-1 "same" conv (odd kernel, padding (k−1)/2, so Ho·Wo = H·W) with fewer
@@ -25,8 +27,8 @@ that land outside the output are discarded instead.
 
 Backward, chunk by chunk: gyᵀ (M, n·P) (one copy of the gradient), the weight
 gradient gyᵀ @ colᵀ accumulated over chunks, and the input gradient
-col2im(Wᵀ @ gyᵀ), col2im summing over the kh·kw kernel offsets with strided
-slice additions (no scatter, no ``add.at``).
+col2im(Wᵀ @ gyᵀ), col2im summing over the kh·kw kernel offsets with shifted-run
+or strided-window slice additions (no scatter, no ``add.at``).
 
 Chunks: the batch always goes through in chunks of about ``CHUNK_TARGET_BYTES``
 of columns (a few MiB), so each chunk's columns are still in cache when the
