@@ -35,8 +35,7 @@ class BatchNorm(Function):
         if self.training:
             mean = x.mean(axis=axes)
             centered = x - mean.reshape(shape)
-            out = backend.mul(centered, centered)  # (x − μ)², then reused for y
-            var = out.mean(axis=axes)
+            var = _channel_dot(centered, centered) / count  # Σ(x − μ)², no squared copy
             if self.running_mean is not None:
                 m = self.momentum
                 unbiased = m * count / max(count - 1, 1)
@@ -61,20 +60,19 @@ class BatchNorm(Function):
         shape, axes = self.shape, self.axes
         need_x, need_gamma, need_beta = self.needs_input_grad
         g_beta = gy.sum(axis=axes) if need_beta else None
-        g_gamma = scratch = None
+        g_gamma = None
         if need_gamma or (need_x and self.training):
-            scratch = backend.mul(gy, self.x_hat)  # reused below for the input gradient
-            g_gamma = scratch.sum(axis=axes)
+            g_gamma = _channel_dot(gy, self.x_hat)  # Σ gy·x̂ per channel
         g_x = None
         if need_x:
             scale = backend.mul(self.gamma, self.inv_std).reshape(shape)
             if self.training:
                 # dx = γ/σ · (gy − mean(gy) − x̂ · mean(gy · x̂)): the batch statistics depend on x.
-                # Computed in place in the scratch buffer (gy may be shared: it is only read).
+                # Computed in place in one new buffer (gy may be shared: it is only read).
                 count = gy.size // gy.shape[1]
                 mean_gy = (g_beta if g_beta is not None else gy.sum(axis=axes)) / count
                 mean_gy_xhat = g_gamma / count
-                g_x = backend.mul(self.x_hat, mean_gy_xhat.reshape(shape), out=scratch)
+                g_x = backend.mul(self.x_hat, mean_gy_xhat.reshape(shape))
                 backend.get_array_module(gy).subtract(gy, g_x, out=g_x)
                 g_x -= mean_gy.reshape(shape)
                 backend.mul(g_x, scale, out=g_x)
@@ -92,6 +90,15 @@ def check_batch_norm_settings(momentum, eps, who: str = "batch_norm") -> None:
         raise ValueError(f"{who}: momentum must be in [0, 1], got {momentum!r}")
     if not eps > 0.0:  # eps <= 0 gives NaN or inf for a constant channel
         raise ValueError(f"{who}: eps must be > 0, got {eps!r}")
+
+
+def _channel_dot(a, b):
+    """Σ a·b over every axis but the channel axis 1 of (N, C) or (N, C, H, W) arrays → (C,).
+
+    One counted product per element, like ``backend.mul(a, b).sum(...)``, but the
+    einsum reduces as it multiplies, so no (N, C, H, W) temporary is written.
+    """
+    return backend.einsum("nc,nc->c" if a.ndim == 2 else "nchw,nchw->c", a, b)
 
 
 def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: Tensor,
