@@ -19,6 +19,7 @@ from minibasis.data import (
     RandomCrop,
     RandomHorizontalFlip,
     ToFloat,
+    augmentation_generator,
     epoch_permutation,
     synthetic,
     synthetic_class_names,
@@ -234,6 +235,29 @@ def test_epoch_permutation_is_a_permutation_that_depends_on_seed_and_epoch():
     assert not np.array_equal(perm, epoch_permutation(1000, 5, 1))
     assert not np.array_equal(perm, epoch_permutation(1000, 6, 0))
     assert epoch_permutation(0, 0, 0).shape == (0,)
+
+
+def test_augmentation_generator_is_the_stream_the_loader_hands_its_transform():
+    seen = []
+
+    def record(x, rng):
+        seen.append(rng.integers(0, 2**62, 4))
+        return x
+
+    loader = DataLoader(identifiable_dataset(10), batch_size=4, shuffle=True, seed=3, transform=record)
+    loader.set_epoch(2)
+    list(loader)
+    assert len(seen) == 3
+    for batch_index, draws in enumerate(seen):
+        np.testing.assert_array_equal(draws, augmentation_generator(3, 2, batch_index).integers(0, 2**62, 4))
+    # Another seed, epoch, batch or shard is another stream.
+    others = [(4, 2, 0), (3, 1, 0), (3, 2, 1), (3, 2, 0, 0), (3, 2, 0, 1)]
+    for key in others:
+        assert not np.array_equal(augmentation_generator(*key).integers(0, 2**62, 4), seen[0])
+    with pytest.raises(ValueError, match="batch_index must be a non-negative int, got -1"):
+        augmentation_generator(0, 0, -1)
+    with pytest.raises(ValueError, match="shard must be a non-negative int, got 1.5"):
+        augmentation_generator(0, 0, 0, 1.5)
 
 
 # ----------------------------------------------------------------------------- transforms

@@ -1,5 +1,5 @@
 """Datasets, batching and augmentation (host-side NumPy)."""
-from minibasis.data.loader import ArrayDataset, DataLoader, epoch_permutation
+from minibasis.data.loader import ArrayDataset, DataLoader, augmentation_generator, epoch_permutation
 from minibasis.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_NUM_CLASSES, synthetic, synthetic_class_names
 from minibasis.data.transforms import (
     CIFAR10_MEAN,

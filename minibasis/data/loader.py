@@ -4,8 +4,9 @@ Reproducibility contract: the sample order of an epoch is a pure function of (se
 (``epoch_permutation``), and the generator handed to the transform of a batch is a pure function
 of (seed, epoch, batch index). A training run resumed at epoch ``e`` (``set_epoch(e)`` or
 ``load_state_dict``) therefore sees exactly the batches, bit for bit, that the uninterrupted run
-saw. All seed derivation lives in ``_derived_generator`` so that a sharded (distributed) sampler
-can reuse it.
+saw. All seed derivation lives in ``_derived_generator``; ``epoch_permutation`` and
+``augmentation_generator`` are its public faces, so that a sharded (distributed) loader draws
+exactly the single-process loader's orders and augmentations.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["ArrayDataset", "DataLoader", "epoch_permutation"]
+__all__ = ["ArrayDataset", "DataLoader", "epoch_permutation", "augmentation_generator"]
 
 # Independent random streams derived from one seed; the numbers only need to differ.
 _PERMUTATION_STREAM = 0
@@ -48,6 +49,18 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     seed = _check_non_negative_int("seed", seed)
     epoch = _check_non_negative_int("epoch", epoch)
     return _derived_generator(seed, _PERMUTATION_STREAM, epoch).permutation(num_samples).astype(np.int64)
+
+
+def augmentation_generator(seed: int, epoch: int, batch_index: int, *shard: int) -> np.random.Generator:
+    """The generator a ``DataLoader`` hands to its transform for batch ``batch_index`` of ``epoch``.
+
+    It depends only on (seed, epoch, batch_index, *shard). Without ``shard`` it is exactly the
+    single-process loader's; a sharded loader that augments only its own part of a batch passes
+    its rank as ``shard``, which gives every rank a stream of its own.
+    """
+    key = [_check_non_negative_int(name, value) for name, value in
+           (("seed", seed), ("epoch", epoch), ("batch_index", batch_index), *(("shard", s) for s in shard))]
+    return _derived_generator(key[0], _AUGMENTATION_STREAM, *key[1:])
 
 
 class ArrayDataset:
@@ -186,7 +199,7 @@ class DataLoader:
             index = order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size]
             x, y = self._fetch(index)
             if self.transform is not None:
-                rng = _derived_generator(self.seed, _AUGMENTATION_STREAM, epoch, batch_index)
+                rng = augmentation_generator(self.seed, epoch, batch_index)
                 x = self.transform(x, rng)
             yield x, y
         self._epoch = epoch + 1

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from minibasis.data.loader import _AUGMENTATION_STREAM, DataLoader, _derived_generator, epoch_permutation
+from minibasis.data.loader import DataLoader, augmentation_generator, epoch_permutation
 from minibasis.distributed.comm import get_world
 
 __all__ = ["UNEVEN_POLICIES", "even_order", "shard_batches", "ShardedSampler", "ShardedDataLoader"]
@@ -240,13 +240,13 @@ class ShardedDataLoader(DataLoader):
             mine = slice(rank * share, (rank + 1) * share)
             if self.transform is not None and self.exact_augmentation:
                 x, y = self._fetch(global_index)
-                rng = _derived_generator(self.seed, _AUGMENTATION_STREAM, epoch, batch_index)
+                rng = augmentation_generator(self.seed, epoch, batch_index)
                 x = self.transform(x, rng)
                 yield x[mine], y[mine]
                 continue
             x, y = self._fetch(global_index[mine])
             if self.transform is not None:
-                rng = _derived_generator(self.seed, _AUGMENTATION_STREAM, epoch, batch_index, rank)
+                rng = augmentation_generator(self.seed, epoch, batch_index, rank)
                 x = self.transform(x, rng)
             yield x, y
         self._epoch = epoch + 1
