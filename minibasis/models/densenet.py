@@ -14,11 +14,9 @@ parameters, the paper's Table 1; it is large (≈ 9.3 G conv multiplications per
 """
 from __future__ import annotations
 
-import math
-
 from minibasis import functions as F
 from minibasis.autograd import Tensor
-from minibasis.models._init import normal_
+from minibasis.models._init import kaiming_normal_
 from minibasis.nn import BatchNorm2d, Conv2d, Linear, Module, Sequential
 
 __all__ = ["DenseBottleneck", "DenseTransition", "DenseNetBC", "densenet_bc", "densenet190"]
@@ -82,11 +80,10 @@ class DenseNetBC(Module):
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:
-        # bearpaw: convs N(0, 2/(k·k·out)); BN ones/zeros and linear PyTorch's defaults.
+        # bearpaw: convs N(0, 2/(k·k·out)), i.e. He fan_out; BN ones/zeros and linear PyTorch's defaults.
         for module in self.modules():
             if isinstance(module, Conv2d):
-                kh, kw = module.kernel_size
-                normal_(module.weight, math.sqrt(2.0 / (kh * kw * module.out_channels)))
+                kaiming_normal_(module.weight, "fan_out")
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:

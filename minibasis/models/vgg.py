@@ -9,11 +9,9 @@ Table 1.
 """
 from __future__ import annotations
 
-import math
-
 from minibasis import functions as F
 from minibasis.autograd import Tensor
-from minibasis.models._init import normal_, zeros_
+from minibasis.models._init import kaiming_normal_, normal_, zeros_
 from minibasis.nn import BatchNorm2d, Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
 
 __all__ = ["VGG", "VGG_CONFIGS", "make_vgg_features", "vgg", "vgg11", "vgg13", "vgg16", "vgg19"]
@@ -53,11 +51,10 @@ class VGG(Module):
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:
-        # bearpaw's scheme: conv N(0, 2/(k·k·out)) with zero bias, linear N(0, 0.01²) with zero bias.
+        # bearpaw's scheme: conv N(0, 2/(k·k·out)) (He fan_out) with zero bias, linear N(0, 0.01²) with zero bias.
         for module in self.modules():
             if isinstance(module, Conv2d):
-                kh, kw = module.kernel_size
-                normal_(module.weight, math.sqrt(2.0 / (kh * kw * module.out_channels)))
+                kaiming_normal_(module.weight, "fan_out")
                 if module.bias is not None:
                     zeros_(module.bias)
             elif isinstance(module, Linear):
