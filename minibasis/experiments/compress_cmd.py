@@ -39,12 +39,9 @@ def run(args) -> int:
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise UserError(f"--threshold must be in (0, 1], got {threshold}")
     options.check_positive("--num-basis", args.num_basis)
-    model = options.build_model(args)
-    checkpoint = options.resolve_checkpoint(args)
+    model, checkpoint = options.build_model_with_weights(args)
     name = options.describe_model(args)
-    if checkpoint is not None:
-        options.load_weights(model, checkpoint, name)
-    options.require_convs(model, f"the model {options.describe_model(args)}")
+    options.require_convs(model, f"the model {name}")
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     try:
         compressed, report = compress(model, energy_threshold=threshold, num_basis=args.num_basis,

@@ -51,10 +51,7 @@ def run(args) -> int:
     options.check_common(args)
     options.check_positive("--limit", args.limit)
     description = options.describe_model(args)
-    model = options.build_model(args)
-    checkpoint = options.resolve_checkpoint(args)
-    if checkpoint is not None:
-        options.load_weights(model, checkpoint, description)
+    model, checkpoint = options.build_model_with_weights(args)
     load_start = time.perf_counter()
     _, (images, labels) = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)
     load_seconds = time.perf_counter() - load_start

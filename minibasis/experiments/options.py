@@ -18,7 +18,7 @@ from minibasis import backend
 from minibasis.cli import UserError
 
 __all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "build_model",
-           "load_weights", "add_data_arguments", "load_dataset", "eval_transform", "train_transform",
+           "build_model_with_weights", "load_weights", "add_data_arguments", "load_dataset", "eval_transform", "train_transform",
            "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
 
 #: The paper's Figure 2 thresholds.
@@ -150,6 +150,16 @@ def resolve_checkpoint(args) -> Path | None:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     return path
+
+
+def build_model_with_weights(args) -> tuple:
+    """``(model, checkpoint)``: :func:`build_model` with ``--checkpoint`` loaded into it
+    (:func:`resolve_checkpoint`; ``checkpoint`` is None when the model keeps its random init)."""
+    model = build_model(args)
+    checkpoint = resolve_checkpoint(args)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, describe_model(args))
+    return model, checkpoint
 
 
 def read_state(path: Path) -> tuple[dict, dict]:

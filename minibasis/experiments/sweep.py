@@ -92,10 +92,7 @@ def run(args) -> int:
     options.check_common(args)
     options.check_positive("--limit", args.limit)
     thresholds = options.parse_thresholds(args.thresholds)
-    model = options.build_model(args)
-    checkpoint = options.resolve_checkpoint(args)
-    if checkpoint is not None:
-        options.load_weights(model, checkpoint, options.describe_model(args))
+    model, checkpoint = options.build_model_with_weights(args)
     options.require_convs(model, f"the model {options.describe_model(args)}")
     (_, _), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=0 if args.dataset == "synthetic" else None,
                                                     num_test=args.limit, seed=args.seed)
