@@ -77,15 +77,26 @@ def test_bad_options(capsys, tmp_path):
     _fails_with_one_line(capsys, ["train", "--resume", "--output", str(tmp_path / "never_ran")], "no config.json")
 
 
-def test_resume_with_other_settings_is_refused(capsys, tmp_path):
-    out = tmp_path / "run"
-    base = ["train", "--dataset", "synthetic", "--train-subset", "32", "--limit", "16", "--epochs", "1",
+def _tiny_training_run(capsys, out):
+    """Train for one epoch on 32 synthetic images into ``out``; the command line it used."""
+    argv = ["train", "--dataset", "synthetic", "--train-subset", "32", "--limit", "16", "--epochs", "1",
             "--batch-size", "16", "--output", str(out), "--quiet"]
-    assert main(base) == 0
+    assert main(argv) == 0
     capsys.readouterr()
-    changed = list(base)
+    return argv
+
+
+def test_resume_with_other_settings_is_refused(capsys, tmp_path):
+    changed = _tiny_training_run(capsys, tmp_path / "run")
     changed[changed.index("--train-subset") + 1] = "48"
     _fails_with_one_line(capsys, changed + ["--resume"], "other settings", "train-subset")
+
+
+def test_resume_from_a_truncated_checkpoint_is_refused(capsys, tmp_path):
+    argv = _tiny_training_run(capsys, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-train.npz"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])
+    _fails_with_one_line(capsys, argv + ["--resume"], f"checkpoint {checkpoint} is not readable")
 
 
 def test_training_that_diverges_stops_with_one_line(capsys, tmp_path):

@@ -166,10 +166,11 @@ def read_state(path: Path) -> tuple[dict, dict]:
     """(name → array, BasisConv layout) from a PyTorch checkpoint, a minibasis ``.npz`` state,
     model file (:func:`save_model_file`) or training checkpoint."""
     from minibasis import io
+    from minibasis.experiments.trainer import checkpoint_read_errors
 
     path = Path(path)
     layout: dict = {}
-    try:
+    with checkpoint_read_errors(path):
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"PK\x03\x04" and path.suffix == ".npz":
@@ -182,10 +183,6 @@ def read_state(path: Path) -> tuple[dict, dict]:
                 state = state["model"]  # a training checkpoint: the model part
         else:
             state = io.load_torch_checkpoint(path)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} is not readable: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or not state:
         raise UserError(f"checkpoint {path} holds no model weights")
     if not isinstance(layout, dict):

@@ -43,7 +43,8 @@ from minibasis.nn import Module
 
 __all__ = [
     "NonFiniteError", "AnomalyDetector", "Trainer", "RunFolder", "prepare_run_folder", "default_output",
-    "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint", "load_model_state",
+    "capture_rng_state", "restore_rng_state", "save_checkpoint", "load_checkpoint", "checkpoint_read_errors",
+    "load_model_state",
     "to_device_batch", "write_json", "write_csv", "forward_taps", "output_shapes",
 ]
 
@@ -270,17 +271,25 @@ def save_checkpoint(path: Path, *, model: Module, optimizer=None, scheduler=None
     io.save(state, path)
 
 
+@contextlib.contextmanager
+def checkpoint_read_errors(path: Path):
+    """Turn a missing (FileNotFoundError) or unreadable (OSError, ValueError) checkpoint at
+    ``path``, raised inside the block, into a one-line :class:`UserError` naming the file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is not readable: {str(exc).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: Path) -> dict:
     """The dict written by :func:`save_checkpoint`; :class:`UserError` for an unreadable or foreign file."""
     from minibasis import io
 
     path = Path(path)
-    try:
+    with checkpoint_read_errors(path):
         state = io.load(path)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} is not readable: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path} is not a minibasis training checkpoint (format {found!r}, "
