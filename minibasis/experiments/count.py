@@ -273,11 +273,9 @@ def run(args) -> int:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.json:
-        from minibasis.io import atomic_write
+        from minibasis.experiments.trainer import write_json
         try:
-            with atomic_write(args.json, "w") as handle:
-                json.dump(document, handle, indent=2)
-                handle.write("\n")
+            write_json(args.json, document)
         except OSError as exc:
             raise UserError(f"cannot write {args.json}: {exc}") from None
     return 0

@@ -18,7 +18,6 @@ them, not the published 91.73 % / 93.39 %; see docs/models.md.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
@@ -78,12 +77,10 @@ def run(args) -> int:
           f"{result.images_per_s:.0f} images/s, peak memory {summary['peak_rss_mib']} MiB")
     path = output_path(args.output)
     if path is not None:
-        from minibasis.io import atomic_write
+        from minibasis.experiments.trainer import write_json
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path, "w") as handle:
-                json.dump(summary, handle, indent=2)
-                handle.write("\n")
+            write_json(path, summary)
         except OSError as exc:
             raise UserError(f"cannot write {path}: {exc}") from None
         print(f"wrote {path}")
