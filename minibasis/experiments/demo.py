@@ -20,7 +20,6 @@ import time
 
 from minibasis import nn, optim
 from minibasis.experiments import options, sweep, trainer
-from minibasis.experiments.common import evaluate
 
 __all__ = ["DemoCNN", "add_arguments", "run"]
 
@@ -80,10 +79,7 @@ def run(args) -> int:
     model = DemoCNN()
     optimizer = optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = optim.StepLR(optimizer, step_size=max(args.epochs - 1, 1), gamma=0.1)
-
-    def test_accuracy(m) -> dict:
-        result = evaluate(m, x_test, y_test, batch_size=256, transform=transform, progress=False)
-        return {"test_acc": result.accuracy, "test_loss": result.loss}
+    test_accuracy = options.test_metrics_for(x_test, y_test, "none")
 
     log(f"training DemoCNN ({model.num_parameters():,} parameters) for {args.epochs} epochs "
         f"on {backend.current()}")

@@ -18,7 +18,8 @@ from minibasis import backend
 from minibasis.cli import UserError
 
 __all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "build_model",
-           "build_model_with_weights", "load_weights", "add_data_arguments", "load_dataset", "eval_transform", "train_transform",
+           "build_model_with_weights", "load_weights", "add_data_arguments", "load_dataset", "load_training_data",
+           "eval_transform", "train_transform", "test_metrics_for",
            "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
 
 #: The paper's Figure 2 thresholds.
@@ -255,6 +256,17 @@ def load_dataset(name: str, root, *, num_train: int | None = None, num_test: int
     return (x_train, y_train), (x_test, y_test)
 
 
+def load_training_data(args):
+    """:func:`load_dataset` for a training verb: ``--dataset`` from ``--data``, a random
+    ``--train-subset`` of the training images (:func:`take_subset`) and the first ``--limit``
+    test images. Returns ``((x_train, y_train), (x_test, y_test))``."""
+    # A synthetic training set is generated at the subset's size rather than cut from a larger one.
+    synthetic_train = args.train_subset if args.dataset == "synthetic" else None
+    (x_train, y_train), test = load_dataset(args.dataset, args.data, num_train=synthetic_train,
+                                            num_test=args.limit, seed=args.seed)
+    return take_subset(x_train, y_train, args.train_subset, args.seed), test
+
+
 def _statistics(normalize: str):
     from minibasis import data
     table = {"imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD), "cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
@@ -278,6 +290,20 @@ def train_transform(normalize: str = "cifar10", augment: bool = True, image_size
     stats = _statistics(normalize)
     steps += [data.ToFloat()] + ([data.Normalize(*stats)] if stats else [])
     return data.Compose(steps)
+
+
+def test_metrics_for(x_test: np.ndarray, y_test: np.ndarray, normalize: str):
+    """``metrics(model) -> {"test_acc": float, "test_loss": float}`` on the uint8 images
+    ``x_test`` (N, C, H, W) with labels ``y_test`` (N,), through :func:`eval_transform`, in
+    batches of 256 without a progress line: the ``eval_fn`` the training verbs give the Trainer."""
+    from minibasis.experiments.common import evaluate
+    transform = eval_transform(normalize)
+
+    def metrics(model) -> dict:
+        result = evaluate(model, x_test, y_test, batch_size=256, transform=transform, progress=False)
+        return {"test_acc": result.accuracy, "test_loss": result.loss}
+
+    return metrics
 
 
 def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed: int):

@@ -93,7 +93,6 @@ def conv_learnable_parameters(model) -> int:
 def run(args) -> int:
     from minibasis import backend, data, manual_seed, optim
     from minibasis.experiments import plots
-    from minibasis.experiments.common import evaluate
 
     options.check_common(args)
     options.check_positive("--epochs", args.epochs, allow_zero=True)
@@ -111,11 +110,7 @@ def run(args) -> int:
         layers = use_random_bases(model, args.num_basis, args.basis_fraction, seed)
         name += " (random bases)"
     trainer.check_resume(args, "train")
-    # A synthetic training set is generated at the subset's size rather than cut from a larger one.
-    synthetic_train = args.train_subset if args.dataset == "synthetic" else None
-    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=synthetic_train,
-                                                                num_test=args.limit, seed=args.seed)
-    x_train, y_train = options.take_subset(x_train, y_train, args.train_subset, args.seed)
+    (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
     folder = trainer.prepare_run_folder(args, "train")
     log = folder.log
     started = time.perf_counter()
@@ -126,12 +121,7 @@ def run(args) -> int:
     log(f"learnable parameters: {total_params:,} in all, {conv_params:,} in the convolution layers"
         + ("" if layers is None else f"; Q per layer {[layer['Q'] for layer in layers]}"))
 
-    test_transform = options.eval_transform(args.normalize)
-
-    def test_metrics(m) -> dict:
-        result = evaluate(m, x_test, y_test, batch_size=256, transform=test_transform, progress=False)
-        return {"test_acc": result.accuracy, "test_loss": result.loss}
-
+    test_metrics = options.test_metrics_for(x_test, y_test, args.normalize)
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=options.train_transform(args.normalize, augment=not args.no_augment))
     params = [p for p in model.parameters() if p.requires_grad]
