@@ -24,6 +24,7 @@ from minibasis import backend
 from minibasis.autograd import Function, Tensor
 from minibasis.distributed.comm import Communicator, get_world
 from minibasis.functions import batch_norm
+from minibasis.functions.normalization import check_batch_norm_inputs, update_running_stats
 from minibasis.nn.layers import BatchNorm1d, BatchNorm2d, _BatchNorm
 from minibasis.nn.module import Module
 
@@ -59,11 +60,7 @@ class SyncBatchNormFunction(Function):
         self.comm.allreduce_(squares, "sum")
         var = squares / count
         if self.running_mean is not None:
-            m = self.momentum
-            unbiased = m * count / (count - 1)
-            for running, stat, rate in ((self.running_mean, mean, m), (self.running_var, var, unbiased)):
-                backend.mul(running, 1 - m, out=running)
-                running += backend.mul(stat.astype(running.dtype), rate)
+            update_running_stats(self.running_mean, self.running_var, mean, var, count, self.momentum)
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
         x_hat = backend.mul(centered, inv_std.reshape(shape))
         self.x_hat, self.inv_std, self.gamma, self.axes, self.shape, self.count = x_hat, inv_std, gamma, axes, shape, count
@@ -101,13 +98,7 @@ def sync_batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: 
     comm = comm or get_world()
     if not training or comm.size == 1:
         return batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    shape = tuple(x.shape)
-    if len(shape) not in (2, 4):
-        raise ValueError(f"sync_batch_norm expects (N, C) or (N, C, H, W), got shape {shape}")
-    channels = shape[1]
-    for label, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (channels,):
-            raise ValueError(f"sync_batch_norm: {label} must have shape ({channels},), got {tuple(t.shape)}")
+    check_batch_norm_inputs(x, weight, bias, running_mean, running_var, "sync_batch_norm")
     return SyncBatchNormFunction(running_mean, running_var, momentum, eps, comm)(x, weight, bias)
 
 

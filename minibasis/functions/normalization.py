@@ -37,11 +37,7 @@ class BatchNorm(Function):
             centered = x - mean.reshape(shape)
             var = _channel_dot(centered, centered) / count  # Σ(x − μ)², no squared copy
             if self.running_mean is not None:
-                m = self.momentum
-                unbiased = m * count / max(count - 1, 1)
-                for running, stat, rate in ((self.running_mean, mean, m), (self.running_var, var, unbiased)):
-                    backend.mul(running, 1 - m, out=running)
-                    running += backend.mul(stat.astype(running.dtype), rate)
+                update_running_stats(self.running_mean, self.running_var, mean, var, count, self.momentum)
         else:
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
             centered = x - mean.reshape(shape)
@@ -92,6 +88,29 @@ def check_batch_norm_settings(momentum, eps, who: str = "batch_norm") -> None:
         raise ValueError(f"{who}: eps must be > 0, got {eps!r}")
 
 
+def check_batch_norm_inputs(x, weight, bias, running_mean, running_var, who: str = "batch_norm") -> None:
+    """Raise ValueError unless x is (N, C) or (N, C, H, W) and each of the others is None or (C,)."""
+    shape = tuple(x.shape)
+    if len(shape) not in (2, 4):
+        raise ValueError(f"{who} expects (N, C) or (N, C, H, W), got shape {shape}")
+    channels = shape[1]
+    for label, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"{who}: {label} must have shape ({channels},), got {tuple(t.shape)}")
+
+
+def update_running_stats(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """In place, with counted products: running ← (1 − momentum)·running + momentum·statistic.
+
+    ``mean`` and ``var`` (C,) are the batch's statistics over ``count`` values per channel;
+    the variance enters unbiased, var·count/(count − 1), as PyTorch keeps it.
+    """
+    unbiased = momentum * count / max(count - 1, 1)
+    for running, stat, rate in ((running_mean, mean, momentum), (running_var, var, unbiased)):
+        backend.mul(running, 1 - momentum, out=running)
+        running += backend.mul(stat.astype(running.dtype), rate)
+
+
 def _channel_dot(a, b):
     """Σ a·b over every axis but the channel axis 1 of (N, C) or (N, C, H, W) arrays → (C,).
 
@@ -105,13 +124,8 @@ def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: Tenso
                training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Normalize x (N, C) or (N, C, H, W) per channel; running stats are raw arrays updated in place."""
     check_batch_norm_settings(momentum, eps)
+    check_batch_norm_inputs(x, weight, bias, running_mean, running_var)
     shape = tuple(x.shape)
-    if len(shape) not in (2, 4):
-        raise ValueError(f"batch_norm expects (N, C) or (N, C, H, W), got shape {shape}")
-    channels = shape[1]
-    for label, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (channels,):
-            raise ValueError(f"batch_norm: {label} must have shape ({channels},), got {tuple(t.shape)}")
     if training and shape[0] * (1 if len(shape) == 2 else shape[2] * shape[3]) < 2:
         raise ValueError(f"batch_norm in training needs more than one value per channel, got input {shape}")
     if not training and (running_mean is None or running_var is None):
