@@ -180,12 +180,17 @@ class Dropout(Function):
         return backend.mul(gy, self.mask)
 
 
-def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
-    """Zero each element with probability ``p`` in training; identity in evaluation."""
+def check_dropout_probability(p) -> None:
+    """Raise TypeError unless ``p`` is a real number, ValueError unless it is in [0, 1)."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"dropout probability must be a number in [0, 1), got {p!r}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero each element with probability ``p`` in training; identity in evaluation."""
+    check_dropout_probability(p)
     if not training or p == 0.0:
         return as_tensor(x)
     return Dropout(p)(x)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from minibasis import backend
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.functions.basic import check_dropout_probability
 from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
@@ -175,10 +176,7 @@ class AdaptiveAvgPool2d(Module):
 class Dropout(Module):
     def __init__(self, p: float = 0.5):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise TypeError(f"dropout probability must be a number in [0, 1), got {p!r}")
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        check_dropout_probability(p)
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
