@@ -13,6 +13,8 @@ measured after every epoch. ``--baseline`` fine-tunes the *uncompressed* origina
 same budget instead (step 1 then trains its convolution weights, the counterpart of the
 coefficients; step 2 its non-convolutional parameters), which is the fair reference when
 the data differ from the original training data (the shared CIFAR-10 is JPEG-re-encoded).
+``--recalibrate-bn N`` re-estimates every BatchNorm's running statistics from N training images
+right after compression, before step 1 (see :func:`recalibrate_batch_norm`).
 
 The run folder gets ``config.json``, ``log.txt``, ``metrics-step1/2.{json,csv}``,
 ``checkpoint-step1/2.npz`` (every epoch; ``--resume`` continues), ``results.json``,
@@ -26,7 +28,7 @@ from minibasis.cli import UserError
 from minibasis.experiments import options, sweep, trainer
 
 __all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
-           "non_conv_parameters", "freeze_all_but"]
+           "non_conv_parameters", "freeze_all_but", "recalibrate_batch_norm"]
 
 
 def add_arguments(parser) -> None:
@@ -55,6 +57,10 @@ def add_arguments(parser) -> None:
                        help="train on a random subset of N training images (default: all)")
     group.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    group.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                       help="before fine-tuning, re-estimate every BatchNorm's running mean and variance "
+                            "from the first N training images (forward passes only, no gradient step; "
+                            "default: 0, off)")
     group.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     group.add_argument("--detect-anomaly", action="store_true",
                        help="check every module's output and gradient for NaN/inf (slower); name the first culprit")
@@ -88,6 +94,43 @@ def freeze_all_but(model, params: list) -> list:
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def recalibrate_batch_norm(model, images, *, batch_size: int = 256, transform=None) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``images`` (N, C, H, W); returns the count.
+
+    Forward passes in train mode under ``no_grad``, no parameter changes. Each BatchNorm's
+    running mean and variance become the plain average, over the batches, of the batch mean
+    and unbiased batch variance (PyTorch's ``momentum=None``): batch k (from 0) enters with
+    momentum 1/(k+1), so the first batch overwrites the old statistics and no trace of them
+    stays. Why: compressing the convs shifts every activation, so the stored statistics no
+    longer fit and the network scores far below what its weights allow. The model's
+    train/eval mode and each layer's momentum are restored afterwards.
+    """
+    from minibasis import backend
+    from minibasis.autograd import Tensor, no_grad
+    from minibasis.nn import BatchNorm1d, BatchNorm2d
+
+    if batch_size < 1:
+        raise ValueError(f"recalibrate_batch_norm: batch_size must be ≥ 1, got {batch_size}")
+    norms = [m for m in model.modules() if isinstance(m, (BatchNorm1d, BatchNorm2d)) and m.track_running_stats]
+    if not norms or len(images) == 0:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.train()
+    try:
+        with no_grad():
+            for k, start in enumerate(range(0, len(images), batch_size)):
+                for m in norms:
+                    m.momentum = 1.0 / (k + 1)
+                batch = images[start:start + batch_size]
+                batch = transform(batch) if transform is not None else batch
+                model(Tensor(backend.asarray(batch)))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(images)
 
 
 def fine_tune(model, loader, *, step1_params: list, epochs1: int = 15, lr1: float = 0.1, lr1_step: int = 5,
@@ -152,6 +195,7 @@ def run(args) -> int:
         options.check_positive(f"--{option.replace('_', '-')}", getattr(args, option), allow_zero=option != "lr1_step")
     options.check_positive("--train-subset", args.train_subset)
     options.check_positive("--limit", args.limit)
+    options.check_positive("--recalibrate-bn", args.recalibrate_bn, allow_zero=True)
     model = options.build_model(args)
     checkpoint = options.resolve_checkpoint(args)
     if checkpoint is not None:
@@ -198,6 +242,13 @@ def run(args) -> int:
         step1_params = coefficient_parameters(tuned)
     before_acc = test_metrics(tuned)["test_acc"]
     log(f"before fine-tuning: test accuracy {100 * before_acc:.2f}%")
+    recalibrated_acc = None
+    if args.recalibrate_bn:
+        count = recalibrate_batch_norm(tuned, x_train[:args.recalibrate_bn], batch_size=256,
+                                       transform=test_transform)
+        recalibrated_acc = test_metrics(tuned)["test_acc"]
+        log(f"BatchNorm statistics re-estimated from {count} training images (no augmentation, no gradient "
+            f"step): test accuracy {100 * recalibrated_acc:.2f}%")
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=options.train_transform(args.normalize, augment=not args.no_augment))
@@ -221,7 +272,9 @@ def run(args) -> int:
                "epochs1": args.epochs1, "lr1": args.lr1, "lr1_step": args.lr1_step, "epochs2": args.epochs2,
                "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
                "batch_size": args.batch_size, "seed": args.seed, "device": backend.current(),
-               "test_acc_original": original_acc, "test_acc_before": before_acc, "test_acc_after": after_acc,
+               "test_acc_original": original_acc, "test_acc_before": before_acc,
+               "recalibrate_bn": args.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
+               "test_acc_after": after_acc,
                "learnable_params": tuned.num_parameters(),  # every Parameter; the bases are buffers
                "compression": compression, "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
