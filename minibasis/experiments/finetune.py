@@ -187,7 +187,6 @@ def choose_threshold(model, args, shapes, log) -> float:
 
 def run(args) -> int:
     from minibasis import backend, compress, data, manual_seed
-    from minibasis.experiments.common import evaluate
     from minibasis.experiments import plots
 
     options.check_common(args)
@@ -196,18 +195,11 @@ def run(args) -> int:
     options.check_positive("--train-subset", args.train_subset)
     options.check_positive("--limit", args.limit)
     options.check_positive("--recalibrate-bn", args.recalibrate_bn, allow_zero=True)
-    model = options.build_model(args)
-    checkpoint = options.resolve_checkpoint(args)
-    if checkpoint is not None:
-        options.load_weights(model, checkpoint, options.describe_model(args))
+    model, checkpoint = options.build_model_with_weights(args)
     if not args.baseline:
         options.require_convs(model, f"the model {options.describe_model(args)}")
     trainer.check_resume(args, "finetune")
-    # A synthetic training set is generated at the subset's size rather than cut from a larger one.
-    synthetic_train = args.train_subset if args.dataset == "synthetic" else None
-    (x_train, y_train), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=synthetic_train,
-                                                                num_test=args.limit, seed=args.seed)
-    x_train, y_train = options.take_subset(x_train, y_train, args.train_subset, args.seed)
+    (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
     folder = trainer.prepare_run_folder(args, "finetune")
     log = folder.log
     started = time.perf_counter()
@@ -216,10 +208,7 @@ def run(args) -> int:
         f"{len(y_test)} test images ({args.dataset}); on {backend.current()}; output folder {folder.path}")
     manual_seed(args.seed)
     test_transform = options.eval_transform(args.normalize)
-
-    def test_metrics(m) -> dict:
-        result = evaluate(m, x_test, y_test, batch_size=256, transform=test_transform, progress=False)
-        return {"test_acc": result.accuracy, "test_loss": result.loss}
+    test_metrics = options.test_metrics_for(x_test, y_test, args.normalize)
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
