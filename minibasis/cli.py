@@ -27,6 +27,12 @@ class UserError(Exception):
     """An error the user can fix; the CLI prints its message on one line and exits with code 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def build_parser(available: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minibasis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

@@ -156,3 +156,11 @@ def test_every_verb_takes_the_common_options():
     assert parser.parse_args(["train"]).epochs == 40
     sweep = parser.parse_args(["sweep"])
     assert (sweep.model, sweep.depth, sweep.thresholds) == ("resnet_cifar", 56, "1,0.99,0.95,0.9,0.85,0.8,0.75,0.7")
+
+
+def test_first_line_of_an_exception_with_an_empty_message_is_its_type():
+    from minibasis.cli import first_line
+
+    assert first_line(ValueError("bad shape (3,)\nmore detail")) == "bad shape (3,)"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(RuntimeError("   ")) == "RuntimeError"

@@ -8,7 +8,7 @@ carries its BasisConv layout). ``--evaluate`` adds the test accuracy before and 
 """
 from __future__ import annotations
 
-from minibasis.cli import UserError
+from minibasis.cli import UserError, first_line
 from minibasis.experiments import options, sweep, trainer
 
 __all__ = ["add_arguments", "run"]
@@ -47,7 +47,7 @@ def run(args) -> int:
         compressed, report = compress(model, energy_threshold=threshold, num_basis=args.num_basis,
                                       skip_unprofitable=not args.replace_all, layers=layers)
     except ValueError as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+        raise UserError(first_line(exc)) from None
     folder = trainer.prepare_run_folder(args, "compress")
     log = folder.log
     log(f"minibasis compress: {name} from {checkpoint or 'random initialization'} on {backend.current()}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from minibasis import backend
-from minibasis.cli import UserError
+from minibasis.cli import UserError, first_line
 
 __all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "build_model",
            "build_model_with_weights", "load_weights", "add_data_arguments", "load_dataset", "load_training_data",
@@ -48,9 +48,7 @@ def select_device(name: str) -> None:
     try:
         backend.use(name)
     except (RuntimeError, ValueError, ImportError) as exc:
-        text = str(exc).strip()
-        first_line = text.splitlines()[0] if text else type(exc).__name__
-        raise UserError(f"--device {name} is not usable here: {first_line}") from None
+        raise UserError(f"--device {name} is not usable here: {first_line(exc)}") from None
 
 
 def check_positive(option: str, value, allow_zero: bool = False):
@@ -128,7 +126,7 @@ def build_model(args):
     try:
         return get_model(args.model, **kwargs)
     except (ValueError, TypeError) as exc:
-        raise UserError(f"cannot build model {args.model!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot build model {args.model!r}: {first_line(exc)}") from None
 
 
 def describe_model(args) -> str:
@@ -246,9 +244,9 @@ def load_dataset(name: str, root, *, num_train: int | None = None, num_test: int
     try:
         (x_train, y_train), (x_test, y_test) = getattr(data, DATASETS[name][0])(root)
     except FileNotFoundError as exc:
-        raise UserError(f"{name} files not found under {root}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{name} files not found under {root}: {first_line(exc)}") from None
     except ValueError as exc:
-        raise UserError(f"{name} files under {root} are not usable: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{name} files under {root} are not usable: {first_line(exc)}") from None
     if num_train is not None:
         x_train, y_train = x_train[:num_train], y_train[:num_train]
     if num_test is not None:

@@ -38,7 +38,7 @@ from minibasis import backend
 from minibasis import distributed as dist
 from minibasis import functions as F
 from minibasis.autograd import Function, Tensor, no_grad, tensor
-from minibasis.cli import UserError
+from minibasis.cli import UserError, first_line
 from minibasis.nn import Module
 
 __all__ = [
@@ -280,7 +280,7 @@ def checkpoint_read_errors(path: Path):
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} is not readable: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {path} is not readable: {first_line(exc)}") from None
 
 
 def load_checkpoint(path: Path) -> dict:
