@@ -24,6 +24,7 @@ import numpy as np
 import scipy.linalg
 
 from minibasis import backend
+from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
 
 __all__ = [
     "EigenBasis", "eigen_basis", "filter_matrix", "basis_as_filters",
@@ -44,12 +45,6 @@ ORTHONORMAL_TOLERANCE = 1e-6
 # ---------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _to_host(array) -> np.ndarray:
     """A host copy/view of a NumPy or CuPy array, or of the array held in ``.data`` by a Tensor/Parameter."""
     if isinstance(array, np.ndarray):
@@ -128,8 +123,8 @@ def basis_as_filters(V, in_channels, kh, kw) -> np.ndarray:
     V = _to_host(V)
     if V.ndim != 2:
         raise ValueError(f"V must be 2-D (D, Q), got shape {V.shape}")
-    c, kh, kw = (_positive_int("in_channels", in_channels), _positive_int("kh", kh),
-                 _positive_int("kw", kw))
+    c, kh, kw = (positive_int("in_channels", in_channels), positive_int("kh", kh),
+                 positive_int("kw", kw))
     if V.shape[0] != c * kh * kw:
         raise ValueError(f"V has {V.shape[0]} rows but in_channels*kh*kw = {c}*{kh}*{kw} = {c * kh * kw}")
     return np.ascontiguousarray(V.T.reshape(V.shape[1], c, kh, kw))
@@ -225,9 +220,7 @@ def eigen_basis(weight, energy_threshold=None, num_basis=None) -> EigenBasis:
     F = host.reshape(m, d).T  # (D, M), columns = filters in im2col order
 
     if energy_threshold is not None:
-        if (isinstance(energy_threshold, bool) or not isinstance(energy_threshold, numbers.Real)
-                or not 0.0 < float(energy_threshold) <= 1.0):
-            raise ValueError(f"energy_threshold must be in (0, 1], got {energy_threshold!r}")
+        check_energy_threshold(energy_threshold)
     else:
         if isinstance(num_basis, bool) or not isinstance(num_basis, numbers.Integral) \
                 or not 1 <= num_basis <= min(d, m):
@@ -283,8 +276,8 @@ def random_orthonormal_basis(dim, num_basis, seed=None) -> np.ndarray:
     ``numpy.random.default_rng`` accepts (an int, None, or a Generator, which is advanced);
     the same int seed gives the same basis.
     """
-    dim = _positive_int("dim", dim)
-    num_basis = _positive_int("num_basis", num_basis)
+    dim = positive_int("dim", dim)
+    num_basis = positive_int("num_basis", num_basis)
     if num_basis > dim:
         raise ValueError(f"num_basis ({num_basis}) must not exceed dim ({dim}): "
                          "there are at most dim orthonormal vectors")
@@ -376,9 +369,9 @@ def best_random_basis(dim, num_basis, R=None, candidates=8, seed=None) -> np.nda
     (no knowledge of the filters) R is taken as the identity: then Eᵀ R E = I for
     every candidate, all tie, and the first candidate is returned.
     """
-    dim = _positive_int("dim", dim)
-    num_basis = _positive_int("num_basis", num_basis)
-    candidates = _positive_int("candidates", candidates)
+    dim = positive_int("dim", dim)
+    num_basis = positive_int("num_basis", num_basis)
+    candidates = positive_int("candidates", candidates)
     if num_basis > dim:
         raise ValueError(f"num_basis ({num_basis}) must not exceed dim ({dim})")
     if R is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from minibasis import backend, formulas
+from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
 from minibasis.autograd import no_grad, tensor
 from minibasis.counting import count_mults
 from minibasis.nn import BasisConv2d, Conv2d, Module
@@ -234,13 +235,10 @@ def _check_settings(energy_threshold, num_basis) -> None:
     if (energy_threshold is None) == (num_basis is None):
         raise ValueError("give exactly one of energy_threshold and num_basis, got "
                          f"energy_threshold={energy_threshold!r}, num_basis={num_basis!r}")
-    if energy_threshold is not None and (
-            isinstance(energy_threshold, bool) or not isinstance(energy_threshold, numbers.Real)
-            or not 0.0 < float(energy_threshold) <= 1.0):
-        raise ValueError(f"energy_threshold must be in (0, 1], got {energy_threshold!r}")
-    if num_basis is not None and (isinstance(num_basis, bool) or not isinstance(num_basis, numbers.Integral)
-                                  or num_basis < 1):
-        raise ValueError(f"num_basis must be a positive integer, got {num_basis!r}")
+    if energy_threshold is not None:
+        check_energy_threshold(energy_threshold)
+    if num_basis is not None:
+        positive_int("num_basis", num_basis)
 
 
 def _select_convs(model: Module, layers) -> list[tuple[str, Conv2d]]:

@@ -19,8 +19,9 @@ and are checked against these.
 """
 from __future__ import annotations
 
-import numbers
 from fractions import Fraction
+
+from minibasis.checks import non_negative_int, positive_int
 
 __all__ = [
     "kernel_hw", "filter_dim", "conv_output_size", "conv_mults", "basisconv_mults",
@@ -28,37 +29,21 @@ __all__ = [
 ]
 
 
-def _positive_int(name: str, value) -> int:
-    """``value`` as a Python int, or a ValueError naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a positive integer, got {value!r} "
-                         f"({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _non_negative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def kernel_hw(kernel_size) -> tuple[int, int]:
     """``kernel_size`` (an int k or a pair (kh, kw)) as the pair (kh, kw)."""
     if isinstance(kernel_size, (tuple, list)):
         if len(kernel_size) != 2:
             raise ValueError(f"kernel_size must be an int or a pair (kh, kw), got {kernel_size!r}")
-        return (_positive_int("kernel_size[0]", kernel_size[0]),
-                _positive_int("kernel_size[1]", kernel_size[1]))
-    k = _positive_int("kernel_size", kernel_size)
+        return (positive_int("kernel_size[0]", kernel_size[0]),
+                positive_int("kernel_size[1]", kernel_size[1]))
+    k = positive_int("kernel_size", kernel_size)
     return k, k
 
 
 def filter_dim(in_channels, kernel_size) -> int:
     """D = C·kh·kw, the length of one vectorized filter."""
     kh, kw = kernel_hw(kernel_size)
-    return _positive_int("in_channels", in_channels) * kh * kw
+    return positive_int("in_channels", in_channels) * kh * kw
 
 
 def conv_output_size(size, kernel_size, stride=1, padding=0) -> int:
@@ -67,10 +52,10 @@ def conv_output_size(size, kernel_size, stride=1, padding=0) -> int:
     ``kernel_size``, ``stride`` and ``padding`` are ints for that axis. A ValueError
     is raised when the padded input is shorter than the kernel.
     """
-    size = _positive_int("size", size)
-    kernel_size = _positive_int("kernel_size", kernel_size)
-    stride = _positive_int("stride", stride)
-    padding = _non_negative_int("padding", padding)
+    size = positive_int("size", size)
+    kernel_size = positive_int("kernel_size", kernel_size)
+    stride = positive_int("stride", stride)
+    padding = non_negative_int("padding", padding)
     padded = size + 2 * padding
     if padded < kernel_size:
         raise ValueError(f"kernel_size {kernel_size} exceeds the padded input size {padded} "
@@ -80,24 +65,24 @@ def conv_output_size(size, kernel_size, stride=1, padding=0) -> int:
 
 def conv_mults(out_channels, in_channels, kernel_size, out_h, out_w) -> int:
     """Multiplications of one convolution per image: M·D·Ho·Wo."""
-    m = _positive_int("out_channels", out_channels)
+    m = positive_int("out_channels", out_channels)
     d = filter_dim(in_channels, kernel_size)
-    return m * d * _positive_int("out_h", out_h) * _positive_int("out_w", out_w)
+    return m * d * positive_int("out_h", out_h) * positive_int("out_w", out_w)
 
 
 def basisconv_mults(out_channels, num_basis, in_channels, kernel_size, out_h, out_w) -> int:
     """Multiplications of one BasisConv per image: Q·D·Ho·Wo (basis) + M·Q·Ho·Wo (1×1)."""
-    m = _positive_int("out_channels", out_channels)
-    q = _positive_int("num_basis", num_basis)
+    m = positive_int("out_channels", out_channels)
+    q = positive_int("num_basis", num_basis)
     d = filter_dim(in_channels, kernel_size)
-    positions = _positive_int("out_h", out_h) * _positive_int("out_w", out_w)
+    positions = positive_int("out_h", out_h) * positive_int("out_w", out_w)
     return q * d * positions + m * q * positions
 
 
 def mult_ratio(out_channels, num_basis, in_channels, kernel_size) -> Fraction:
     """BasisConv / convolution multiplications = Q/M + Q/D, exact (``float()`` it for a decimal)."""
-    m = _positive_int("out_channels", out_channels)
-    q = _positive_int("num_basis", num_basis)
+    m = positive_int("out_channels", out_channels)
+    q = positive_int("num_basis", num_basis)
     d = filter_dim(in_channels, kernel_size)
     return Fraction(q, m) + Fraction(q, d)
 
@@ -107,9 +92,9 @@ def is_profitable(out_channels, num_basis, filter_dim) -> bool:
 
     Arguments are M, Q and D (= C·kh·kw, see :func:`filter_dim`). The comparison is exact.
     """
-    m = _positive_int("out_channels", out_channels)
-    q = _positive_int("num_basis", num_basis)
-    d = _positive_int("filter_dim", filter_dim)
+    m = positive_int("out_channels", out_channels)
+    q = positive_int("num_basis", num_basis)
+    d = positive_int("filter_dim", filter_dim)
     return Fraction(q, m) + Fraction(q, d) < 1
 
 
@@ -122,17 +107,17 @@ def learnable_params(out_channels, in_channels, kernel_size, num_basis=None,
     stage, as in the paper's Table 3 network). A BatchNorm on the intermediate
     tensor is a separate layer and is not counted here.
     """
-    m = _positive_int("out_channels", out_channels)
+    m = positive_int("out_channels", out_channels)
     d = filter_dim(in_channels, kernel_size)
     bias_params = m if bias else 0
     if num_basis is None:
         if basis_bias:
             raise ValueError("basis_bias=True needs num_basis (a plain convolution has no basis stage)")
         return m * d + bias_params
-    q = _positive_int("num_basis", num_basis)
+    q = positive_int("num_basis", num_basis)
     return m * q + bias_params + (q if basis_bias else 0)
 
 
 def learnable_reduction(in_channels, kernel_size, num_basis) -> Fraction:
     """Reduction factor of learnable weights, M·D / M·Q = D/Q, exact (biases not included)."""
-    return Fraction(filter_dim(in_channels, kernel_size), _positive_int("num_basis", num_basis))
+    return Fraction(filter_dim(in_channels, kernel_size), positive_int("num_basis", num_basis))

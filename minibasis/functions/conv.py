@@ -50,6 +50,7 @@ Without a graph (``no_grad``) nothing is kept for backward.
 from __future__ import annotations
 
 from minibasis import backend
+from minibasis.checks import non_negative_pair, positive_pair
 from minibasis.autograd import Function, Tensor
 
 __all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "set_im2col_budget",
@@ -70,14 +71,6 @@ def set_im2col_budget(num_bytes: int) -> int:
         raise ValueError(f"im2col budget must be a positive number of bytes, got {num_bytes}")
     previous, IM2COL_BUDGET_BYTES = IM2COL_BUDGET_BYTES, int(num_bytes)
     return previous
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    # A float or None must reach the message below, not fail in tuple() with "not iterable".
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
 
 
 def conv_output_shape(h: int, w: int, kernel: tuple, stride: tuple, padding: tuple) -> tuple[int, int]:
@@ -346,7 +339,7 @@ class Conv2dFunction(Function):
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
     """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (M, C, kh, kw) → (N, M, Ho, Wo)."""
-    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    stride, padding = positive_pair("stride", stride), non_negative_pair("padding", padding)
     x_shape, w_shape = tuple(getattr(x, "shape", ())), tuple(getattr(weight, "shape", ()))
     if len(x_shape) != 4:
         raise ValueError(f"conv2d expects input of shape (N, C, H, W), got shape {x_shape}")

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from minibasis import backend
 from minibasis.autograd import Function, Tensor
-from minibasis.functions.conv import _pair, conv_output_shape
+from minibasis.checks import non_negative_pair, positive_pair
+from minibasis.functions.conv import conv_output_shape
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d"]
 
 
 def _window_args(name, x, kernel_size, stride, padding):
-    kernel = _pair(kernel_size, "kernel_size")
-    stride = kernel if stride is None else _pair(stride, "stride")
-    padding = _pair(padding, "padding")
+    kernel = positive_pair("kernel_size", kernel_size)
+    stride = kernel if stride is None else positive_pair("stride", stride)
+    padding = non_negative_pair("padding", padding)
     shape = tuple(x.shape)
     if len(shape) != 4:
         raise ValueError(f"{name} expects input of shape (N, C, H, W), got shape {shape}")
@@ -147,6 +148,6 @@ def global_avg_pool2d(x: Tensor) -> Tensor:
 
 def adaptive_avg_pool2d(x: Tensor, output_size=1) -> Tensor:
     """PyTorch's adaptive average pooling; only the global case (output 1×1) is supported."""
-    if _pair(output_size, "output_size") != (1, 1):
+    if positive_pair("output_size", output_size) != (1, 1):
         raise ValueError(f"adaptive_avg_pool2d supports output_size=1 (global pooling) only, got {output_size}")
     return global_avg_pool2d(x)

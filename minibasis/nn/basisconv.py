@@ -22,21 +22,15 @@ never returned by ``parameters()`` and therefore never updated by an optimizer.
 from __future__ import annotations
 
 import math
-import numbers
 
 from minibasis import backend
 from minibasis import functions as F
 from minibasis.autograd import Tensor
-from minibasis.nn.layers import BatchNorm2d, Conv2d, kernel_pair, padding_pair
+from minibasis.checks import non_negative_pair, positive_int, positive_pair
+from minibasis.nn.layers import BatchNorm2d, Conv2d
 from minibasis.nn.module import Module, Parameter
 
 __all__ = ["BasisConv2d"]
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _float_dtype(dtype):
@@ -97,12 +91,12 @@ class BasisConv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, num_basis, stride=1, padding=0, bias=True,
                  basis=None, bn=False, basis_bias=False, dtype=None, *, coeffs=None):
         super().__init__()
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.out_channels = _positive_int("out_channels", out_channels)
-        self.kernel_size = kernel_pair(kernel_size)
-        self.stride = kernel_pair(stride, "stride")
-        self.padding = padding_pair(padding)
-        q = _positive_int("num_basis", num_basis)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
+        self.kernel_size = positive_pair("kernel_size", kernel_size)
+        self.stride = positive_pair("stride", stride)
+        self.padding = non_negative_pair("padding", padding)
+        q = positive_int("num_basis", num_basis)
         self.num_basis = q
         self.energy = None
         kh, kw = self.kernel_size
@@ -199,8 +193,8 @@ class BasisConv2d(Module):
         scratch with a BatchNorm on the intermediate tensor. Coefficients are initialized
         as described in the class docstring. Needs Q ≤ D.
         """
-        kernel = kernel_pair(kernel_size)
-        c, q = _positive_int("in_channels", in_channels), _positive_int("num_basis", num_basis)
+        kernel = positive_pair("kernel_size", kernel_size)
+        c, q = positive_int("in_channels", in_channels), positive_int("num_basis", num_basis)
         dim = c * kernel[0] * kernel[1]
         if q > dim:
             raise ValueError(f"num_basis ({q}) exceeds the filter dimension D = C*kh*kw = {dim}: "

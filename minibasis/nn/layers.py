@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections import OrderedDict
 
 from minibasis import backend
+from minibasis.checks import is_int as _is_int, non_negative_pair, positive_int, positive_pair
 from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.functions.basic import check_dropout_probability
@@ -13,37 +13,7 @@ from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
 __all__ = ["Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d", "ReLU", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d", "Dropout", "Flatten", "Sequential", "Identity", "kernel_pair", "padding_pair"]
-
-
-def _is_int(value) -> bool:
-    # bool is an int to Python, but Conv2d(True, ...) is a mistake, not one channel.
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _int_pair(value) -> tuple:
-    # Anything that is neither an int nor a 2-sequence reaches the caller's message as it is.
-    return (value, value) if _is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def kernel_pair(value, name: str = "kernel_size") -> tuple[int, int]:
-    pair = _int_pair(value)
-    if len(pair) != 2 or not all(_is_int(v) and v >= 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def padding_pair(value, name: str = "padding") -> tuple[int, int]:
-    pair = _int_pair(value)
-    if len(pair) != 2 or not all(_is_int(v) and v >= 0 for v in pair):
-        raise ValueError(f"{name} must be a non-negative int or a pair of them, got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _positive(name: str, value) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+           "AdaptiveAvgPool2d", "Dropout", "Flatten", "Sequential", "Identity"]
 
 
 def uniform_parameter(shape: tuple, bound: float) -> Parameter:
@@ -56,11 +26,11 @@ class Conv2d(Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True):
         super().__init__()
-        self.in_channels = _positive("in_channels", in_channels)
-        self.out_channels = _positive("out_channels", out_channels)
-        self.kernel_size = kernel_pair(kernel_size)
-        self.stride = kernel_pair(stride, "stride")
-        self.padding = padding_pair(padding)
+        self.in_channels = positive_int("in_channels", in_channels)
+        self.out_channels = positive_int("out_channels", out_channels)
+        self.kernel_size = positive_pair("kernel_size", kernel_size)
+        self.stride = positive_pair("stride", stride)
+        self.padding = non_negative_pair("padding", padding)
         fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), PyTorch's default
         self.weight = uniform_parameter((out_channels, in_channels, *self.kernel_size), bound)
@@ -79,8 +49,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        self.in_features = _positive("in_features", in_features)
-        self.out_features = _positive("out_features", out_features)
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features = positive_int("out_features", out_features)
         bound = 1.0 / math.sqrt(in_features)
         self.weight = uniform_parameter((out_features, in_features), bound)
         self.bias = uniform_parameter((out_features,), bound) if bias else None
@@ -98,7 +68,7 @@ class _BatchNorm(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = True):
         super().__init__()
-        self.num_features = _positive("num_features", num_features)
+        self.num_features = positive_int("num_features", num_features)
         check_batch_norm_settings(momentum, eps, type(self).__name__)
         self.eps, self.momentum = eps, momentum
         xp, dtype = backend.xp, backend.default_dtype
@@ -141,9 +111,9 @@ class ReLU(Module):
 class MaxPool2d(Module):
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
-        kernel, pad = kernel_pair(kernel_size), padding_pair(padding)
+        kernel, pad = positive_pair("kernel_size", kernel_size), non_negative_pair("padding", padding)
         if stride is not None:
-            kernel_pair(stride, "stride")
+            positive_pair("stride", stride)
         if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
             raise ValueError(f"{type(self).__name__}: padding {pad} must be at most half the kernel {kernel}")
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -165,7 +135,7 @@ class AdaptiveAvgPool2d(Module):
 
     def __init__(self, output_size=1):
         super().__init__()
-        if kernel_pair(output_size, "output_size") != (1, 1):
+        if positive_pair("output_size", output_size) != (1, 1):
             raise ValueError(f"AdaptiveAvgPool2d supports output_size=1 (global pooling) only, got {output_size!r}")
         self.output_size = output_size
 

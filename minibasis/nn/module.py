@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 from minibasis import backend, counting
 from minibasis.autograd import Tensor
 
-__all__ = ["Module", "Parameter"]
+__all__ = ["Module", "Parameter", "RemovableHandle"]
 
 
 class Parameter(Tensor):
@@ -40,6 +40,36 @@ def _path_of(module: "Module") -> str:
     if name is None:  # called from a parent that does not own it (e.g. a shared module)
         name = next((k for k, m in parent.named_modules() if m is module and k), type(module).__name__)
     return f"{parent_path}.{name}" if parent_path else name
+
+
+def _check_child_name(who: str, name) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"{who}: name must be a str, got {type(name).__name__}")
+    if not name or "." in name:
+        raise ValueError(f"{who}: name {name!r} must be non-empty and contain no '.' "
+                         "(dots separate module paths in state_dict keys)")
+
+
+class RemovableHandle:
+    """What ``register_forward_hook`` returns: ``handle.remove()`` takes the hook off again
+    (also usable as a context manager: the hook is removed on exit)."""
+
+    _next_id = 0
+
+    def __init__(self, hooks: "OrderedDict[int, Callable]", hook: Callable):
+        RemovableHandle._next_id += 1
+        self.id = RemovableHandle._next_id
+        self._hooks = hooks
+        hooks[self.id] = hook
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
+
+    def __enter__(self) -> "RemovableHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 class Module:
@@ -85,21 +115,82 @@ class Module:
 
     def register_buffer(self, name: str, array, persistent: bool = True) -> None:
         """A non-learnable array saved in ``state_dict`` when persistent (BN statistics, fixed bases)."""
-        if not isinstance(name, str):
-            raise TypeError(f"register_buffer: name must be a str, got {type(name).__name__}")
-        if not name or "." in name:
-            raise ValueError(f"register_buffer: name {name!r} must be non-empty and contain no '.' "
-                             "(dots separate module paths in state_dict keys)")
+        _check_child_name("register_buffer", name)
         self.__dict__.pop(name, None)
         self._buffers[name] = array
         if not persistent:
             self.__dict__.setdefault("_non_persistent", set()).add(name)
 
     def register_parameter(self, name: str, param: Parameter | None) -> None:
-        setattr(self, name, param)
+        """Register ``param`` under ``name``; ``None`` declares the slot empty (``bias=False``).
 
-    def add_module(self, name: str, module: "Module") -> None:
-        setattr(self, name, module)
+        An empty slot is skipped by ``parameters()`` and ``state_dict()``, and assigning a
+        Parameter to it later fills it, as in PyTorch.
+        """
+        _check_child_name("register_parameter", name)
+        if param is not None and not isinstance(param, Parameter):
+            raise TypeError(f"register_parameter: {name!r} must be a Parameter or None, got {type(param).__name__}")
+        for store in (self._buffers, self._modules):
+            store.pop(name, None)
+        self.__dict__.pop(name, None)
+        self._parameters[name] = param
+
+    def add_module(self, name: str, module: "Module | None") -> None:
+        _check_child_name("add_module", name)
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"add_module: {name!r} must be a Module or None, got {type(module).__name__}")
+        for store in (self._parameters, self._buffers):
+            store.pop(name, None)
+        self.__dict__.pop(name, None)
+        self._modules[name] = module
+
+    # -- paths --------------------------------------------------------------
+    def get_submodule(self, path: str) -> "Module":
+        """The descendant at dotted ``path`` ("layer1.0.conv1"); "" is this module itself."""
+        if not isinstance(path, str):
+            raise TypeError(f"get_submodule: path must be a str, got {type(path).__name__}")
+        module = self
+        walked = []
+        for name in path.split(".") if path else ():
+            child = module._modules.get(name)
+            if child is None:
+                where = ".".join(walked) or type(self).__name__
+                raise AttributeError(f"get_submodule: {where} has no submodule {name!r} "
+                                     f"(its children: {[k for k, _ in module.named_children()]})")
+            walked.append(name)
+            module = child
+        return module
+
+    def set_submodule(self, path: str, module: "Module") -> None:
+        """Replace the descendant at dotted ``path`` by ``module``; it keeps its position among its siblings."""
+        if not isinstance(module, Module):
+            raise TypeError(f"set_submodule: module must be a Module, got {type(module).__name__}")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"set_submodule: path must be a non-empty dotted str, got {path!r}")
+        parent_path, _, name = path.rpartition(".")
+        parent = self.get_submodule(parent_path)
+        if name not in parent._modules:
+            raise AttributeError(f"set_submodule: {parent_path or type(self).__name__} has no submodule {name!r}")
+        parent._modules[name] = module  # same key, same place in the OrderedDict
+
+    # -- hooks --------------------------------------------------------------
+    def register_forward_pre_hook(self, hook: Callable) -> "RemovableHandle":
+        """``hook(module, args)`` runs before ``forward``; a non-None return replaces ``args``
+        (a tuple, or a single value that is wrapped into one)."""
+        return self._add_hook("_forward_pre_hooks", hook)
+
+    def register_forward_hook(self, hook: Callable) -> "RemovableHandle":
+        """``hook(module, args, output)`` runs after ``forward``; a non-None return replaces the output."""
+        return self._add_hook("_forward_hooks", hook)
+
+    def _add_hook(self, store: str, hook: Callable) -> "RemovableHandle":
+        if not callable(hook):
+            raise TypeError(f"a forward hook must be callable, got {type(hook).__name__}")
+        hooks = self.__dict__.get(store)
+        if hooks is None:
+            hooks = OrderedDict()
+            object.__setattr__(self, store, hooks)
+        return RemovableHandle(hooks, hook)
 
     # -- traversal --------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
@@ -250,14 +341,26 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         if not counting.active():
-            return self.forward(*args, **kwargs)
+            return self._forward_with_hooks(args, kwargs)
         path = _path_of(self)
         _call_stack.append((self, path))
         try:
             with counting.layer_scope(path):
-                return self.forward(*args, **kwargs)
+                return self._forward_with_hooks(args, kwargs)
         finally:
             _call_stack.pop()
+
+    def _forward_with_hooks(self, args: tuple, kwargs: dict):
+        for hook in tuple(self.__dict__.get("_forward_pre_hooks", {}).values()):
+            replaced = hook(self, args)
+            if replaced is not None:
+                args = replaced if isinstance(replaced, tuple) else (replaced,)
+        output = self.forward(*args, **kwargs)
+        for hook in tuple(self.__dict__.get("_forward_hooks", {}).values()):
+            replaced = hook(self, args, output)
+            if replaced is not None:
+                output = replaced
+        return output
 
     # -- printing ---------------------------------------------------------
     def extra_repr(self) -> str:
