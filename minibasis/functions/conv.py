@@ -431,7 +431,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
     if len(x_shape) != 4:
         raise ValueError(f"conv2d expects input of shape (N, C, H, W), got shape {x_shape}")
     if len(w_shape) != 4:
-        raise ValueError(f"conv2d expects weight of shape (M, C/groups, kh, kw), got shape {w_shape}")
+        raise ValueError(f"conv2d expects weight of shape (M, C, kh, kw) (C/groups per filter), got shape {w_shape}")
     if x_shape[1] % groups or w_shape[0] % groups:
         raise ValueError(f"conv2d: groups={groups} must divide the input channels ({x_shape[1]}) and the "
                          f"output channels ({w_shape[0]})")
