@@ -23,7 +23,8 @@ def __getattr__(name):
     if name == "compress":
         from minibasis.compress import compress
         return compress
-    if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed"):
+    if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed",
+                "measure", "training"):
         import importlib
         return importlib.import_module(f"minibasis.{name}")
     raise AttributeError(f"module 'minibasis' has no attribute {name!r}")
