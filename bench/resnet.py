@@ -1,14 +1,17 @@
-"""Whole-network speed and memory: ResNet-20 training step (batch 128), ResNet-56 evaluation (batch 256).
+"""Whole-network speed and memory: ResNet-20 training step (batch 128), ResNet-56 evaluation (batch 256), Table 3 CNN training steps.
 
 Images per second (best of ``--repeats``) and peak memory, for minibasis and for
-the same networks in PyTorch CPU (option-A shortcuts, as akamaster's). Each
+the same networks in PyTorch CPU (option-A shortcuts, as akamaster's; the
+paper's Table 3 CNN and its random-basis twin, whose basis stage is a conv with
+a frozen weight, a learnable bias, BatchNorm, then a 1×1 conv). Each
 measurement runs in its own fresh process so that its peak resident memory
 (``ru_maxrss``) is its own; the table shows the peak and the growth over the
 process's resident size right before the measured work (model, data and
 imports already loaded). Inputs are random: speed does not depend on the data.
 
 Targets (issue 6): ResNet-20 training ≥ 0.5× PyTorch CPU throughput; ResNet-56
-evaluation at batch 256 under 2 GiB peak resident memory.
+evaluation at batch 256 under 2 GiB peak resident memory. Issue 13: Table 3 CNN
+training ≥ 0.5× PyTorch, its random-basis twin within 1.15× of the CNN's step time.
 
     python bench/resnet.py [--repeats 5] [--device numpy|cupy] [--output path.json]
 """
@@ -26,11 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
 
-TASKS = {  # name: (depth, batch, training)
+TASKS = {  # name: (network: ResNet depth or "table3" / "table3_basis", batch, training)
     "resnet20_train": (20, 128, True),
     "resnet56_eval": (56, 256, False),
+    "table3_train": ("table3", 128, True),
+    "table3_basis_train": ("table3_basis", 128, True),
 }
 TARGET_TRAIN_RATIO, TARGET_EVAL_PEAK_BYTES = 0.5, 2 * 2 ** 30
+TARGET_TABLE3_RATIO, TARGET_TWIN_SLOWDOWN = 0.5, 1.15
 
 
 def _rss_bytes() -> int:
@@ -50,14 +56,11 @@ def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
 
     import minibasis as mb
     from minibasis import functions as F, optim
-    try:
-        from minibasis.models import resnet_cifar
-    except ImportError as exc:
-        return {"error": f"minibasis.models.resnet_cifar is not available yet: {exc}"}
-    depth, batch, training = TASKS[task]
+    from minibasis.models import resnet_cifar, table3_cnn
+    network, batch, training = TASKS[task]
     sync = common.select_device(device)
     mb.manual_seed(0)
-    model = resnet_cifar(depth)
+    model = resnet_cifar(network) if isinstance(network, int) else table3_cnn(basis=network == "table3_basis")
     rng = numpy.random.default_rng(0)
     x = mb.tensor(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32))
     labels = mb.tensor(rng.integers(0, 10, size=batch))
@@ -120,21 +123,38 @@ def _torch_resnet(torch, depth: int):
     return ResNet()
 
 
+def _torch_table3(torch, basis: bool):
+    """The Table 3 CNN (or its twin: frozen 5×5 basis conv with bias, BatchNorm(Q), 1×1 conv with bias, Q = M)."""
+    nn = torch.nn
+    layers = []
+    for c_in, c_out in ((3, 32), (32, 32), (32, 64)):
+        if basis:
+            stage = nn.Conv2d(c_in, c_out, 5, padding=2, bias=True)
+            stage.weight.requires_grad_(False)
+            layers += [stage, nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 1, bias=True)]
+        else:
+            layers.append(nn.Conv2d(c_in, c_out, 5, padding=2))
+        layers += [nn.ReLU(), nn.MaxPool2d(3, 2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
 def _torch_worker(task: str, device: str, repeats: int) -> dict:
     import numpy
     torch = common.load_torch(False, device)
     if torch is None:
         return {"error": "PyTorch not available"}
-    depth, batch, training = TASKS[task]
+    network, batch, training = TASKS[task]
     dev = "cuda" if device == "cupy" else "cpu"
     torch.manual_seed(0)
-    model = _torch_resnet(torch, depth).to(dev)
+    model = (_torch_resnet(torch, network) if isinstance(network, int)
+             else _torch_table3(torch, network == "table3_basis")).to(dev)
     rng = numpy.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32)).to(dev)
     labels = torch.from_numpy(rng.integers(0, 10, size=batch)).to(dev)
     if training:
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                              weight_decay=1e-4)
 
         def run():
             opt.zero_grad()
@@ -209,6 +229,14 @@ def main(argv=None) -> int:
                 value = mine["images_per_s"] / theirs["images_per_s"]
                 verdicts["resnet20_train_throughput_over_torch"] = {
                     "value": value, "limit": TARGET_TRAIN_RATIO, "met": value >= TARGET_TRAIN_RATIO}
+            if task == "table3_train" and "images_per_s" in theirs:
+                value = mine["images_per_s"] / theirs["images_per_s"]
+                verdicts["table3_train_throughput_over_torch"] = {
+                    "value": value, "limit": TARGET_TABLE3_RATIO, "met": value >= TARGET_TABLE3_RATIO}
+            if task == "table3_basis_train" and "error" not in results.get("minibasis:table3_train", {"error": 1}):
+                value = mine["seconds"]["best"] / results["minibasis:table3_train"]["seconds"]["best"]
+                verdicts["table3_basis_step_over_table3_step"] = {
+                    "value": value, "limit": TARGET_TWIN_SLOWDOWN, "met": value <= TARGET_TWIN_SLOWDOWN}
             if task == "resnet56_eval":
                 peak = mine["peak_rss_bytes"]
                 verdicts["resnet56_eval_peak_rss_bytes"] = {
@@ -219,9 +247,10 @@ def main(argv=None) -> int:
                                "growth MiB", "note"], rows))
     print(common.describe_environment(env))
     for key, v in verdicts.items():
+        memory = key.endswith("bytes")
         comparison = ">=" if key.endswith("over_torch") else "<="
-        shown = f"{v['value']:.2f}" if key.endswith("over_torch") else f"{mib(v['value']):.0f} MiB"
-        limit = v["limit"] if key.endswith("over_torch") else f"{mib(v['limit']):.0f} MiB"
+        shown = f"{mib(v['value']):.0f} MiB" if memory else f"{v['value']:.2f}"
+        limit = f"{mib(v['limit']):.0f} MiB" if memory else v["limit"]
         print(f"target {key} {comparison} {limit}: {shown} -> {'met' if v['met'] else 'MISSED'}")
     common.write_json(args.output, {"benchmark": "resnet", "device": args.device, "repeats": args.repeats,
                                     "environment": env, "results": results, "targets": verdicts})
