@@ -241,6 +241,8 @@ class _StrictProxy:
             if issubclass(value, (numpy.random.RandomState, numpy.random.Generator)):
                 return _wrapped_callable(value, label)
             return value  # dtypes and scalar types (xp.float32, xp.dtype) are the same on CuPy
+        if isinstance(value, numpy.ufunc):
+            return _StrictUfunc(value, label)  # keeps .at / .reduce / .outer (cupy.ufunc has them)
         if callable(value):
             return _wrapped_callable(value, label)
         return value  # constants: pi, inf, newaxis
@@ -250,6 +252,13 @@ class _StrictProxy:
 
     def __repr__(self) -> str:
         return f"<strict stand-in for {self._label}>"
+
+
+class _StrictUfunc(_StrictProxy):
+    """A NumPy ufunc that speaks StrictArrays: called directly, and through ``at``, ``reduce``, ``outer`` ..."""
+
+    def __call__(self, *args, **kwargs):
+        return _wrap(self._target(*_unwrap(args, self._label), **_unwrap(kwargs, self._label)))
 
 
 def _wrapped_callable(func, label: str):
