@@ -35,7 +35,7 @@ BATCH, SIZE = 64, 32
 TARGET_LAYER, TARGET_GEMM, TARGET_TORCH = "64->64 3x3", 1.5, 2.0
 
 
-def bench_layer(args, spec, sync, torch):
+def bench_layer(args, spec, sync, torch, batch=BATCH):
     import numpy
 
     import minibasis as mb
@@ -45,9 +45,9 @@ def bench_layer(args, spec, sync, torch):
     name, c, m, k, pad = spec
     xp = backend.xp
     rng = numpy.random.default_rng(0)
-    host_x = rng.standard_normal((BATCH, c, SIZE, SIZE), dtype=numpy.float32)
+    host_x = rng.standard_normal((batch, c, SIZE, SIZE), dtype=numpy.float32)
     host_w = (rng.standard_normal((m, c, k, k), dtype=numpy.float32) / numpy.sqrt(c * k * k)).astype(numpy.float32)
-    host_gy = rng.standard_normal((BATCH, m, SIZE, SIZE), dtype=numpy.float32)
+    host_gy = rng.standard_normal((batch, m, SIZE, SIZE), dtype=numpy.float32)
     x = mb.tensor(host_x, requires_grad=True)
     w = mb.tensor(host_w, requires_grad=True)
     gy = backend.asarray(host_gy)
@@ -61,10 +61,10 @@ def bench_layer(args, spec, sync, torch):
         F.conv2d(x, w, None, 1, pad).backward(gy)
 
     r = args.repeats
-    row = {"layer": name, "in_channels": c, "out_channels": m, "kernel": k, "padding": pad, "batch": BATCH,
+    row = {"layer": name, "in_channels": c, "out_channels": m, "kernel": k, "padding": pad, "batch": batch,
            "forward_s": common.best_time(forward, r, sync), "forward_backward_s": common.best_time(forward_backward, r, sync)}
 
-    d, npos = c * k * k, BATCH * SIZE * SIZE  # padding keeps Ho = H
+    d, npos = c * k * k, batch * SIZE * SIZE  # padding keeps Ho = H
     a = xp.asarray(rng.standard_normal((m, d), dtype=numpy.float32))
     cols = xp.asarray(rng.standard_normal((d, npos), dtype=numpy.float32))
     cols_t = xp.asarray(rng.standard_normal((npos, d), dtype=numpy.float32))
