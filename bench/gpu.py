@@ -10,9 +10,9 @@ Sections (each one runs in its own try/except, so a failure is reported, not a c
   on random shapes, on the device in float32 and float64, against float64 host references
   (minibasis on NumPy, and PyTorch CPU when importable); BasisConv at t = 1 equal to its conv;
   measured multiplication counts identical on the device and on NumPy; a short training run on
-  ``minibasis.data.synthetic`` reaching the accuracy it reaches on NumPy; last, the engine's test
-  files run by pytest on the device (``pytest --backend <device> -m engine``);
-* speed: the bench/conv.py layers (batch 64, and 256) against the same GEMMs through the device's
+  ``minibasis.data.synthetic`` reaching the accuracy it reaches on NumPy; then the engine's test
+  files run by pytest on the device (``pytest --backend <device> -m engine``, up to 240 s);
+* speed, last, in the time left: the bench/conv.py layers (batch 64, and 256) against the same GEMMs through the device's
   ``matmul`` (cuBLAS) and against PyTorch CUDA; ResNet-20 training steps and ResNet-56 evaluation,
   images/s at batch 128 and 256, against PyTorch CUDA; the compressed ResNet-56's time ratio
   next to its measured multiplication ratio (akamaster weights from ``--weights DIR`` when they
@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 
 REPO_ROOT = common.REPO_ROOT
-TIME_LIMIT_S = 330  # the whole run, under 6 minutes with start-up and report writing
-ENGINE_TESTS_FULL_S, ENGINE_TESTS_QUICK_S = 270, 60
+TIME_LIMIT_S = 340  # the whole run, under 6 minutes with start-up and report writing
+ENGINE_TESTS_FULL_S, ENGINE_TESTS_QUICK_S = 240, 60
+SPEED_RESERVE_FULL_S, SPEED_RESERVE_QUICK_S = 60, 5  # kept for the speed sections, which run last
 QUICK_ENGINE_TEST_FILES = ["tests/test_conv.py"]  # --quick: the plumbing, on the central op
 
 
@@ -437,7 +438,8 @@ def section_training(run: Run, out: Section) -> None:
 # Correctness: the engine's test files on the device
 # ---------------------------------------------------------------------------------------------
 def section_engine_tests(run: Run, out: Section) -> None:
-    limit = min(ENGINE_TESTS_QUICK_S if run.quick else ENGINE_TESTS_FULL_S, run.remaining() - 10)
+    reserve = SPEED_RESERVE_QUICK_S if run.quick else SPEED_RESERVE_FULL_S
+    limit = min(ENGINE_TESTS_QUICK_S if run.quick else ENGINE_TESTS_FULL_S, run.remaining() - reserve)
     if limit < 20:
         raise TimeoutError(f"only {run.remaining():.0f} s left of --time-limit; the engine tests did not run")
     targets = QUICK_ENGINE_TEST_FILES if run.quick else ["tests"]
@@ -479,6 +481,9 @@ def section_conv_speed(run: Run, out: Section) -> None:
     rows, results = [], []
     for batch in batches:
         for spec in layers:
+            if run.remaining() < 5:
+                out.message = f"stopped early by --time-limit after {len(results)} layers"
+                break
             row = conv.bench_layer(timing_args, spec, run.sync, torch, batch=batch)
             row["ratios"] = conv.summarize(row)
             results.append(row)
@@ -502,6 +507,9 @@ def section_network_speed(run: Run, out: Section) -> None:
     torch = run.torch if run.device == "cupy" else None
     rows, results = [], []
     for depth, batch, training in tasks:
+        if run.remaining() < 5:
+            out.message = f"stopped early by --time-limit after {len(results)} workloads"
+            break
         label = f"ResNet-{depth} {'training step' if training else 'evaluation'}"
         fresh_memory_pool(run.device)
         step = resnet.minibasis_step(depth, batch, training)
@@ -572,6 +580,9 @@ def section_basisconv_speed(run: Run, out: Section) -> None:
     original = conv_mults(model)
     rows, results = [], []
     for t in thresholds:
+        if run.remaining() < 5:
+            out.message = f"stopped early by --time-limit after {len(results)} thresholds"
+            break
         compressed, report = mb.compress(model, energy_threshold=t)
         compressed.eval()
         mult_ratio = conv_mults(compressed) / original
@@ -597,10 +608,10 @@ SECTIONS = [  # (name, kind, function, seconds it needs at least to be worth sta
     ("BasisConv exactness at t = 1", "correctness", section_basisconv_exactness, 5),
     ("multiplication counts, numpy vs device", "correctness", section_counts, 5),
     ("training on synthetic data", "correctness", section_training, 10),
-    ("conv speed", "speed", section_conv_speed, 20),
-    ("network speed and memory", "speed", section_network_speed, 30),
-    ("BasisConv speed vs multiplications", "speed", section_basisconv_speed, 20),
     ("engine tests on the device", "correctness", section_engine_tests, 20),
+    ("conv speed", "speed", section_conv_speed, 5),
+    ("network speed and memory", "speed", section_network_speed, 5),
+    ("BasisConv speed vs multiplications", "speed", section_basisconv_speed, 5),
 ]
 
 
