@@ -437,20 +437,36 @@ def section_training(run: Run, out: Section) -> None:
 # ---------------------------------------------------------------------------------------------
 # Correctness: the engine's test files on the device
 # ---------------------------------------------------------------------------------------------
+def engine_test_files() -> list[str]:
+    """The test files whose tests are all marked engine (``pytestmark = pytest.mark.engine``)."""
+    return [str(path.relative_to(REPO_ROOT)) for path in sorted((REPO_ROOT / "tests").glob("test_*.py"))
+            if "\npytestmark = pytest.mark.engine" in path.read_text(encoding="utf-8")]
+
+
+def engine_test_command(device: str, targets: list[str]) -> list[str]:
+    """pytest on ``targets`` with the engine tests on ``device`` (tests/conftest.py's --backend)."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--backend", device, "-m", "engine",
+            *targets]
+
+
+def child_environment() -> dict:
+    """This environment for a child process: the checkout importable, no pytest or backend settings."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    for name in ("MINIBASIS_TEST_BACKEND", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"):
+        env.pop(name, None)
+    return env
+
+
 def section_engine_tests(run: Run, out: Section) -> None:
     reserve = SPEED_RESERVE_QUICK_S if run.quick else SPEED_RESERVE_FULL_S
     limit = min(ENGINE_TESTS_QUICK_S if run.quick else ENGINE_TESTS_FULL_S, run.remaining() - reserve)
     if limit < 20:
         raise TimeoutError(f"only {run.remaining():.0f} s left of --time-limit; the engine tests did not run")
-    targets = QUICK_ENGINE_TEST_FILES if run.quick else ["tests"]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--backend", run.device,
-               "-m", "engine", *targets]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    for name in ("MINIBASIS_TEST_BACKEND", "PYTEST_CURRENT_TEST", "PYTEST_ADDOPTS"):
-        env.pop(name, None)
+    command = engine_test_command(run.device, QUICK_ENGINE_TEST_FILES if run.quick else engine_test_files())
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=limit)
+        done = subprocess.run(command, cwd=REPO_ROOT, env=child_environment(), capture_output=True, text=True,
+                              timeout=limit)
         stdout, returncode = done.stdout, done.returncode
     except subprocess.TimeoutExpired as exc:
         stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")

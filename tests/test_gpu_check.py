@@ -7,7 +7,6 @@ and a failing correctness check turns into exit status 1 while the other section
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +20,9 @@ EXPECTED_SECTIONS = [name for name, *_ in gpu.SECTIONS]
 
 
 def test_quick_dry_run_on_strict_passes_and_writes_both_reports(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    env.pop("PYTEST_CURRENT_TEST", None)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--quick", "--device", "strict",
-                           "--output", str(tmp_path)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "--output", str(tmp_path)], cwd=REPO_ROOT, env=gpu.child_environment(),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     statuses = {s["name"]: s["status"] for s in report["sections"]}
