@@ -79,6 +79,13 @@ class Run:
     def device(self) -> str:
         return self.args.device
 
+    @property
+    def torch_cuda(self):
+        """PyTorch for the speed comparisons: only on a real GPU, and only a build with CUDA."""
+        if self.device != "cupy" or self.torch is None or not self.torch.cuda.is_available():
+            return None
+        return self.torch
+
     def remaining(self) -> float:
         return self.args.time_limit - (time.perf_counter() - self.started)
 
@@ -164,6 +171,7 @@ def section_environment(run: Run, out: Section) -> None:
     torch = run.torch
     info["torch"] = getattr(torch, "__version__", None)
     info["torch_cuda"] = getattr(getattr(torch, "version", None), "cuda", None) if torch is not None else None
+    info["torch_sees_the_gpu"] = bool(torch is not None and torch.cuda.is_available())
     out.details = info
     out.status = "info"
     out.message = info["device_name"]
@@ -493,7 +501,7 @@ def section_conv_speed(run: Run, out: Section) -> None:
     layers = conv.LAYERS[:2] if run.quick else conv.LAYERS
     batches = (4,) if run.quick else (conv.BATCH, 256)
     timing_args = argparse.Namespace(repeats=1 if run.quick else 10, device=run.device)
-    torch = run.torch if run.device == "cupy" else None
+    torch = run.torch_cuda
     rows, results = [], []
     for batch in batches:
         for spec in layers:
@@ -520,7 +528,7 @@ def section_network_speed(run: Run, out: Section) -> None:
     tasks = [(20, 4, True), (56, 4, False)] if run.quick else [
         (20, 128, True), (20, 256, True), (56, 128, False), (56, 256, False)]
     repeats = 1 if run.quick else 5
-    torch = run.torch if run.device == "cupy" else None
+    torch = run.torch_cuda
     rows, results = [], []
     for depth, batch, training in tasks:
         if run.remaining() < 5:
@@ -694,6 +702,9 @@ def main(argv=None) -> int:
     if not args.no_torch:
         try:
             import torch
+            # float32 against float32: no TF32 in cuDNN convolutions or cuBLAS (CuPy uses none either)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
             run.torch = torch
         except ImportError:
             run.torch = None
