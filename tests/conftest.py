@@ -4,7 +4,8 @@ The engine's test files (autograd, functions, conv paths, pooling, batch norm, n
 counting, optim, learning) carry ``pytestmark = pytest.mark.engine``; they run on the backend
 that ``--backend numpy|strict|cupy`` (or ``$MINIBASIS_TEST_BACKEND``) names, default numpy, and
 compare with float64 NumPy references on the host. Every other test runs on NumPy.
-``tests/test_engine_backends.py`` reruns the engine files on ``strict`` in the default run.
+``tests/test_gpu_engine_on_strict.py`` reruns the engine files on ``strict`` in the default run;
+bench/gpu.py runs them on ``cupy`` on a GPU machine.
 """
 import os
 from dataclasses import dataclass
@@ -30,16 +31,18 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    name = config.getoption("--backend") or os.environ.get(BACKEND_ENV) or "numpy"
+    option = config.getoption("--backend")
+    name = option or os.environ.get(BACKEND_ENV) or "numpy"
+    source = "--backend" if option else BACKEND_ENV
     if name not in BACKEND_CHOICES:
-        raise pytest.UsageError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(BACKEND_CHOICES)}")
+        raise pytest.UsageError(f"{source}={name!r}: expected one of {', '.join(BACKEND_CHOICES)}")
     if name == "cupy":  # asked for explicitly: a machine without a usable GPU is an error, not a skip
         import minibasis
 
         try:
             minibasis.use("cupy")
         except RuntimeError as exc:
-            raise pytest.UsageError(f"--backend cupy: {exc}") from exc
+            raise pytest.UsageError(f"{source}=cupy: {exc}") from exc
         finally:
             minibasis.use("numpy")
     config.engine_backend = name
