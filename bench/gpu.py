@@ -11,7 +11,8 @@ Sections (each one runs in its own try/except, so a failure is reported, not a c
   (minibasis on NumPy, and PyTorch CPU when importable); BasisConv at t = 1 equal to its conv;
   measured multiplication counts identical on the device and on NumPy; a short training run on
   ``minibasis.data.synthetic`` reaching the accuracy it reaches on NumPy; then the engine's test
-  files run by pytest on the device (``pytest --backend <device> -m engine``, up to 240 s);
+  files run by pytest on the device (``pytest --backend <device> -m "engine or gpu"``, with
+  tests/test_gpu.py, up to 240 s);
 * speed, last, in the time left: the bench/conv.py layers (batch 64, and 256) against the same GEMMs through the device's
   ``matmul`` (cuBLAS) and against PyTorch CUDA; ResNet-20 training steps and ResNet-56 evaluation,
   images/s at batch 128 and 256, against PyTorch CUDA; the compressed ResNet-56's time ratio
@@ -452,9 +453,9 @@ def engine_test_files() -> list[str]:
 
 
 def engine_test_command(device: str, targets: list[str]) -> list[str]:
-    """pytest on ``targets`` with the engine tests on ``device`` (tests/conftest.py's --backend)."""
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--backend", device, "-m", "engine",
-            *targets]
+    """pytest on ``targets``: the engine tests on ``device`` (tests/conftest.py's --backend) and the GPU tests."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--backend", device,
+            "-m", "engine or gpu", *targets]
 
 
 def child_environment() -> dict:
@@ -470,7 +471,9 @@ def section_engine_tests(run: Run, out: Section) -> None:
     limit = min(ENGINE_TESTS_QUICK_S if run.quick else ENGINE_TESTS_FULL_S, run.remaining() - reserve)
     if limit < 20:
         raise TimeoutError(f"only {run.remaining():.0f} s left of --time-limit; the engine tests did not run")
-    command = engine_test_command(run.device, QUICK_ENGINE_TEST_FILES if run.quick else engine_test_files())
+    # Full run: also tests/test_gpu.py, the CuPy-against-NumPy tests that skip on machines without a GPU.
+    targets = QUICK_ENGINE_TEST_FILES if run.quick else engine_test_files() + ["tests/test_gpu.py"]
+    command = engine_test_command(run.device, targets)
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=REPO_ROOT, env=child_environment(), capture_output=True, text=True,
