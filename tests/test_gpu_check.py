@@ -58,3 +58,32 @@ def test_a_failing_check_exits_1_and_the_other_sections_still_run(tmp_path, monk
         ("environment", "info"), ("wrong", "fail"), ("broken", "error"), ("fine", "pass")]
     assert report["failed"] == ["wrong"]  # a broken speed section is reported but fails nothing
     assert "kernel launch failed" in (tmp_path / "report.md").read_text()
+
+
+def test_the_cupy_branches_call_cupys_documented_api(monkeypatch):
+    """No GPU here, so a stand-in ``cupy`` module that has exactly the calls CuPy documents
+    (cupy.cuda.runtime.runtimeGetVersion / driverGetVersion / getDeviceProperties / memGetInfo /
+    getDeviceCount, cupy.cuda.Device().id, get_default_memory_pool().used_bytes / total_bytes /
+    free_all_blocks) runs the environment and memory code paths: a misspelt name fails here."""
+    import types
+
+    freed = []
+    pool = types.SimpleNamespace(used_bytes=lambda: 1024, total_bytes=lambda: 4096, free_all_blocks=lambda: freed.append(1))
+    runtime = types.SimpleNamespace(
+        runtimeGetVersion=lambda: 13000, driverGetVersion=lambda: 13010, getDeviceCount=lambda: 1,
+        memGetInfo=lambda: (140 * 2 ** 30, 141 * 2 ** 30),
+        getDeviceProperties=lambda device: {"name": b"NVIDIA H200", "totalGlobalMem": 141 * 2 ** 30, "major": 9,
+                                            "minor": 0, "multiProcessorCount": 132})
+    fake = types.SimpleNamespace(__version__="14.2.0", get_default_memory_pool=lambda: pool,
+                                 cuda=types.SimpleNamespace(runtime=runtime, Device=lambda: types.SimpleNamespace(id=0)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    run = gpu.Run(args=gpu.parse_args(["--device", "cupy", "--no-torch"]), started=0.0)
+    section = gpu.Section("environment", "environment")
+    gpu.section_environment(run, section)
+    info = section.details
+    assert (info["cupy"], info["cuda_runtime"], info["cuda_driver"]) == ("14.2.0", "13.0", "13.1")
+    assert info["device_name"] == "NVIDIA H200" and info["compute_capability"] == "9.0"
+    assert info["device_memory_bytes"] == 141 * 2 ** 30 and section.message == "NVIDIA H200"
+    assert gpu.memory_pool_bytes("cupy") == {"used_bytes": 1024, "total_bytes": 4096}
+    gpu.fresh_memory_pool("cupy")
+    assert freed == [1] and gpu.memory_pool_bytes("strict") is None
