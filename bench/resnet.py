@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
 
-TASKS = {  # name: (network: ResNet depth or "table3" / "table3_basis", batch, training)
+TASKS = {  # name: (network: a ResNet depth, "table3" or "table3_basis"; batch, training)
     "resnet20_train": (20, 128, True),
     "resnet56_eval": (56, 256, False),
     "table3_train": ("table3", 128, True),
@@ -51,16 +51,20 @@ def _peak_rss_bytes() -> int:
 # ---------------------------------------------------------------------------------------------
 # Workers (one per process)
 # ---------------------------------------------------------------------------------------------
-def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
+def minibasis_step(depth, batch: int, training: bool):
+    """The measured call: one SGD step of ResNet-``depth`` (or of the Table 3 CNN for ``depth``
+    "table3", its twin for "table3_basis") on a random batch, or one evaluation under
+    ``no_grad``, on the active backend. ``None`` when the zoo model is missing."""
     import numpy
 
     import minibasis as mb
     from minibasis import functions as F, optim
-    from minibasis.models import resnet_cifar, table3_cnn
-    network, batch, training = TASKS[task]
-    sync = common.select_device(device)
+    try:
+        from minibasis.models import resnet_cifar, table3_cnn
+    except ImportError:
+        return None
     mb.manual_seed(0)
-    model = resnet_cifar(network) if isinstance(network, int) else table3_cnn(basis=network == "table3_basis")
+    model = resnet_cifar(depth) if isinstance(depth, int) else table3_cnn(basis=depth == "table3_basis")
     rng = numpy.random.default_rng(0)
     x = mb.tensor(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32))
     labels = mb.tensor(rng.integers(0, 10, size=batch))
@@ -79,6 +83,15 @@ def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
         def run():
             with mb.no_grad():
                 model(x)
+    return run
+
+
+def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
+    depth, batch, training = TASKS[task]
+    sync = common.select_device(device)
+    run = minibasis_step(depth, batch, training)
+    if run is None:
+        return {"error": "minibasis.models.resnet_cifar is not available"}
     return _measure(run, repeats, sync, batch)
 
 
@@ -138,16 +151,13 @@ def _torch_table3(torch, basis: bool):
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(576, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def _torch_worker(task: str, device: str, repeats: int) -> dict:
+def torch_step(torch, depth, batch: int, training: bool, device: str):
+    """The same call as :func:`minibasis_step` in PyTorch (CUDA when ``device`` is "cupy")."""
     import numpy
-    torch = common.load_torch(False, device)
-    if torch is None:
-        return {"error": "PyTorch not available"}
-    network, batch, training = TASKS[task]
     dev = "cuda" if device == "cupy" else "cpu"
     torch.manual_seed(0)
-    model = (_torch_resnet(torch, network) if isinstance(network, int)
-             else _torch_table3(torch, network == "table3_basis")).to(dev)
+    model = (_torch_resnet(torch, depth) if isinstance(depth, int)
+             else _torch_table3(torch, depth == "table3_basis")).to(dev)
     rng = numpy.random.default_rng(0)
     x = torch.from_numpy(rng.standard_normal((batch, 3, 32, 32), dtype=numpy.float32)).to(dev)
     labels = torch.from_numpy(rng.integers(0, 10, size=batch)).to(dev)
@@ -167,6 +177,15 @@ def _torch_worker(task: str, device: str, repeats: int) -> dict:
         def run():
             with torch.no_grad():
                 model(x)
+    return run
+
+
+def _torch_worker(task: str, device: str, repeats: int) -> dict:
+    torch = common.load_torch(False, device)
+    if torch is None:
+        return {"error": "PyTorch not available"}
+    depth, batch, training = TASKS[task]
+    run = torch_step(torch, depth, batch, training, device)
     return _measure(run, repeats, common.torch_sync(torch, device), batch)
 
 

@@ -233,3 +233,59 @@ def test_formulas_groups_and_dilation():
         formulas.conv_mults(16, 8, 3, 5, 7, groups=3)
     with pytest.raises(ValueError, match="spanning 7 with dilation 3"):
         formulas.conv_output_size(5, 3, dilation=3)
+
+
+@pytest.mark.parametrize("kernel, chunk", [((3, 3), 1), ((3, 3), 10 ** 9), ((5, 3), 1), ((1, 5), 10 ** 9)])
+def test_depthwise_same_conv_runs_by_shifted_products(monkeypatch, kernel, chunk):
+    """A "same" depthwise conv needs no column buffer: per offset one product over the channel-first
+    input (forward, input gradient) and one im2col row (weight gradient); results and counts as PyTorch's."""
+    used = []
+    for name in ("_depthwise_same", "_depthwise_same_weight_grad", "im2col"):
+        original = getattr(conv_module, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            used.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(conv_module, name, spy)
+    monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", chunk)
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((3, 6, 5, 7)), rng.standard_normal((6, 1) + kernel)
+    padding = ((kernel[0] - 1) // 2, (kernel[1] - 1) // 2)
+    gy, b = rng.standard_normal((3, 6, 5, 7)), rng.standard_normal(6)
+    got, counter = ours(x, w, gy, 1, padding, 1, 6, bias=b)
+    assert "im2col" not in used and {"_depthwise_same", "_depthwise_same_weight_grad"} <= set(used)
+    want = torch_conv(x, w, gy, 1, padding, 1, 6, bias=b)
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10)
+    per_image = formulas.conv_mults(6, 6, kernel, 5, 7, groups=6)
+    assert counter.forward.conv == 3 * per_image and counter.backward.conv == 2 * 3 * per_image
+
+
+def test_grouped_dilated_and_depthwise_paths_run_on_a_device_backend():
+    """On the strict stand-in for a device backend (no silent host/device mixing) the new paths give NumPy's results."""
+    from minibasis import backend
+
+    cases = [(6, 6, 6, 3, 1, 1, 1), (6, 4, 2, 3, 2, "valid", 2), (4, 4, 4, 3, 2, 1, 1), (4, 6, 2, 2, 1, "same", 1),
+             (4, 4, 2, 1, 1, 0, 1)]
+
+    def run(name):
+        rng = np.random.default_rng(0)
+        mb.use(name)
+        try:
+            results = []
+            for c, m, g, k, stride, padding, dilation in cases:
+                x = mb.tensor(backend.asarray(rng.standard_normal((2, c, 7, 6))), requires_grad=True)
+                w = mb.tensor(backend.asarray(rng.standard_normal((m, c // g, k, k))), requires_grad=True)
+                y = F.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, groups=g)
+                y.backward(backend.asarray(np.ones(y.shape)))
+                results += [backend.to_numpy(t) for t in (y.data, x.grad.data, w.grad.data)]
+            x = mb.tensor(backend.asarray(rng.standard_normal((1, 2, 7, 7))), requires_grad=True)
+            y = F.max_pool2d(x, 3, 2, 1, ceil_mode=True)
+            y.backward(backend.asarray(np.ones(y.shape)))
+            z = F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False)
+            return results + [backend.to_numpy(t) for t in (y.data, x.grad.data, z.data)]
+        finally:
+            mb.use("numpy")
+
+    for got, want in zip(run("strict"), run("numpy")):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

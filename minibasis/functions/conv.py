@@ -11,7 +11,11 @@ groups first, so ``col.reshape(g, D/g, n·P)`` is a free view with D/g =
 (g, D/g, n·P)`` (no loop over groups, no per-group copy; a depthwise conv is
 g = C = M with M/g = 1). Dilation only spaces the kernel offsets of the strided
 view (and of col2im's window additions). The "same" plane-shift path therefore
-serves grouped convs too; kn2row stays for groups = 1.
+serves grouped convs too; kn2row stays for groups = 1. A "same" depthwise conv
+(g = C = M) builds no column buffer at all: per kernel offset one counted product
+of the tap with the whole channel-first input, added shifted into the output (the
+input gradient the same way back; the weight gradient from one im2col row at a
+time), the same C·n·H·W products per offset as its batched GEMM.
 
 The column buffer of a chunk of n images is (D, n·P) with D = C·kh·kw rows in
 (C, kh, kw) order (the order of ``weight.reshape(M, D)`` columns, which
@@ -252,6 +256,14 @@ def _im2col_same(x, kernel):
     return col.reshape(c * kh * kw, n * h * w)
 
 
+def _fill_column(row, grid, source, out_run, in_run, out_bad) -> None:
+    """One kernel offset's im2col rows ``row`` (C, n·H·W) (``grid``: its (C, n, H, W) view) from ``source``."""
+    row[:, out_run] = source[:, in_run]
+    row[:, :out_run.start] = 0
+    row[:, out_run.stop:] = 0
+    _zero_border(grid, *out_bad)
+
+
 def _col2im_same(col, x_shape, kernel):
     """Adjoint of :func:`_im2col_same` (overwrites ``col``); returns a (n, C, H, W) transposed view."""
     n, c, h, w = x_shape
@@ -357,6 +369,52 @@ def _kn2row_forward(x, weight, out):
     return out
 
 
+def _uses_depthwise_shifts(m: int, c: int, kernel, stride, padding, dilation, groups: int) -> bool:
+    return groups == c == m and kernel != (1, 1) and _is_same(kernel, stride, padding, dilation)
+
+
+def _depthwise_same(x_shape, taps, source, adjoint: bool):
+    """A "same" depthwise conv (g = C = M) of channel-first ``source`` (C, n·H·W), or its adjoint.
+
+    ``taps`` (C, kh, kw). For each kernel offset one counted product of the tap with
+    every pixel (C·n·H·W products, the cost of that offset's im2col rows in the
+    batched GEMM, so the count is unchanged), the products whose flat shift wraps
+    into a neighbouring row or image zeroed (as kn2row does), and the rest added,
+    shifted, into the result. ``adjoint`` runs the input gradient (gy → gx), which
+    shifts the other way. No (C·kh·kw, n·P) column buffer: one (C, n·H·W) product.
+    """
+    n, c, h, w = x_shape
+    kh, kw = taps.shape[1:]
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    total = backend.mul(taps[:, ph, pw].reshape(c, 1), source)  # the centre offset covers every pixel
+    product = backend.get_array_module(source).empty_like(source)
+    grid = product.reshape(c, n, h, w)
+    for i, j, out_run, in_run, out_bad, in_bad in same_plan((kh, kw), n, h, w):
+        if (i, j) == (ph, pw):
+            continue
+        backend.mul(taps[:, i, j].reshape(c, 1), source, out=product)
+        if adjoint:
+            _zero_border(grid, *out_bad)
+            total[:, in_run] += product[:, out_run]
+        else:
+            _zero_border(grid, *in_bad)
+            total[:, out_run] += product[:, in_run]
+    return total
+
+
+def _depthwise_same_weight_grad(x_shape, gy_t, source, kernel):
+    """(C, kh, kw) weight gradient of a "same" depthwise conv: per offset, Σ over pixels of gy · that offset's im2col row."""
+    n, c, h, w = x_shape
+    xp = backend.get_array_module(source)
+    grad = xp.empty((c,) + tuple(kernel), dtype=source.dtype)
+    row = xp.empty_like(source)
+    grid = row.reshape(c, n, h, w)
+    for i, j, out_run, in_run, out_bad, _ in same_plan(tuple(kernel), n, h, w):
+        _fill_column(row, grid, source, out_run, in_run, out_bad)
+        grad[:, i, j] = backend.einsum("cp,cp->c", gy_t, row)
+    return grad
+
+
 def _group_matmul(a, b):
     """``a @ b`` over stacked groups; an inner dimension of 1 (a depthwise conv's M/g) as a broadcast product.
 
@@ -393,6 +451,9 @@ class Conv2dFunction(Function):
     def _geometry(self):
         return self.kernel, self.stride, self.padding, self.dilation
 
+    def _depthwise_shifts(self, m: int, c: int) -> bool:
+        return _uses_depthwise_shifts(m, c, self.kernel, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x, weight, bias=None):
         n, c, h, w = x.shape
         m, _, kh, kw = weight.shape
@@ -415,6 +476,12 @@ class Conv2dFunction(Function):
                 step = _chunk_size(n, kh * kw * m * ho * wo * x.dtype.itemsize)
                 for start in range(0, n, step):
                     _kn2row_forward(x[start:start + step], weight, y[start:start + step])
+            elif self._depthwise_shifts(m, c):
+                taps = weight.reshape(c, kh, kw)
+                for start in range(0, n, self.step):
+                    chunk = x[start:start + self.step]
+                    out = _depthwise_same(chunk.shape, taps, _channels_first(chunk), adjoint=False)
+                    y[start:start + self.step] = out.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
             else:
                 for start in range(0, n, self.step):
                     col = im2col(x[start:start + self.step], *self._geometry())
@@ -438,6 +505,20 @@ class Conv2dFunction(Function):
                 gw = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)  # inner dimension P
             if need_x:
                 gx = _group_matmul(self.wg.transpose(0, 2, 1), gy4).reshape(self.x_shape)
+        elif self._depthwise_shifts(m, c):
+            xp = backend.get_array_module(gy)
+            gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
+            taps = self.wg.reshape(c, *self.kernel) if need_x else None
+            for start in range(0, n, self.step):
+                stop = min(n, start + self.step)
+                chunk_shape = (stop - start,) + tuple(self.x_shape[1:])
+                gy_t = _channels_first(gy[start:stop])
+                if need_w:
+                    part = _depthwise_same_weight_grad(chunk_shape, gy_t, _channels_first(self.x[start:stop]), self.kernel)
+                    gw = part if gw is None else gw + part
+                if need_x:
+                    total = _depthwise_same(chunk_shape, taps, gy_t, adjoint=True)
+                    gx[start:stop] = total.reshape(c, stop - start, *self.x_shape[2:]).transpose(1, 0, 2, 3)
         else:
             xp = backend.get_array_module(gy)
             gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
@@ -455,6 +536,7 @@ class Conv2dFunction(Function):
                 if need_x:
                     col_grad = _group_matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
                     gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
+                    del col_grad  # not alive while the next chunk's columns are built
         if gw is not None:
             gw = gw.reshape(m, c // g, *self.kernel)
         if need_b:
