@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy
 
 __all__ = [
-    "xp", "use", "current", "get_array_module", "to_numpy", "asarray", "to_backend", "as_strided",
+    "xp", "use", "current", "get_array_module", "is_host_array", "to_numpy", "asarray", "to_backend", "as_strided",
     "register_backend", "available_backends", "default_dtype",
     "matmul", "tensordot", "einsum", "mul", "set_mult_recorder",
     "manual_seed", "host_rng", "random_uniform", "random_normal",
@@ -121,6 +121,11 @@ def get_array_module(*arrays) -> Any:
     if any(isinstance(a, numpy.ndarray) for a in arrays):
         return numpy
     return xp
+
+
+def is_host_array(array) -> bool:
+    """True for a host NumPy array: reading a value from it never waits for a device."""
+    return type(array) is numpy.ndarray
 
 
 def to_numpy(array) -> numpy.ndarray:

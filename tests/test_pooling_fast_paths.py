@@ -15,6 +15,8 @@ import minibasis as mb
 from minibasis import functions as F
 from minibasis.functions.pooling import pool_output_size
 
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py): the device code path too
+
 
 def loop_max_pool(x, gy, kernel, stride, padding, ceil_mode):
     """PyTorch's CPU kernel, one window at a time: (output, input gradient for output gradient gy)."""
@@ -44,10 +46,11 @@ def loop_max_pool(x, gy, kernel, stride, padding, ceil_mode):
 
 
 def ours(x, gy, **kwargs):
+    """(output, input gradient) as host arrays; x and gy are host arrays copied to the backend under test."""
     xt = mb.tensor(x, requires_grad=True)
     y = F.max_pool2d(xt, **kwargs)
-    y.backward(gy)
-    return y.data, xt.grad.data
+    y.backward(mb.tensor(gy))
+    return y.numpy(), xt.grad.numpy()
 
 
 def tied_input(rng, shape, nan_fraction):
@@ -80,7 +83,7 @@ def pool_cases(draw):
     return (draw(st.integers(1, 2)), 2, h, w), kwargs, draw(st.sampled_from([0.0, 0.1, 0.3])), draw(st.integers(0, 2 ** 16))
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(pool_cases())
 def test_any_window_matches_the_loop_and_pytorch(case):
     shape, kwargs, nan_fraction, seed = case
@@ -107,10 +110,10 @@ def test_kernel_one_output_does_not_alias_the_input():
     xt = mb.tensor(x, requires_grad=True)
     y = F.max_pool2d(xt, 1)
     y.data[...] = -1.0
-    assert xt.data[0, 0, 1, 1] == 5.0
+    np.testing.assert_array_equal(xt.numpy(), x)
     y2 = F.max_pool2d(xt, 1)
-    y2.backward(np.ones((1, 1, 4, 4)))
-    np.testing.assert_array_equal(xt.grad.data, np.ones((1, 1, 4, 4)))
+    y2.backward(mb.tensor(np.ones((1, 1, 4, 4))))
+    np.testing.assert_array_equal(xt.grad.numpy(), np.ones((1, 1, 4, 4)))
 
 
 def test_float32_network_shapes_match_pytorch():

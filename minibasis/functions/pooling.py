@@ -157,13 +157,16 @@ def _max_along(a, axis: int, kernel: int, stride: int, count: int):
     # winner = the number of offsets before the first maximum = Σ_i [no maximum among 0 … i],
     # branch-free integer passes (a boolean-mask assignment per offset took 10x longer).
     dtype = _index_dtype(xp, kernel)
-    winner, searching, missed = xp.zeros(out.shape, dtype), xp.ones(out.shape, dtype), xp.empty(out.shape, dtype)
+    winner, searching, flag = xp.zeros(out.shape, dtype), xp.ones(out.shape, dtype), xp.empty(out.shape, dtype)
     for view in views[:-1]:
-        xp.not_equal(view, out, out=missed)
-        xp.bitwise_and(searching, missed, out=searching)
+        xp.not_equal(view, out, out=flag)
+        xp.bitwise_and(searching, flag, out=searching)
         winner += searching
-    is_nan = out != out  # such windows end with winner = kernel − 1 (NaN ≠ NaN): set their last NaN
-    if bool(is_nan.any()):
+    # A NaN window ends with winner = kernel − 1 (NaN ≠ NaN everywhere): give it its last NaN.
+    # Host arrays skip this when there is no NaN; on a device, asking would synchronize it
+    # once per pool (a host read), so the masked writes always run there.
+    is_nan = out != out
+    if not backend.is_host_array(out) or bool(is_nan.any()):
         for i, view in enumerate(views):  # ascending: the last NaN is written last
             winner[is_nan & (view != view)] = i
     return out, winner
