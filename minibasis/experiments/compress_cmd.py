@@ -9,7 +9,8 @@ carries its BasisConv layout). ``--evaluate`` adds the test accuracy before and 
 from __future__ import annotations
 
 from minibasis.experiments.errors import UserError, first_line
-from minibasis.experiments import options, trainer
+from minibasis.experiments import options, runs
+from minibasis.training import NonFiniteError, Trainer
 
 __all__ = ["add_arguments", "run"]
 
@@ -48,14 +49,14 @@ def run(args) -> int:
                                       skip_unprofitable=not args.replace_all, layers=layers)
     except ValueError as exc:
         raise UserError(first_line(exc)) from None
-    folder = trainer.prepare_run_folder(args, "compress")
+    folder = runs.prepare_run_folder(args, "compress")
     log = folder.log
     log(f"minibasis compress: {name} from {checkpoint or 'random initialization'} on {backend.current()}")
     for line in report.table().splitlines():
         log(line)
     results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, **report.to_dict()}
     if args.evaluate:
-        from minibasis.experiments.common import evaluate
+        from minibasis.training import evaluate
         _, (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)
         transform = options.eval_transform(args.normalize)
         accuracies = {}

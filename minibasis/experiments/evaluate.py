@@ -77,7 +77,7 @@ def run(args) -> int:
           f"{result.images_per_s:.0f} images/s, peak memory {summary['peak_rss_mib']} MiB")
     path = output_path(args.output)
     if path is not None:
-        from minibasis.experiments.trainer import write_json
+        from minibasis.training import write_json
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, summary)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import time
 
-from minibasis.experiments import options, trainer
-from minibasis.experiments.common import evaluate
+from minibasis.experiments import options, runs
+from minibasis.training import NonFiniteError, Trainer
+from minibasis.training import evaluate
 
 __all__ = ["add_arguments", "run"]
 
@@ -46,7 +47,7 @@ def run(args) -> int:
     options.require_convs(model, f"the model {options.describe_model(args)}")
     (_, _), (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_train=0 if args.dataset == "synthetic" else None,
                                                     num_test=args.limit, seed=args.seed)
-    folder = trainer.prepare_run_folder(args, "sweep")
+    folder = runs.prepare_run_folder(args, "sweep")
     log = folder.log
     manual_seed(args.seed)
     started = time.perf_counter()

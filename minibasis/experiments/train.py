@@ -18,7 +18,8 @@ import math
 import time
 
 from minibasis.experiments.errors import UserError
-from minibasis.experiments import options, trainer
+from minibasis.experiments import options, runs
+from minibasis.training import NonFiniteError, Trainer
 
 __all__ = ["add_arguments", "run", "use_random_bases", "conv_learnable_parameters"]
 
@@ -109,9 +110,9 @@ def run(args) -> int:
         seed = args.seed if args.basis_seed is None else args.basis_seed
         layers = use_random_bases(model, args.num_basis, args.basis_fraction, seed)
         name += " (random bases)"
-    trainer.check_resume(args, "train")
+    runs.check_run_folder(args, "train")
     (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
-    folder = trainer.prepare_run_folder(args, "train")
+    folder = runs.prepare_run_folder(args, "train")
     log = folder.log
     started = time.perf_counter()
     conv_params = conv_learnable_parameters(model)
@@ -129,11 +130,11 @@ def run(args) -> int:
     scheduler = optim.StepLR(optimizer, step_size=args.lr_step, gamma=args.gamma)
     meta = {"architecture": options.architecture_of(args), "basisconv": options.basis_layout(model)}
     try:
-        history = trainer.Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
+        history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
                                   eval_fn=test_metrics, folder=folder, seed=args.seed,
                                   detect_anomaly=args.detect_anomaly, progress=not args.quiet,
                                   extra_meta=meta).fit(resume=args.resume)
-    except trainer.NonFiniteError as exc:
+    except NonFiniteError as exc:
         raise options.user_error_for_non_finite(exc) from None
     final = test_metrics(model)
     options.save_model_file(folder.file("model.npz"), model, options.architecture_of(args))
