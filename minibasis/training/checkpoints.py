@@ -13,16 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from minibasis import backend
+from minibasis.io import CheckpointError  # one error type for unreadable, foreign or unfitting files
 from minibasis.nn import Module
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_device_rng"]
 
 CHECKPOINT_FORMAT = "minibasis-train-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, foreign or does not fit the model or run."""
 
 
 def capture_rng_state() -> dict:
