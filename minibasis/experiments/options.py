@@ -177,13 +177,15 @@ def model_spec(args) -> ModelSpec:
     zoo = name or defaults["model"]
     if args.depth is not None:
         check_positive("--depth", args.depth)
-        if not _takes(zoo, "depth"):
-            raise UserError(f"--depth does not apply to --model {zoo} (it applies to resnet_cifar and densenet_bc)")
         _, fixed = canonical_architecture(zoo)
-        if "depth" in fixed and fixed["depth"] != args.depth:
-            raise UserError(f"--model {zoo} is depth {fixed['depth']}, but --depth {args.depth} was given; "
-                            f"give one of them (e.g. --model resnet_cifar --depth {args.depth})")
-        kwargs["depth"] = args.depth
+        if "depth" in fixed:
+            if fixed["depth"] != args.depth:
+                raise UserError(f"--model {zoo} is depth {fixed['depth']}, but --depth {args.depth} was given; "
+                                f"give one of them (e.g. --model resnet_cifar --depth {args.depth})")
+        elif not _takes(zoo, "depth"):
+            raise UserError(f"--depth does not apply to --model {zoo} (it applies to resnet_cifar and densenet_bc)")
+        else:
+            kwargs["depth"] = args.depth
     spec = ModelSpec(model=name, kwargs=kwargs, defaults=defaults, checkpoint=None)
     return dataclasses.replace(spec, checkpoint=resolve_checkpoint(args, spec))
 
