@@ -50,13 +50,8 @@ def run(args) -> int:
 
     options.check_common(args)
     threshold, num_basis, layers = _settings(args)
-    spec = options.model_spec(args)
-    runs.check_run_folder(args, "compress")
-    model, metadata = options.load_model_for(spec)
-    normalize = options.normalization_for(args, metadata)
-    if args.evaluate:
-        options.classes_for(args, model, metadata, args.dataset)
-    name = options.describe(model)
+    loaded = options.load_verb_model(args, "compress", check_classes=args.evaluate)
+    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     options.require_convs(model, f"the model {name}")
     try:
         compressed, report = compress(model, energy_threshold=threshold, num_basis=num_basis,
@@ -86,6 +81,6 @@ def run(args) -> int:
                         "test_acc_compressed": accuracies["compressed"]})
     folder.write_json("report.json", results)
     options.save_model_file(folder.file("model.npz"), compressed, normalize,
-                            getattr(metadata, "dataset", None) or args.dataset)
+                            loaded.dataset or args.dataset)
     log(f"wrote {folder.file('report.json')}, {folder.file('model.npz')}")
     return 0

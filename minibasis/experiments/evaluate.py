@@ -43,14 +43,10 @@ def run(args) -> int:
 
     options.check_common(args)
     options.check_positive("--limit", args.limit)
-    spec = options.model_spec(args)
     json_only = args.output is not None and Path(args.output).suffix.lower() == ".json"
-    if not json_only:
-        runs.check_run_folder(args, "eval")
-    model, metadata = options.load_model_for(spec)
-    normalize = options.normalization_for(args, metadata)
-    num_classes = options.classes_for(args, model, metadata, args.dataset)
-    description = options.describe(model)
+    loaded = options.load_verb_model(args, "eval")  # an --output ending in .json is a file: no run there
+    model, description, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
+    num_classes = options.classes_for(args, model, loaded.metadata, args.dataset)
     load_start = time.perf_counter()
     _, (images, labels) = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)
     load_seconds = time.perf_counter() - load_start

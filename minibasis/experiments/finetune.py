@@ -118,12 +118,8 @@ def run(args) -> int:
 
     options.check_common(args)
     _check_settings(args)
-    spec = options.model_spec(args)
-    runs.check_run_folder(args, "finetune")
-    model, metadata = options.load_model_for(spec)
-    normalize = options.normalization_for(args, metadata)
-    options.classes_for(args, model, metadata, args.dataset)
-    name = options.describe(model)
+    loaded = options.load_verb_model(args, "finetune")
+    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     if not args.baseline:
         options.require_convs(model, f"the model {name}")
     # Chosen before any data is read: an unreachable --target-mult-ratio costs no data loading.
@@ -187,7 +183,7 @@ def run(args) -> int:
         raise UserError(first_line(exc)) from None
     after_acc = test_metrics(tuned)["test_acc"]
     options.save_model_file(folder.file("model.npz"), tuned, normalize,
-                            getattr(metadata, "dataset", None) or args.dataset)
+                            loaded.dataset or args.dataset)
     results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
                "baseline": args.baseline, "threshold": threshold, "dataset": args.dataset, "normalize": normalize,
                "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,

@@ -20,7 +20,7 @@ from minibasis import backend
 from minibasis.experiments.errors import UserError, first_line
 
 __all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "ModelSpec",
-           "model_spec", "load_model_for", "describe", "normalization_for", "classes_for", "save_model_file",
+           "model_spec", "load_model_for", "LoadedModel", "load_verb_model", "describe", "normalization_for", "classes_for", "save_model_file",
            "checkpoint_meta", "add_data_arguments", "load_dataset", "load_training_data",
            "eval_transform", "train_transform", "test_metrics_for",
            "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
@@ -244,6 +244,38 @@ def load_model_for(spec: ModelSpec):
         raise UserError(_cli_wording(first_line(exc))) from None
     except (OSError, ValueError) as exc:
         raise UserError(f"checkpoint {spec.checkpoint} is not readable: {first_line(exc)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A verb's model and what the options and the model file say about it."""
+
+    spec: ModelSpec
+    model: object
+    metadata: object          # minibasis.ModelMetadata, or None for a randomly initialized model
+    normalize: str            # the input normalization to use ("imagenet", "cifar10", "none")
+    name: str                 # "resnet20", "table3_cnn", ...
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the model file says the model was trained on, if it says."""
+        return getattr(self.metadata, "dataset", None)
+
+
+def load_verb_model(args, verb: str, *, check_classes: bool = True) -> LoadedModel:
+    """Everything a verb checks about its model before it reads data: the model options
+    (:func:`model_spec`), the run folder (:func:`runs.check_run_folder`), the model file
+    (:func:`load_model_for`), the normalization (:func:`normalization_for`) and, with
+    ``check_classes``, that the model has an output for every class of ``--dataset``."""
+    from minibasis.experiments import runs
+
+    spec = model_spec(args)
+    runs.check_run_folder(args, verb)
+    model, metadata = load_model_for(spec)
+    if check_classes:
+        classes_for(args, model, metadata, args.dataset)
+    return LoadedModel(spec=spec, model=model, metadata=metadata, normalize=normalization_for(args, metadata),
+                       name=describe(model))
 
 
 def describe(model) -> str:

@@ -55,12 +55,8 @@ def run(args) -> int:
     options.check_common(args)
     options.check_positive("--limit", args.limit)
     thresholds = options.parse_thresholds(args.thresholds)
-    spec = options.model_spec(args)
-    runs.check_run_folder(args, "sweep")
-    model, metadata = options.load_model_for(spec)
-    normalize = options.normalization_for(args, metadata)
-    options.classes_for(args, model, metadata, args.dataset)
-    name = options.describe(model)
+    loaded = options.load_verb_model(args, "sweep")
+    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     options.require_convs(model, f"the model {name}")
     (_, _), (x_test, y_test) = options.load_dataset(args.dataset, args.data,
                                                     num_train=0 if args.dataset == "synthetic" else None,
