@@ -1,6 +1,6 @@
 """Self-describing model files: :func:`save_model` and :func:`load_model`.
 
-One ``.npz`` (written atomically through :func:`minibasis.io.save`, read back without pickle)
+One ``.npz`` (written atomically through :func:`minibasis.serialization.save`, read back without pickle)
 holds everything needed to rebuild a model with nothing restated::
 
     format              "minibasis-model-1"
@@ -29,11 +29,10 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from minibasis import backend
-from minibasis.io import CheckpointError, load, load_torch_checkpoint, save
 from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
+from minibasis.serialization import NPZ, CheckpointError, load, load_torch_checkpoint, save, sniff_format
 
 __all__ = ["MODEL_FORMAT", "LEGACY_MODEL_FORMAT", "TRAIN_CHECKPOINT_FORMAT", "ModelFileError", "ModelMetadata",
            "save_model", "load_model", "basis_layout", "apply_basis_layout"]
@@ -45,7 +44,6 @@ LEGACY_MODEL_FORMAT = "minibasis-model/1"
 #: The training checkpoints of ``train``/``finetune`` (model state under "model", facts under "meta").
 TRAIN_CHECKPOINT_FORMAT = "minibasis-train-checkpoint/1"
 
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ModelFileError(CheckpointError):
@@ -108,11 +106,16 @@ def apply_basis_layout(model: Module, layout: dict, *, source: str = "the BasisC
         if not isinstance(spec, dict):
             raise ModelFileError(f"{source}: BasisConv2d spec at {path!r} is a {type(spec).__name__}, expected a dict")
         weight = found.weight if isinstance(found, Conv2d) else found.coeffs
+        # Dilation is passed on only where the conv has one, so the layer is never silently undilated.
+        dilation = getattr(found, "dilation", 1)
+        extra = {} if dilation in (1, (1, 1)) else {"dilation": dilation}
         try:
+            if getattr(found, "groups", 1) != 1:
+                raise ValueError(f"a grouped conv (groups={found.groups}) has no BasisConv2d form")
             layer = BasisConv2d(found.in_channels, found.out_channels, found.kernel_size, int(spec["num_basis"]),
                                 stride=found.stride, padding=found.padding, bias=found.bias is not None,
                                 bn=bool(spec.get("bn", False)), basis_bias=bool(spec.get("basis_bias", False)),
-                                dtype=weight.dtype)
+                                dtype=weight.dtype, **extra)
         except (ValueError, TypeError, KeyError) as exc:
             raise ModelFileError(f"{source}: BasisConv2d at {path!r} does not fit the model: {exc}") from None
         energy = spec.get("energy")
@@ -242,20 +245,8 @@ class _Contents:
     extra: dict = field(default_factory=dict)
 
 
-def _is_torch_zip(path: str) -> bool:
-    """A zip whose members include ``<archive>/data.pkl`` (torch.save's zip format)."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(name.endswith("/data.pkl") and name.count("/") == 1 for name in zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False  # io.load reports the corruption with its own message
-
-
 def _read(source: str) -> _Contents:
-    with open(source, "rb") as handle:
-        magic = handle.read(4)
-    if magic == _ZIP_MAGIC and not _is_torch_zip(source):
+    if sniff_format(source) == NPZ:
         return _from_npz(load(source), source)
     return _from_torch(load_torch_checkpoint(source), source)
 

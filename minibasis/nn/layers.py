@@ -9,6 +9,8 @@ from minibasis.checks import is_int as _is_int, non_negative_pair, positive_int,
 from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.functions.basic import check_dropout_probability
+from minibasis.functions.conv import check_padding, resolve_padding
+from minibasis.functions.pooling import check_flag
 from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
@@ -22,26 +24,44 @@ def uniform_parameter(shape: tuple, bound: float) -> Parameter:
 
 
 class Conv2d(Module):
-    """weight (out_channels, in_channels, kh, kw), bias (out_channels,)."""
+    """weight (out_channels, in_channels / groups, kh, kw), bias (out_channels,).
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True):
+    ``padding`` is an int, a pair, "valid" or "same" (stride 1 only), kept as given
+    (as PyTorch keeps it); ``dilation`` a positive int or pair (stored as a pair,
+    like ``stride``); ``groups`` must divide both channel counts (groups =
+    in_channels = out_channels: a depthwise conv).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = positive_pair("kernel_size", kernel_size)
         self.stride = positive_pair("stride", stride)
-        self.padding = non_negative_pair("padding", padding)
-        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.padding = check_padding(padding)
+        self.dilation = positive_pair("dilation", dilation)
+        self.groups = positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
+        resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # "same" with stride > 1
+        fan_in = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), PyTorch's default
-        self.weight = uniform_parameter((out_channels, in_channels, *self.kernel_size), bound)
+        self.weight = uniform_parameter((out_channels, in_channels // groups, *self.kernel_size), bound)
         self.bias = uniform_parameter((out_channels,), bound) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}")
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        text += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        return text + f", bias={self.bias is not None}"
 
 
 class Linear(Module):
@@ -89,6 +109,19 @@ class _BatchNorm(Module):
         training = self.training or not self.track_running_stats
         return F.batch_norm(x, stats[0], stats[1], self.weight, self.bias, training, self.momentum, self.eps)
 
+    def inference_affine(self):
+        """(scale, shift), each (num_features,): eval mode computes x ↦ scale·x + shift per channel.
+
+        scale = γ/√(running_var + ε), shift = β − scale·running_mean (γ = 1, β = 0 without
+        affine). Used to fold the layer into a neighbouring conv (``to_conv``, ``fuse_batch_norm``).
+        """
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} without running statistics normalizes by batch statistics "
+                             "in eval mode too: it has no fixed affine map to fold")
+        xp = backend.get_array_module(self.weight.data)
+        scale = self.weight.data / xp.sqrt(self._buffers["running_var"] + self.eps)
+        return scale, self.bias.data - backend.mul(scale, self._buffers["running_mean"])
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
@@ -109,7 +142,7 @@ class ReLU(Module):
 
 
 class MaxPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
         super().__init__()
         kernel, pad = positive_pair("kernel_size", kernel_size), non_negative_pair("padding", padding)
         if stride is not None:
@@ -117,17 +150,26 @@ class MaxPool2d(Module):
         if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
             raise ValueError(f"{type(self).__name__}: padding {pad} must be at most half the kernel {kernel}")
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode = check_flag("ceil_mode", ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return text + (", ceil_mode=True" if self.ceil_mode else "")
 
 
 class AvgPool2d(MaxPool2d):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        self.count_include_pad = check_flag("count_include_pad", count_include_pad)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.count_include_pad else ", count_include_pad=False")
 
 
 class AdaptiveAvgPool2d(Module):
