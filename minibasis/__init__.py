@@ -2,7 +2,8 @@
 
 Layers (dependencies point down only)::
 
-    cli / experiments        minibasis.cli, minibasis.experiments
+    cli / experiments        minibasis.cli, minibasis.experiments (the verbs)
+    training / measurement   minibasis.training, minibasis.measure, minibasis.model_files
     models / compression     minibasis.models, minibasis.compress, minibasis.basis, minibasis.formulas
     nn                       minibasis.nn, minibasis.optim, minibasis.data, minibasis.io
     functions                minibasis.functions

@@ -71,7 +71,7 @@ def test_unreadable_checkpoint(capsys, tmp_path):
 
 def test_bad_options(capsys, tmp_path):
     _fails_with_one_line(capsys, ["demo", "--thresholds", "1.0,1.5", "--output", str(tmp_path / "d")], "--thresholds")
-    _fails_with_one_line(capsys, ["demo", "--epochs", "0", "--output", str(tmp_path / "d")], "--epochs must be > 0")
+    _fails_with_one_line(capsys, ["demo", "--epochs", "0", "--output", str(tmp_path / "d")], "--epochs must be a positive integer, got 0")
     _fails_with_one_line(capsys, ["train", "--batch-size", "0", "--output", str(tmp_path / "t")], "--batch-size")
     _fails_with_one_line(capsys, ["train", "--resume"], "--resume needs --output")
     _fails_with_one_line(capsys, ["train", "--resume", "--output", str(tmp_path / "never_ran")], "no config.json")

@@ -51,7 +51,7 @@ def test_eval_takes_architecture_and_normalization_from_the_model_file(trained, 
 
 @pytest.mark.parametrize("option, fragments", [
     (["--normalize", "imagenet"], ["--normalize imagenet", "'cifar10'"]),
-    (["--model", "resnet_cifar"], ["resnet_cifar", "table3_cnn"]),
+    (["--model", "resnet_cifar"], ["--model resnet_cifar was given", "table3_cnn"]),
     (["--num-classes", "100"], ["100", "10"]),
 ], ids=["normalize", "model", "num-classes"])
 def test_an_option_that_contradicts_the_model_file_is_refused(trained, tmp_path, capsys, option, fragments):
@@ -80,7 +80,7 @@ def test_akamaster_checkpoint_of_another_depth_suggests_the_right_depth(capsys, 
     (["finetune", "--threshold", "0.8", "--target-mult-ratio", "0.5", "--checkpoint", "none"], "not both"),
     (["finetune", "--thresholds", "0.9,0.8", "--checkpoint", "none"], "--thresholds is the grid"),
     (["finetune", "--threshold", "1.5", "--checkpoint", "none"], "--threshold must be in (0, 1]"),
-    (["train", "--num-basis", "4"], "apply only with --basis random"),
+    (["train", "--num-basis", "4"], "--num-basis applies only with --basis random"),
     (["train", "--basis", "random", "--num-basis", "4", "--basis-fraction", "0.5"], "not both"),
     (["train", "--resume", "--overwrite", "--output", "x"], "not both"),
 ], ids=lambda value: "-".join(value)[:40].replace(" ", "_") if isinstance(value, list) else "")

@@ -36,9 +36,8 @@ def _settings(args) -> tuple[float | None, int | None, list[str] | None]:
         raise UserError("--limit applies only with --evaluate (without it no test image is used)")
     if args.threshold is not None and args.num_basis is not None:
         raise UserError("give --threshold or --num-basis, not both")
-    threshold = 0.9 if args.threshold is None and args.num_basis is None else args.threshold
-    if threshold is not None and not 0.0 < threshold <= 1.0:
-        raise UserError(f"--threshold must be in (0, 1], got {threshold}")
+    threshold = options.check_threshold("--threshold", 0.9 if args.threshold is None and args.num_basis is None
+                                        else args.threshold)
     options.check_positive("--num-basis", args.num_basis)
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
     return threshold, args.num_basis, layers

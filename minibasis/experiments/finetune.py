@@ -87,14 +87,12 @@ def _check_settings(args) -> None:
     if args.target_mult_ratio is not None:
         if args.threshold is not None:
             raise UserError("give --threshold or --target-mult-ratio, not both")
-        if not 0.0 < args.target_mult_ratio <= 1.0:
-            raise UserError(f"--target-mult-ratio must be in (0, 1], got {args.target_mult_ratio}")
+        options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
         options.parse_thresholds(args.thresholds)
     else:
         if args.thresholds != default_grid:
             raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
-        if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
-            raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
+        options.check_threshold("--threshold", args.threshold)
 
 
 def choose_threshold(model, args, log) -> float:

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from minibasis import backend
+from minibasis.checks import energy_threshold, non_negative_int, positive_int
 from minibasis.experiments.errors import UserError, first_line
 
-__all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "ModelSpec",
+__all__ = ["add_common_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments", "ModelSpec",
            "model_spec", "load_model_for", "LoadedModel", "load_verb_model", "describe", "normalization_for", "classes_for", "save_model_file",
            "checkpoint_meta", "add_data_arguments", "load_dataset", "load_training_data",
            "eval_transform", "train_transform", "test_metrics_for",
@@ -57,10 +58,29 @@ def select_device(name: str) -> None:
 
 
 def check_positive(option: str, value, allow_zero: bool = False):
-    """``value`` unchanged, or a one-line :class:`UserError` when it is not positive."""
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise UserError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+    """``value`` unchanged (None too), or a one-line :class:`UserError` when it is not a positive
+    (``allow_zero``: non-negative) integer — :mod:`minibasis.checks`' rule and message; a float
+    option (``--basis-fraction``) must be > 0 (≥ 0)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, float):
+            if not (value >= 0 if allow_zero else value > 0):   # also refuses NaN
+                raise ValueError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+            return value
+        return (non_negative_int if allow_zero else positive_int)(option, value)
+    except ValueError as exc:
+        raise UserError(first_line(exc)) from None
+
+
+def check_threshold(option: str, value):
+    """``value`` (None too) as an energy threshold in (0, 1] (:func:`minibasis.checks.energy_threshold`)."""
+    if value is None:
+        return None
+    try:
+        return energy_threshold(value, option)
+    except ValueError as exc:
+        raise UserError(first_line(exc)) from None
 
 
 def check_common(args) -> None:
@@ -73,10 +93,10 @@ def check_common(args) -> None:
 def parse_thresholds(text: str) -> list[float]:
     """``"1.0,0.95,0.9"`` → ``[1.0, 0.95, 0.9]``, each in (0, 1]."""
     try:
-        values = [float(part) for part in str(text).split(",") if part.strip()]
+        values = [energy_threshold(float(part)) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        values = []
+    if not values:
         raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}")
     return values
 
@@ -215,6 +235,7 @@ def _cli_wording(message: str) -> str:
     message = re.sub(r"\bpass (\w+)=(\S+?) or leave \1 out",
                      lambda m: f"pass --{m.group(1).replace('_', '-')} {m.group(2)} or leave --"
                                f"{m.group(1).replace('_', '-')} out", message)
+    message = re.sub(r"\barchitecture='(\w+)' was given", r"--model \1 was given", message)
     return re.sub(r"\b(depth|num_classes)=(\S+?) was given",
                   lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)} was given", message)
 

@@ -107,7 +107,8 @@ def run(args) -> int:
         ignored = [o for o, v in (("--num-basis", args.num_basis), ("--basis-seed", args.basis_seed))
                    if v is not None] + (["--basis-fraction"] if args.basis_fraction != 1.0 else [])
         if ignored:
-            raise UserError(f"{', '.join(ignored)} apply only with --basis random")
+            raise UserError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only with "
+                            "--basis random")
     elif args.num_basis is not None and args.basis_fraction != 1.0:
         raise UserError("give --num-basis or --basis-fraction, not both")
     spec = options.model_spec(args)
