@@ -404,7 +404,12 @@ def normalization_for(args, metadata) -> str:
     if given is not None and recorded is not None and given != recorded:
         raise UserError(f"--normalize {given} was given, but the model file records normalization {recorded!r}; "
                         f"leave --normalize out to use it")
-    return given or recorded or getattr(args, "_normalize_default", "imagenet")
+    chosen = given or recorded or getattr(args, "_normalize_default", "imagenet")
+    if metadata is not None and given is None and recorded is None:
+        import sys
+        print(f"note: the model file does not record its input normalization; using --normalize {chosen} "
+              "(pass --normalize to choose)", file=sys.stderr)
+    return chosen
 
 
 def classes_for(args, model, metadata, dataset: str) -> int:
