@@ -41,7 +41,7 @@ TARGET_LAYER, TARGET_GEMM, TARGET_TORCH = "64->64 3x3", 1.5, 2.0
 DEPTHWISE_LAYER, DEPTHWISE_TORCH = "dw 96 3x3 16x16", 3.0
 
 
-def bench_layer(args, spec, sync, torch):
+def bench_layer(args, spec, sync, torch, batch=BATCH):
     import numpy
 
     import minibasis as mb
@@ -52,9 +52,9 @@ def bench_layer(args, spec, sync, torch):
     xp = backend.xp
     rng = numpy.random.default_rng(0)
     cg = c // groups
-    host_x = rng.standard_normal((BATCH, c, size, size), dtype=numpy.float32)
+    host_x = rng.standard_normal((batch, c, size, size), dtype=numpy.float32)
     host_w = (rng.standard_normal((m, cg, k, k), dtype=numpy.float32) / numpy.sqrt(cg * k * k)).astype(numpy.float32)
-    host_gy = rng.standard_normal((BATCH, m, size, size), dtype=numpy.float32)
+    host_gy = rng.standard_normal((batch, m, size, size), dtype=numpy.float32)
     x = mb.tensor(host_x, requires_grad=True)
     w = mb.tensor(host_w, requires_grad=True)
     gy = backend.asarray(host_gy)
@@ -69,10 +69,10 @@ def bench_layer(args, spec, sync, torch):
 
     r = args.repeats
     row = {"layer": name, "in_channels": c, "out_channels": m, "kernel": k, "padding": pad, "groups": groups,
-           "size": size, "batch": BATCH,
+           "size": size, "batch": batch,
            "forward_s": common.best_time(forward, r, sync), "forward_backward_s": common.best_time(forward_backward, r, sync)}
 
-    d, npos, mg = cg * k * k, BATCH * size * size, m // groups  # padding keeps Ho = H
+    d, npos, mg = cg * k * k, batch * size * size, m // groups  # padding keeps Ho = H
 
     def gemm(p, q):  # conv2d's choice: a broadcast product where the inner dimension is 1
         return xp.multiply(p, q) if p.shape[-1] == 1 else xp.matmul(p, q)

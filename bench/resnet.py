@@ -45,17 +45,17 @@ def _peak_rss_bytes() -> int:
 # ---------------------------------------------------------------------------------------------
 # Workers (one per process)
 # ---------------------------------------------------------------------------------------------
-def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
+def minibasis_step(depth: int, batch: int, training: bool):
+    """The measured call: one SGD step of ResNet-``depth`` on a random batch, or one evaluation
+    under ``no_grad``, on the active backend. ``None`` when the zoo model is missing."""
     import numpy
 
     import minibasis as mb
     from minibasis import functions as F, optim
     try:
         from minibasis.models import resnet_cifar
-    except ImportError as exc:
-        return {"error": f"minibasis.models.resnet_cifar is not available yet: {exc}"}
-    depth, batch, training = TASKS[task]
-    sync = common.select_device(device)
+    except ImportError:
+        return None
     mb.manual_seed(0)
     model = resnet_cifar(depth)
     rng = numpy.random.default_rng(0)
@@ -76,6 +76,15 @@ def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
         def run():
             with mb.no_grad():
                 model(x)
+    return run
+
+
+def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
+    depth, batch, training = TASKS[task]
+    sync = common.select_device(device)
+    run = minibasis_step(depth, batch, training)
+    if run is None:
+        return {"error": "minibasis.models.resnet_cifar is not available"}
     return _measure(run, repeats, sync, batch)
 
 
@@ -120,12 +129,9 @@ def _torch_resnet(torch, depth: int):
     return ResNet()
 
 
-def _torch_worker(task: str, device: str, repeats: int) -> dict:
+def torch_step(torch, depth: int, batch: int, training: bool, device: str):
+    """The same call as :func:`minibasis_step` in PyTorch (CUDA when ``device`` is "cupy")."""
     import numpy
-    torch = common.load_torch(False, device)
-    if torch is None:
-        return {"error": "PyTorch not available"}
-    depth, batch, training = TASKS[task]
     dev = "cuda" if device == "cupy" else "cpu"
     torch.manual_seed(0)
     model = _torch_resnet(torch, depth).to(dev)
@@ -147,6 +153,15 @@ def _torch_worker(task: str, device: str, repeats: int) -> dict:
         def run():
             with torch.no_grad():
                 model(x)
+    return run
+
+
+def _torch_worker(task: str, device: str, repeats: int) -> dict:
+    torch = common.load_torch(False, device)
+    if torch is None:
+        return {"error": "PyTorch not available"}
+    depth, batch, training = TASKS[task]
+    run = torch_step(torch, depth, batch, training, device)
     return _measure(run, repeats, common.torch_sync(torch, device), batch)
 
 

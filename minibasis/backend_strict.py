@@ -28,17 +28,55 @@ the "numpy" backend's bit for bit: a test can compare the two exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import types
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy
 
-__all__ = ["StrictArray", "HostDeviceMixError", "xp", "to_host", "load"]
+__all__ = ["StrictArray", "HostDeviceMixError", "TransferCounts", "count_transfers", "xp", "to_host", "load"]
 
 
 class HostDeviceMixError(TypeError):
     """A host NumPy array met a device array without an explicit copy."""
+
+
+@dataclass
+class TransferCounts:
+    """Explicit host/device traffic seen by the strict backend inside :func:`count_transfers`.
+
+    ``to_device``: host data copied to the device (``xp.asarray``/``xp.array`` of host data,
+    as ``cupy.asarray`` copies); ``to_host``: device arrays copied to the host (``to_host``,
+    ``.get()``, ``.tolist()``, as ``cupy.asnumpy``); ``scalar_reads``: single values read on
+    the host (``float()``, ``int()``, ``bool()``, ``.item()``, ``__index__``): on CuPy each one
+    waits for the device to finish, so a training loop should do them only to log a number.
+    """
+
+    to_device: int = 0
+    to_host: int = 0
+    scalar_reads: int = 0
+
+
+_counters: list[TransferCounts] = []
+
+
+def _count(kind: str) -> None:
+    for counts in _counters:
+        setattr(counts, kind, getattr(counts, kind) + 1)
+
+
+@contextlib.contextmanager
+def count_transfers() -> Iterator[TransferCounts]:
+    """``with count_transfers() as counts:`` — host/device copies and scalar reads, counted."""
+    counts = TransferCounts()
+    _counters.append(counts)
+    try:
+        yield counts
+    finally:
+        _counters.remove(counts)
 
 
 def _refuse_host(value, where: str):
@@ -159,21 +197,27 @@ class StrictArray:
 
     # -- scalar conversion (a synchronizing copy of one value on CuPy: allowed) -----------------
     def item(self, *args):
+        _count("scalar_reads")
         return self._a.item(*args)
 
     def __float__(self):
+        _count("scalar_reads")
         return float(self._a)
 
     def __int__(self):
+        _count("scalar_reads")
         return int(self._a)
 
     def __index__(self):
+        _count("scalar_reads")
         return operator.index(self._a)
 
     def __bool__(self):
+        _count("scalar_reads")
         return bool(self._a)
 
     def __complex__(self):
+        _count("scalar_reads")
         return complex(self._a)
 
     # -- indexing -----------------------------------------------------------------------
@@ -211,14 +255,20 @@ class StrictArray:
 
     def get(self) -> numpy.ndarray:
         """A host copy, as ``cupy.ndarray.get()``."""
+        _count("to_host")
         return self._a.copy()
+
+    def tolist(self):
+        """Host Python values, as ``cupy.ndarray.tolist()`` (a device → host copy)."""
+        _count("to_host")
+        return self._a.tolist()
 
 
 # Methods of cupy.ndarray the engine may use: forwarded to NumPy, device arrays in and out.
 for _name in ("reshape", "transpose", "swapaxes", "sum", "mean", "max", "min", "argmax", "argmin",
               "prod", "var", "std", "cumsum", "any", "all", "astype", "copy", "fill", "ravel",
               "flatten", "squeeze", "clip", "dot", "nonzero", "round", "view", "take", "repeat",
-              "conj", "diagonal", "trace", "sort", "argsort", "tolist"):
+              "conj", "diagonal", "trace", "sort", "argsort"):
     setattr(StrictArray, _name, _forwarded_method(_name))
 del _name
 
@@ -241,6 +291,8 @@ class _StrictProxy:
             if issubclass(value, (numpy.random.RandomState, numpy.random.Generator)):
                 return _wrapped_callable(value, label)
             return value  # dtypes and scalar types (xp.float32, xp.dtype) are the same on CuPy
+        if isinstance(value, numpy.ufunc):
+            return _StrictUfunc(value, label)  # keeps .at / .reduce / .outer (cupy.ufunc has them)
         if callable(value):
             return _wrapped_callable(value, label)
         return value  # constants: pi, inf, newaxis
@@ -250,6 +302,13 @@ class _StrictProxy:
 
     def __repr__(self) -> str:
         return f"<strict stand-in for {self._label}>"
+
+
+class _StrictUfunc(_StrictProxy):
+    """A NumPy ufunc that speaks StrictArrays: called directly, and through ``at``, ``reduce``, ``outer`` ..."""
+
+    def __call__(self, *args, **kwargs):
+        return _wrap(self._target(*_unwrap(args, self._label), **_unwrap(kwargs, self._label)))
 
 
 def _wrapped_callable(func, label: str):
@@ -266,6 +325,7 @@ def _asarray(obj, dtype=None, order=None):
     """
     if isinstance(obj, StrictArray):
         return _wrap(numpy.asarray(obj._a, dtype=dtype, order=order))
+    _count("to_device")
     return StrictArray(numpy.array(_unwrap(obj, "strict.asarray") if isinstance(obj, (list, tuple)) else obj,
                                    dtype=dtype, order=order, copy=True))
 
@@ -274,7 +334,9 @@ def _array(obj, dtype=None, copy=True, order="K", ndmin=0):
     """``xp.array``: like :func:`_asarray` but copies device arrays too (by default)."""
     source = obj._a if isinstance(obj, StrictArray) else (
         _unwrap(obj, "strict.array") if isinstance(obj, (list, tuple)) else obj)
-    copy = True if not isinstance(obj, StrictArray) else copy
+    if not isinstance(obj, StrictArray):
+        copy = True
+        _count("to_device")
     return StrictArray(numpy.array(source, dtype=dtype, copy=copy, order=order, ndmin=ndmin))
 
 
@@ -302,6 +364,7 @@ class _StrictModule(_StrictProxy):
 def to_host(array) -> numpy.ndarray:
     """Explicit device → host copy (``cupy.asnumpy``)."""
     if isinstance(array, StrictArray):
+        _count("to_host")
         return array._a.copy()
     if isinstance(array, numpy.ndarray):
         return array

@@ -7,17 +7,19 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import minibasis as mb
-from minibasis import formulas, nn, optim
+from minibasis import backend, formulas, nn, optim
 from minibasis.basis import random_orthonormal_basis
+
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
 
 
 def _conv_with(weight, bias, stride, padding):
     """A Conv2d holding exactly ``weight`` (M, C, kh, kw) and ``bias`` (M,) (dtype kept)."""
     m, c, kh, kw = weight.shape
     conv = nn.Conv2d(c, m, (kh, kw), stride=stride, padding=padding, bias=bias is not None)
-    conv.weight.data = weight.copy()
+    conv.weight.data = backend.asarray(weight.copy())
     if bias is not None:
-        conv.bias.data = bias.copy()
+        conv.bias.data = backend.asarray(bias.copy())
     return conv
 
 
@@ -82,7 +84,7 @@ def _check_exact(case, dtype, tol):
     for module in (conv, layer):
         x = mb.tensor(case["x"].astype(dtype), requires_grad=True)
         y = module(x)
-        y.backward(case["upstream"].astype(dtype))
+        y.backward(mb.tensor(case["upstream"].astype(dtype)))
         outputs.append(y.numpy())
         grads.append(x.grad.numpy())
     assert outputs[0].shape == outputs[1].shape == case["upstream"].shape
@@ -165,7 +167,7 @@ def test_coefficient_stage_builds_no_column_buffer(monkeypatch):
 
     def spy(x, kernel, stride, padding, dilation=(1, 1)):
         col = original(x, kernel, stride, padding, dilation)
-        built.append((kernel, np.shares_memory(col, x)))
+        built.append((kernel, bool(backend.get_array_module(col).shares_memory(col, x))))
         return col
 
     monkeypatch.setattr(conv_module, "im2col", spy)
@@ -202,7 +204,7 @@ def test_basis_is_a_fixed_buffer_that_optimizers_never_touch():
     assert sorted(names) == ["basis_bias", "bias", "bn.bias", "bn.weight", "coeffs"]
     assert "basis" in layer.state_dict() and "basis" in dict(layer.named_buffers())
     basis_before = layer.basis.copy()
-    coeffs_before = layer.coeffs.data.copy()
+    coeffs_before = layer.coeffs.numpy().copy()
 
     opt = optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
     x = mb.tensor(np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32))
@@ -211,20 +213,20 @@ def test_basis_is_a_fixed_buffer_that_optimizers_never_touch():
         loss = (layer(x) * layer(x)).mean()
         loss.backward()
         opt.step()
-    assert np.array_equal(layer.basis, basis_before)
-    assert not np.allclose(layer.coeffs.data, coeffs_before)
+    assert np.array_equal(mb.to_numpy(layer.basis), mb.to_numpy(basis_before))
+    assert not np.allclose(layer.coeffs.numpy(), coeffs_before)
 
 
 def test_state_dict_round_trip_restores_basis_and_outputs():
     source = nn.BasisConv2d.random(3, 6, 3, 5, stride=2, padding=1, basis_bias=True, seed=1).eval()
     target = nn.BasisConv2d.random(3, 6, 3, 5, stride=2, padding=1, basis_bias=True, seed=2).eval()
-    assert not np.allclose(source.basis, target.basis)
+    assert not np.allclose(mb.to_numpy(source.basis), mb.to_numpy(target.basis))
     state = source.state_dict()
     assert set(state) == {"coeffs", "bias", "basis_bias", "basis", "bn.weight", "bn.bias", "bn.running_mean",
                           "bn.running_var"}
     assert state["basis"].shape == (5, 3, 3, 3) and state["coeffs"].shape == (6, 5)
     target.load_state_dict(state)
-    assert np.array_equal(target.basis, source.basis)
+    assert np.array_equal(mb.to_numpy(target.basis), mb.to_numpy(source.basis))
     assert target.basis is not source.basis
     x = mb.tensor(np.random.default_rng(1).standard_normal((2, 3, 7, 7)).astype(np.float32))
     np.testing.assert_array_equal(target(x).numpy(), source(x).numpy())
@@ -235,15 +237,15 @@ def test_state_dict_round_trip_restores_basis_and_outputs():
 def test_random_basis_is_orthonormal_seeded_and_in_im2col_order():
     c, m, k, q, seed = 2, 4, 3, 4, 7
     layer = nn.BasisConv2d.random(c, m, k, q, bias=False, bn=False, seed=seed, dtype=np.float64)
-    flat = layer.basis.reshape(q, -1)
+    flat = mb.to_numpy(layer.basis).reshape(q, -1)
     np.testing.assert_allclose(flat @ flat.T, np.eye(q), atol=1e-12)
-    assert np.array_equal(nn.BasisConv2d.random(c, m, k, q, seed=seed, dtype=np.float64).basis, layer.basis)
-    assert not np.allclose(nn.BasisConv2d.random(c, m, k, q, seed=seed + 1, dtype=np.float64).basis, layer.basis)
+    assert np.array_equal(mb.to_numpy(nn.BasisConv2d.random(c, m, k, q, seed=seed, dtype=np.float64).basis), flat.reshape(q, c, k, k))
+    assert not np.allclose(mb.to_numpy(nn.BasisConv2d.random(c, m, k, q, seed=seed + 1, dtype=np.float64).basis), flat.reshape(q, c, k, k))
     assert nn.BasisConv2d.random(c, m, k, q).bn is not None, "from scratch: BN on by default"
     assert nn.BasisConv2d(c, m, k, q).bn is None
 
     # One output position: the basis stage computes Eᵀ·x with x flattened in (C, kh, kw) order.
-    layer.coeffs.data = np.eye(m, q)
+    layer.coeffs.data = backend.asarray(np.eye(m, q))
     x = np.random.default_rng(0).standard_normal((1, c, k, k))
     y = layer(mb.tensor(x)).numpy().reshape(m)
     E = random_orthonormal_basis(c * k * k, q, seed=seed)
@@ -256,10 +258,10 @@ def test_random_init_scale_and_manual_seed():
     mb.manual_seed(4)
     b = nn.BasisConv2d.random(8, 16, 3, 9, basis_bias=True)
     for key, value in a.state_dict().items():
-        assert np.array_equal(value, b.state_dict()[key]), key
-    assert np.abs(a.coeffs.data).max() <= 1 / np.sqrt(9) and np.abs(a.bias.data).max() <= 1 / np.sqrt(9)
-    assert np.abs(a.basis_bias.data).max() <= 1 / np.sqrt(8 * 9)
-    assert a.coeffs.data.std() > 0.5 / np.sqrt(3 * 9), "spread like U(-1/sqrt(Q), 1/sqrt(Q))"
+        assert np.array_equal(mb.to_numpy(value), mb.to_numpy(b.state_dict()[key])), key
+    assert np.abs(a.coeffs.numpy()).max() <= 1 / np.sqrt(9) and np.abs(a.bias.numpy()).max() <= 1 / np.sqrt(9)
+    assert np.abs(a.basis_bias.numpy()).max() <= 1 / np.sqrt(8 * 9)
+    assert a.coeffs.numpy().std() > 0.5 / np.sqrt(3 * 9), "spread like U(-1/sqrt(Q), 1/sqrt(Q))"
 
 
 def test_from_conv_keeps_dtype_bias_stride_and_energy():
@@ -269,10 +271,10 @@ def test_from_conv_keeps_dtype_bias_stride_and_energy():
     assert (layer.stride, layer.padding, layer.num_basis) == ((2, 2), (1, 1), 3)
     assert layer.coeffs.dtype == np.float32 and layer.basis.dtype == np.float32
     assert layer.bn is None and layer.basis_bias is None
-    np.testing.assert_array_equal(layer.bias.data, conv.bias.data)
+    np.testing.assert_array_equal(layer.bias.numpy(), conv.bias.numpy())
     assert layer.bias.data is not conv.bias.data
     # energy = retained fraction of the squared singular values of the filter matrix
-    s = np.linalg.svd(conv.weight.data.astype(np.float64).reshape(6, -1), compute_uv=False)
+    s = np.linalg.svd(conv.weight.numpy().astype(np.float64).reshape(6, -1), compute_uv=False)
     assert layer.energy == pytest.approx((s[:3] ** 2).sum() / (s ** 2).sum(), rel=1e-12)
     assert nn.BasisConv2d.random(2, 3, 3, 2).energy is None
     text = repr(layer)
@@ -309,7 +311,7 @@ def test_num_basis_above_min_d_m():
 
 def test_non_4d_weight_and_non_conv():
     conv = nn.Conv2d(3, 4, 3)
-    conv.weight = nn.Parameter(np.ones((4, 27), dtype=np.float32))
+    conv.weight = nn.Parameter(mb.tensor(np.ones((4, 27), dtype=np.float32)))
     with pytest.raises(ValueError, match=r"4-D.*\(4, 27\)"):
         nn.BasisConv2d.from_conv(conv, energy_threshold=1.0)
     with pytest.raises(TypeError, match="Conv2d.*Linear"):

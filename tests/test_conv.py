@@ -14,6 +14,8 @@ from minibasis import functions as F
 from minibasis.functions import conv as conv_module
 from reference import conv2d_direct, conv2d_direct_grads, output_positions, window_geometry
 
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
+
 
 def conv_case(g, with_bias=True):
     rng = np.random.default_rng(g["seed"])
@@ -29,9 +31,9 @@ def run_conv(x, w, b, stride, padding, grad_out=None):
     bt = mb.tensor(b, requires_grad=True) if b is not None else None
     y = F.conv2d(xt, wt, bt, stride=stride, padding=padding)
     if grad_out is None:
-        return y.data, None
-    y.backward(grad_out)
-    return y.data, (xt.grad.data, wt.grad.data, bt.grad.data if bt is not None else None)
+        return y.numpy(), None
+    y.backward(mb.tensor(grad_out))
+    return y.numpy(), (xt.grad.numpy(), wt.grad.numpy(), bt.grad.numpy() if bt is not None else None)
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def test_gradcheck_without_bias_rectangular_kernel_and_pair_arguments():
         for j in range(5):
             window = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))[:, :, 2 * i:2 * i + 3, j:j + 2]
             expected[:, :, i, j] = np.einsum("nckl,mckl->nm", window, w)
-    np.testing.assert_allclose(fn(mb.tensor(x), mb.tensor(w)).data, expected, atol=1e-12)
+    np.testing.assert_allclose(fn(mb.tensor(x), mb.tensor(w)).numpy(), expected, atol=1e-12)
 
 
 def test_pointwise_fast_path_matches_reference():
@@ -102,7 +104,7 @@ def test_float32_stays_float32_and_close_to_reference():
     x, w = rng.standard_normal((2, 3, 8, 8)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     y = F.conv2d(mb.tensor(x), mb.tensor(w), padding=1)
     assert y.dtype == np.float32
-    np.testing.assert_allclose(y.data, conv2d_direct(x.astype(np.float64), w.astype(np.float64), padding=1),
+    np.testing.assert_allclose(y.numpy(), conv2d_direct(x.astype(np.float64), w.astype(np.float64), padding=1),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -137,8 +139,9 @@ def test_set_im2col_budget_returns_previous_and_rejects_nonpositive(restore_budg
 
 
 @pytest.mark.parametrize("phase", ["forward", "backward"])
-def test_chunked_processing_stays_within_the_budget(restore_budget, phase):
+def test_chunked_processing_stays_within_the_budget(restore_budget, phase, on_backend):
     """Under a small budget neither forward nor backward builds a whole-batch column buffer."""
+    on_backend.require_host_memory("tracemalloc")
     rng = np.random.default_rng(0)
     n, c, m, h, k = 16, 8, 4, 16, 3
     x = mb.tensor(rng.standard_normal((n, c, h, h)), requires_grad=True)
@@ -151,7 +154,7 @@ def test_chunked_processing_stays_within_the_budget(restore_budget, phase):
         grad = np.ones(y.shape)
         if phase == "backward":
             tracemalloc.reset_peak()
-            y.backward(grad)
+            y.backward(mb.tensor(grad))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

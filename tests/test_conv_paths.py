@@ -19,6 +19,8 @@ import minibasis as mb
 from minibasis import functions as F
 from minibasis.functions import conv as conv_module
 
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
+
 
 def reference_conv(x, w, stride, padding):
     """Cross-correlation by explicit windows: y[n, m, a, b] = Σ x_pad[n, c, a·sh + i, b·sw + j] · w[m, c, i, j]."""
@@ -48,8 +50,8 @@ def run(x, w, stride, padding, gy):
     xt, wt = mb.tensor(x, requires_grad=True), mb.tensor(w, requires_grad=True)
     with mb.count_mults() as counter:
         y = F.conv2d(xt, wt, stride=stride, padding=padding)
-        y.backward(gy)
-    return y.data, xt.grad.data, wt.grad.data, counter
+        y.backward(mb.tensor(gy))
+    return y.numpy(), xt.grad.numpy(), wt.grad.numpy(), counter
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_kn2row_runs_for_few_output_channels_only(monkeypatch, m, c, expected):
     with mb.no_grad():
         y = F.conv2d(mb.tensor(x), mb.tensor(w), padding=1)
     assert used == [expected]
-    np.testing.assert_allclose(y.data, reference_conv(x, w, (1, 1), (1, 1)), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y.numpy(), reference_conv(x, w, (1, 1), (1, 1)), rtol=1e-10, atol=1e-10)
 
 
 def test_kn2row_counts_exactly_the_im2col_multiplications(restore_settings):
@@ -115,7 +117,7 @@ def test_kn2row_counts_exactly_the_im2col_multiplications(restore_settings):
     for ratio in (0.0, 1.0):  # never kn2row, then kn2row (M = 2 < 8)
         conv_module.KN2ROW_CHANNEL_RATIO = ratio
         with mb.count_mults() as counter, mb.no_grad():
-            outputs.append(F.conv2d(mb.tensor(x), mb.tensor(w), padding=(1, 2)).data)
+            outputs.append(F.conv2d(mb.tensor(x), mb.tensor(w), padding=(1, 2)).numpy())
         counts.append(counter.conv)
     assert counts[0] == counts[1] == 3 * 2 * (8 * 3 * 5) * (5 * 7)
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
@@ -158,7 +160,7 @@ def test_float32_stays_float32_on_every_path():
         x = mb.tensor(rng.standard_normal((2, 4, 6, 6)).astype(np.float32), requires_grad=True)
         w = mb.tensor(rng.standard_normal((m, 4, kernel, kernel)).astype(np.float32), requires_grad=True)
         y = F.conv2d(x, w, stride=stride, padding=padding)
-        y.backward(np.ones(y.shape, dtype=np.float32))
+        y.backward(mb.tensor(np.ones(y.shape, dtype=np.float32)))
         assert y.dtype == x.grad.dtype == w.grad.dtype == np.float32
 
 
@@ -168,13 +170,14 @@ def test_non_contiguous_input_is_handled():
     for m in (2, 6):  # kn2row and im2col planes
         w = rng.standard_normal((m, 4, 3, 3))
         y = F.conv2d(mb.tensor(x), mb.tensor(w), padding=1)
-        np.testing.assert_allclose(y.data, reference_conv(np.ascontiguousarray(x), w, (1, 1), (1, 1)),
+        np.testing.assert_allclose(y.numpy(), reference_conv(np.ascontiguousarray(x), w, (1, 1), (1, 1)),
                                    rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow
-def test_resnet56_evaluation_at_batch_256_stays_under_2_gib():
+def test_resnet56_evaluation_at_batch_256_stays_under_2_gib(on_backend):
     """No graph, so no column buffers or saved activations: peak traced memory well under 2 GiB."""
+    on_backend.require_host_memory("tracemalloc")
     import tracemalloc
     models = pytest.importorskip("minibasis.models")
     model = models.resnet_cifar(56).eval()
@@ -200,8 +203,8 @@ def test_relu_backward_bit_mask_selects_exactly_like_where(dtype):
     gy = rng.standard_normal(x.shape).astype(dtype)
     gy.flat[4:8] = [np.nan, -0.0, np.inf, -np.inf]
     xt = mb.tensor(x, requires_grad=True)
-    F.relu(xt).backward(gy)
+    F.relu(xt).backward(mb.tensor(gy))
     want = np.where(x > 0, gy, 0).astype(dtype)  # PyTorch's threshold backward: NaN input → 0
     ints = np.dtype(f"i{np.dtype(dtype).itemsize}")
     assert xt.grad.dtype == dtype
-    np.testing.assert_array_equal(xt.grad.data.view(ints), want.view(ints))
+    np.testing.assert_array_equal(xt.grad.numpy().view(ints), want.view(ints))

@@ -14,6 +14,8 @@ from minibasis import nn
 from minibasis.functions import conv as conv_module
 from reference import output_positions, window_geometry
 
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
+
 
 def tensors_for(g, x_grad, w_grad, bias=False):
     rng = np.random.default_rng(g["seed"])
@@ -54,7 +56,7 @@ def test_conv_backward_count_is_what_backward_computes(x_grad, w_grad, g):
     forward = conv_definition_mults(g)
     with mb.count_mults() as counter:
         y = F.conv2d(x, w, b, stride=g["stride"], padding=g["padding"])
-        y.backward(np.ones(y.shape, np.float32))
+        y.backward(mb.tensor(np.ones(y.shape, np.float32)))
     assert counter.forward.conv == forward
     assert counter.backward.conv == forward * (int(x_grad) + int(w_grad))
     assert counter.conv == counter.forward.conv + counter.backward.conv == counter.total
@@ -67,7 +69,7 @@ def test_conv_count_is_the_same_when_chunked():
         x, w, _ = tensors_for(g, True, True)
         with mb.count_mults() as counter:
             y = F.conv2d(x, w, padding=1)
-            y.backward(np.ones(y.shape, np.float32))
+            y.backward(mb.tensor(np.ones(y.shape, np.float32)))
     finally:
         conv_module.set_im2col_budget(previous)
     assert counter.forward.conv == conv_definition_mults(g)
@@ -81,7 +83,7 @@ def test_linear_counts(n, fan_in, fan_out, x_grad):
     layer = nn.Linear(fan_in, fan_out)
     with mb.count_mults() as counter:
         y = layer(x)
-        y.backward(np.ones((n, fan_out), np.float32))
+        y.backward(mb.tensor(np.ones((n, fan_out), np.float32)))
     assert counter.forward.total == n * fan_in * fan_out
     assert counter.forward.by_op == {"linear": n * fan_in * fan_out}
     # weight gradient always (a parameter), input gradient only when x requires it
@@ -96,7 +98,7 @@ def test_nothing_is_recorded_outside_a_counter():
         pass
     y = F.conv2d(x, w)  # outside: not recorded anywhere
     with mb.count_mults() as later:
-        y.backward(np.ones(y.shape, np.float32))  # backward of a graph built outside: counted as backward
+        y.backward(mb.tensor(np.ones(y.shape, np.float32)))  # backward of a graph built outside: counted as backward
     assert counter.total == 0
     assert later.forward.total == 0
     assert later.backward.conv == 2 * (2 * 4 * 27 * 3 * 3)

@@ -8,6 +8,8 @@ from minibasis import functions as F
 from reference import (avg_pool2d_loop, batch_norm_numpy, distinct_values, max_pool2d_loop,
                        max_pool2d_loop_grad, softmax_cross_entropy_numpy, window_geometry)
 
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
+
 seeds = st.integers(0, 2 ** 31 - 1)
 
 
@@ -26,7 +28,7 @@ def test_linear_forward_and_gradcheck(n, fan_in, fan_out, bias, seed):
     expected = np.array([[sum(x[i, k] * w[j, k] for k in range(fan_in)) + (b[j] if bias else 0.0)
                           for j in range(fan_out)] for i in range(n)])
     got = F.linear(t(x), t(w), t(b) if bias else None)
-    np.testing.assert_allclose(got.data, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
     if bias:
         assert mb.gradcheck(lambda x, w, b: F.linear(x, w, b), [x, w, b])
     else:
@@ -37,14 +39,14 @@ def test_linear_forward_and_gradcheck(n, fan_in, fan_out, bias, seed):
 @given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple), seed=seeds)
 def test_relu_forward_and_gradcheck(shape, seed):
     x = distinct_values(np.random.default_rng(seed), shape)  # no value within eps of the kink
-    np.testing.assert_array_equal(F.relu(t(x)).data, np.where(x > 0, x, 0.0))
+    np.testing.assert_array_equal(F.relu(t(x)).numpy(), np.where(x > 0, x, 0.0))
     assert mb.gradcheck(F.relu, [x])
 
 
 def test_relu_gradient_at_zero_is_zero():
     x = t([-1.0, 0.0, 2.0], requires_grad=True)
     F.relu(x).sum().backward()
-    np.testing.assert_array_equal(x.grad.data, [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(x.grad.numpy(), [0.0, 0.0, 1.0])
 
 
 @settings(max_examples=25, deadline=None)
@@ -53,7 +55,7 @@ def test_flatten_gradcheck(shape, seed):
     x = np.random.default_rng(seed).standard_normal(shape)
     out = F.flatten(t(x))
     assert out.shape == (shape[0], int(np.prod(shape[1:])))
-    np.testing.assert_array_equal(out.data, x.reshape(shape[0], -1))
+    np.testing.assert_array_equal(out.numpy(), x.reshape(shape[0], -1))
     assert mb.gradcheck(F.flatten, [x])
 
 
@@ -66,7 +68,7 @@ def test_concat_forward_and_gradcheck(sizes, axis, seed):
         shape = [2, 3, 2]
         shape[axis] = size
         arrays.append(rng.standard_normal(shape))
-    np.testing.assert_array_equal(F.concat([t(a) for a in arrays], axis=axis).data, np.concatenate(arrays, axis))
+    np.testing.assert_array_equal(F.concat([t(a) for a in arrays], axis=axis).numpy(), np.concatenate(arrays, axis))
     assert mb.gradcheck(lambda *xs: F.concat(list(xs), axis=axis), arrays)
 
 
@@ -75,7 +77,7 @@ def test_concat_forward_and_gradcheck(sizes, axis, seed):
        value=st.sampled_from([0.0, -1.5]), seed=seeds)
 def test_pad_forward_and_gradcheck(widths, value, seed):
     x = np.random.default_rng(seed).standard_normal((2, 3, 2))
-    np.testing.assert_array_equal(F.pad(t(x), widths, value).data, np.pad(x, widths, constant_values=value))
+    np.testing.assert_array_equal(F.pad(t(x), widths, value).numpy(), np.pad(x, widths, constant_values=value))
     assert mb.gradcheck(lambda x: F.pad(x, widths, value), [x])
 
 
@@ -90,7 +92,7 @@ def test_max_pool_matches_loops_and_gradcheck(g):
     k, s, p = g["kernel"], g["stride"], g["padding"]
     y = F.max_pool2d(t(x), k, s, p)
     expected, _ = max_pool2d_loop(x, k, s, p)
-    np.testing.assert_array_equal(y.data, expected)
+    np.testing.assert_array_equal(y.numpy(), expected)
     assert mb.gradcheck(lambda x: F.max_pool2d(x, k, s, p), [x])
 
 
@@ -104,8 +106,8 @@ def test_max_pool_ties_route_to_the_first_maximum(g):
     xt = t(x, requires_grad=True)
     y = F.max_pool2d(xt, k, s, p)
     grad_out = rng.standard_normal(y.shape)
-    y.backward(grad_out)
-    np.testing.assert_allclose(xt.grad.data, max_pool2d_loop_grad(x, grad_out, k, s, p), rtol=0, atol=1e-12)
+    y.backward(mb.tensor(grad_out))
+    np.testing.assert_allclose(xt.grad.numpy(), max_pool2d_loop_grad(x, grad_out, k, s, p), rtol=0, atol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
@@ -114,14 +116,14 @@ def test_avg_pool_matches_loops_and_gradcheck(g):
     rng = np.random.default_rng(g["seed"])
     x = rng.standard_normal((g["batch"], g["channels"], g["height"], g["width"]))
     k, s, p = g["kernel"], g["stride"], g["padding"]
-    np.testing.assert_allclose(F.avg_pool2d(t(x), k, s, p).data, avg_pool2d_loop(x, k, s, p), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(F.avg_pool2d(t(x), k, s, p).numpy(), avg_pool2d_loop(x, k, s, p), rtol=0, atol=1e-12)
     assert mb.gradcheck(lambda x: F.avg_pool2d(x, k, s, p), [x])
 
 
 def test_pool_stride_defaults_to_kernel():
     x = np.arange(16.0).reshape(1, 1, 4, 4)
-    np.testing.assert_array_equal(F.max_pool2d(t(x), 2).data, [[[[5.0, 7.0], [13.0, 15.0]]]])
-    np.testing.assert_array_equal(F.avg_pool2d(t(x), 2).data, [[[[2.5, 4.5], [10.5, 12.5]]]])
+    np.testing.assert_array_equal(F.max_pool2d(t(x), 2).numpy(), [[[[5.0, 7.0], [13.0, 15.0]]]])
+    np.testing.assert_array_equal(F.avg_pool2d(t(x), 2).numpy(), [[[[2.5, 4.5], [10.5, 12.5]]]])
 
 
 @settings(max_examples=25, deadline=None)
@@ -129,8 +131,8 @@ def test_pool_stride_defaults_to_kernel():
 def test_global_and_adaptive_avg_pool(n, c, h, w, seed):
     x = np.random.default_rng(seed).standard_normal((n, c, h, w))
     expected = np.array([[[[np.mean(x[a, b])]] for b in range(c)] for a in range(n)])
-    np.testing.assert_allclose(F.global_avg_pool2d(t(x)).data, expected, rtol=1e-12)
-    np.testing.assert_allclose(F.adaptive_avg_pool2d(t(x), 1).data, expected, rtol=1e-12)
+    np.testing.assert_allclose(F.global_avg_pool2d(t(x)).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(F.adaptive_avg_pool2d(t(x), 1).numpy(), expected, rtol=1e-12)
     assert mb.gradcheck(F.global_avg_pool2d, [x])
     assert mb.gradcheck(lambda x: F.adaptive_avg_pool2d(x, (1, 1)), [x])
 
@@ -146,7 +148,7 @@ bn_shapes = st.one_of(
 
 @settings(max_examples=25, deadline=None)
 @given(shape=bn_shapes, training=st.booleans(), seed=seeds)
-def test_batch_norm_matches_numpy_reference(shape, training, seed):
+def test_batch_norm_matches_numpy_reference(shape, training, seed, on_backend):
     rng = np.random.default_rng(seed)
     if training and (shape[0] if len(shape) == 2 else shape[0] * shape[2] * shape[3]) < 2:
         return  # one value per channel has no variance; covered by the bad-input tests
@@ -155,16 +157,16 @@ def test_batch_norm_matches_numpy_reference(shape, training, seed):
     gamma, beta = rng.uniform(0.5, 2, c), rng.standard_normal(c)
     running_mean, running_var = rng.standard_normal(c), rng.uniform(0.5, 2, c)
     expected, exp_mean, exp_var = batch_norm_numpy(x, running_mean, running_var, gamma, beta, training, 0.2, 1e-5)
-    rm, rv = running_mean.copy(), running_var.copy()
+    rm, rv = on_backend.device(running_mean.copy()), on_backend.device(running_var.copy())
     y = F.batch_norm(t(x), rm, rv, t(gamma), t(beta), training=training, momentum=0.2, eps=1e-5)
-    np.testing.assert_allclose(y.data, expected, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(rm, exp_mean, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(rv, exp_var, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(on_backend.host(rm), exp_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(on_backend.host(rv), exp_var, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
 @given(shape=bn_shapes, training=st.booleans(), seed=seeds)
-def test_batch_norm_gradcheck(shape, training, seed):
+def test_batch_norm_gradcheck(shape, training, seed, on_backend):
     rng = np.random.default_rng(seed)
     if training and (shape[0] if len(shape) == 2 else shape[0] * shape[2] * shape[3]) < 2:
         return
@@ -175,7 +177,8 @@ def test_batch_norm_gradcheck(shape, training, seed):
 
     def fn(x, gamma, beta):
         # Fresh copies: training updates the running statistics on every call.
-        return F.batch_norm(x, running_mean.copy(), running_var.copy(), gamma, beta, training=training)
+        return F.batch_norm(x, on_backend.device(running_mean.copy()), on_backend.device(running_var.copy()),
+                            gamma, beta, training=training)
 
     assert mb.gradcheck(fn, [x, gamma, beta], atol=1e-6, rtol=1e-5)
 
@@ -183,7 +186,7 @@ def test_batch_norm_gradcheck(shape, training, seed):
 def test_batch_norm_without_running_stats_in_training():
     x = np.random.default_rng(0).standard_normal((6, 2))
     y = F.batch_norm(t(x), None, None, t(np.ones(2)), t(np.zeros(2)), training=True)
-    np.testing.assert_allclose(y.data, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-10)
+    np.testing.assert_allclose(y.numpy(), (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------
@@ -204,14 +207,14 @@ def test_dropout_gradcheck_with_a_fixed_mask(p, seed):
 def test_dropout_masks_scales_and_evaluates_to_identity():
     mb.manual_seed(0)
     x = np.ones((200, 200))
-    y = F.dropout(t(x), 0.3, training=True).data
+    y = F.dropout(t(x), 0.3, training=True).numpy()
     kept = y != 0
     np.testing.assert_allclose(y[kept], 1 / 0.7)  # inverted dropout
     assert abs(kept.mean() - 0.7) < 0.01  # 40,000 draws: the std of the mean is 0.0023
-    np.testing.assert_array_equal(F.dropout(t(x), 0.3, training=False).data, x)
-    np.testing.assert_array_equal(F.dropout(t(x), 0.0, training=True).data, x)
+    np.testing.assert_array_equal(F.dropout(t(x), 0.3, training=False).numpy(), x)
+    np.testing.assert_array_equal(F.dropout(t(x), 0.0, training=True).numpy(), x)
     mb.manual_seed(0)
-    np.testing.assert_array_equal(F.dropout(t(x), 0.3, training=True).data, y)  # seeded: reproducible
+    np.testing.assert_array_equal(F.dropout(t(x), 0.3, training=True).numpy(), y)  # seeded: reproducible
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def test_softmax_cross_entropy_matches_reference_and_gradcheck(n, k, scale, seed
     loss.backward()
     expected_loss, expected_grad = softmax_cross_entropy_numpy(logits, labels)
     np.testing.assert_allclose(loss.item(), expected_loss, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(z.grad.data, expected_grad, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(z.grad.numpy(), expected_grad, rtol=1e-10, atol=1e-12)
     assert F.cross_entropy is F.softmax_cross_entropy
     summed = F.softmax_cross_entropy(t(logits), labels, reduction="sum")
     np.testing.assert_allclose(summed.item(), expected_loss * n, rtol=1e-10, atol=1e-14)
@@ -245,7 +248,7 @@ def test_cross_entropy_is_stable_for_huge_logits():
 def test_log_softmax_and_softmax(n, k, seed):
     x = np.random.default_rng(seed).standard_normal((n, k))
     expected = np.log(np.exp(x) / np.exp(x).sum(axis=1, keepdims=True))
-    np.testing.assert_allclose(F.log_softmax(t(x)).data, expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(F.softmax(t(x)).data, np.exp(expected), rtol=1e-12)
+    np.testing.assert_allclose(F.log_softmax(t(x)).numpy(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(F.softmax(t(x)).numpy(), np.exp(expected), rtol=1e-12)
     assert mb.gradcheck(F.log_softmax, [x])
     assert mb.gradcheck(F.softmax, [x])

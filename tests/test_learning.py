@@ -9,10 +9,13 @@ test split that the assertion uses.
 import time
 
 import numpy as np
+import pytest
 
 import minibasis as mb
 from minibasis import functions as F
 from minibasis import nn, optim
+
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
 
 NUM_CLASSES, IMAGE_SIZE = 8, 16
 

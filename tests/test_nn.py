@@ -6,8 +6,10 @@ import pytest
 
 import minibasis as mb
 from minibasis import functions as F
-from minibasis import nn, optim
+from minibasis import backend, nn, optim
 from reference import batch_norm_numpy
+
+pytestmark = pytest.mark.engine  # runs on --backend (tests/conftest.py)
 
 
 class Block(nn.Module):
@@ -83,7 +85,7 @@ def test_state_dict_keys_equal_torch_state_dict_keys():
     net = SmallNet()
     torch_state = {k: v.numpy() for k, v in torch_small_net(torch).state_dict().items()}
     net.load_state_dict(torch_state)
-    np.testing.assert_array_equal(net.features[0].weight.data, torch_state["features.0.weight"])
+    np.testing.assert_array_equal(net.features[0].weight.numpy(), torch_state["features.0.weight"])
 
 
 def test_load_state_dict_round_trip_copies_values():
@@ -93,7 +95,7 @@ def test_load_state_dict_round_trip_copies_values():
     target.load_state_dict(source.state_dict())
     assert all(a is b for a, b in zip(target.parameters(), params_before))  # an optimizer's references stay valid
     for (key, a), b in zip(source.state_dict().items(), target.state_dict().values()):
-        np.testing.assert_array_equal(a, b, err_msg=key)
+        np.testing.assert_array_equal(mb.to_numpy(a), mb.to_numpy(b), err_msg=key)
         assert a is not b  # copied, not aliased
     # Tensors are accepted as values too
     target.load_state_dict({k: mb.tensor(v) for k, v in source.state_dict().items()})
@@ -102,17 +104,17 @@ def test_load_state_dict_round_trip_copies_values():
 def test_load_state_dict_strict_key_checks_name_the_keys():
     net = SmallNet()
     before = {k: v.copy() for k, v in net.state_dict().items()}
-    state = {k: np.zeros_like(v) for k, v in net.state_dict().items()}
+    state = {k: backend.xp.zeros_like(v) for k, v in net.state_dict().items()}
     del state["head.fc.bias"]
     state["head.fc.extra"] = np.zeros(3, np.float32)
     with pytest.raises(KeyError, match=r"head\.fc\.bias") as info:
         net.load_state_dict(state)
     assert "head.fc.extra" in str(info.value)
     for k, v in net.state_dict().items():  # nothing was changed
-        np.testing.assert_array_equal(v, before[k])
+        np.testing.assert_array_equal(mb.to_numpy(v), mb.to_numpy(before[k]))
     missing, unexpected = net.load_state_dict(state, strict=False)
     assert missing == ["head.fc.bias"] and unexpected == ["head.fc.extra"]
-    assert not net.features[0].weight.data.any()  # the matching keys were loaded
+    assert not net.features[0].weight.numpy().any()  # the matching keys were loaded
 
 
 def test_load_state_dict_shape_check_names_key_and_shapes():
@@ -137,23 +139,23 @@ def test_eval_mode_changes_dropout_and_batch_norm_behaviour():
     net = SmallNet()
     x = mb.tensor(np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
     net.eval()
-    a, b = net(x).data, net(x).data
+    a, b = net(x).numpy(), net(x).numpy()
     np.testing.assert_array_equal(a, b)  # deterministic in evaluation
     stats = net.features[1]._buffers["running_mean"].copy()
     net(x)
-    np.testing.assert_array_equal(net.features[1]._buffers["running_mean"], stats)  # frozen in eval
+    np.testing.assert_array_equal(mb.to_numpy(net.features[1]._buffers["running_mean"]), mb.to_numpy(stats))  # frozen in eval
     net.train()
     net(x)
-    assert not np.array_equal(net.features[1]._buffers["running_mean"], stats)  # updated in training
+    assert not np.array_equal(mb.to_numpy(net.features[1]._buffers["running_mean"]), mb.to_numpy(stats))  # updated in training
 
 
 def test_frozen_parameters_are_not_updated_bit_for_bit():
     mb.manual_seed(1)
     net = SmallNet()
     net.features.requires_grad_(False)
-    frozen = {k: p.data.copy() for k, p in net.features.named_parameters()}
+    frozen = {k: p.numpy().copy() for k, p in net.features.named_parameters()}
     opt = optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
-    head_before = net.head.fc.weight.data.copy()
+    head_before = net.head.fc.weight.numpy().copy()
     x = mb.tensor(np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
     for _ in range(3):
         opt.zero_grad()
@@ -161,17 +163,17 @@ def test_frozen_parameters_are_not_updated_bit_for_bit():
         assert net.features[0].weight.grad is None
         opt.step()
     for k, p in net.features.named_parameters():
-        assert p.data.tobytes() == frozen[k].tobytes(), k
-    assert not np.array_equal(net.head.fc.weight.data, head_before)
+        assert p.numpy().tobytes() == frozen[k].tobytes(), k
+    assert not np.array_equal(net.head.fc.weight.numpy(), head_before)
 
 
 def test_parameter_frozen_after_it_got_a_gradient_is_skipped():
-    p = nn.Parameter(np.ones(3, np.float32))
+    p = nn.Parameter(mb.tensor(np.ones(3, np.float32)))
     (p * 2.0).sum().backward()
     p.requires_grad_(False)
     opt = optim.SGD([p], lr=1.0, weight_decay=0.5)
     opt.step()
-    np.testing.assert_array_equal(p.data, np.ones(3, np.float32))
+    np.testing.assert_array_equal(p.numpy(), np.ones(3, np.float32))
 
 
 def test_parameter_groups_with_different_learning_rates():
@@ -180,16 +182,16 @@ def test_parameter_groups_with_different_learning_rates():
     head = list(net.head.parameters())
     opt = optim.SGD([{"params": body}, {"params": head, "lr": 0.0}], lr=0.1)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.0]
-    before_body = [p.data.copy() for p in body]
-    before_head = [p.data.copy() for p in head]
+    before_body = [p.numpy().copy() for p in body]
+    before_head = [p.numpy().copy() for p in head]
     x = mb.tensor(np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
     F.cross_entropy(net(x), np.array([0, 1, 2, 3])).backward()
-    grads = [p.grad.data.copy() for p in body]
+    grads = [p.grad.numpy().copy() for p in body]
     opt.step()
     for p, b, g in zip(body, before_body, grads):
-        np.testing.assert_allclose(p.data, b - np.float32(0.1) * g, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(p.numpy(), b - np.float32(0.1) * g, rtol=1e-6, atol=1e-7)
     for p, b in zip(head, before_head):
-        np.testing.assert_array_equal(p.data, b)
+        np.testing.assert_array_equal(p.numpy(), b)
     with pytest.raises(ValueError, match="more than one"):
         optim.SGD([{"params": body}, {"params": body[:1]}], lr=0.1)
 
@@ -205,19 +207,19 @@ def test_default_init_lies_within_one_over_sqrt_fan_in(make, fan_in):
     bound = 1 / np.sqrt(fan_in)
     for p in (layer.weight, layer.bias):
         assert p.dtype == np.float32 and p.requires_grad
-        assert np.abs(p.data).max() <= bound
-    w = layer.weight.data
+        assert np.abs(p.numpy()).max() <= bound
+    w = layer.weight.numpy()
     assert np.abs(w).max() > 0.9 * bound and abs(w.mean()) < 0.2 * bound  # uniform over the range, not all tiny
     mb.manual_seed(0)
-    np.testing.assert_array_equal(make().weight.data, w)  # the seed decides the initial weights
+    np.testing.assert_array_equal(make().weight.numpy(), w)  # the seed decides the initial weights
 
 
 def test_batch_norm_layer_defaults():
     bn = nn.BatchNorm2d(3)
-    np.testing.assert_array_equal(bn.weight.data, np.ones(3))
-    np.testing.assert_array_equal(bn.bias.data, np.zeros(3))
-    np.testing.assert_array_equal(bn._buffers["running_mean"], np.zeros(3))
-    np.testing.assert_array_equal(bn._buffers["running_var"], np.ones(3))
+    np.testing.assert_array_equal(bn.weight.numpy(), np.ones(3))
+    np.testing.assert_array_equal(bn.bias.numpy(), np.zeros(3))
+    np.testing.assert_array_equal(mb.to_numpy(bn._buffers["running_mean"]), np.zeros(3))
+    np.testing.assert_array_equal(mb.to_numpy(bn._buffers["running_var"]), np.ones(3))
     assert bn.momentum == 0.1 and bn.eps == 1e-5
 
 
@@ -229,8 +231,8 @@ def test_batch_norm_running_stats_after_training_steps_match_reference():
         x = rng.standard_normal((5, 3, 4, 4)) * 2 + 3
         bn(mb.tensor(x.astype(np.float32)))
         _, mean, var = batch_norm_numpy(x, mean, var, np.ones(3), np.zeros(3), True, momentum=0.3)
-    np.testing.assert_allclose(bn._buffers["running_mean"], mean, rtol=1e-5)
-    np.testing.assert_allclose(bn._buffers["running_var"], var, rtol=1e-5)
+    np.testing.assert_allclose(mb.to_numpy(bn._buffers["running_mean"]), mean, rtol=1e-5)
+    np.testing.assert_allclose(mb.to_numpy(bn._buffers["running_var"]), var, rtol=1e-5)
 
 
 def test_batch_norm_running_stats_match_pytorch():
@@ -246,8 +248,8 @@ def test_batch_norm_running_stats_match_pytorch():
         ours1d(mb.tensor(z.astype(np.float32)))
         theirs1d(torch.from_numpy(z))
     for a, b in ((ours, theirs), (ours1d, theirs1d)):
-        np.testing.assert_allclose(a._buffers["running_mean"], b.running_mean.numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a._buffers["running_var"], b.running_var.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mb.to_numpy(a._buffers["running_mean"]), b.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(mb.to_numpy(a._buffers["running_var"]), b.running_var.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_non_persistent_buffer_is_not_saved():

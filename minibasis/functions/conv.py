@@ -488,6 +488,7 @@ class Conv2dFunction(Function):
                 if need_x:
                     col_grad = _group_matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
                     gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
+                    del col_grad  # not alive while the next chunk's columns are built
         if gw is not None:
             gw = gw.reshape(m, c // g, *self.kernel)
         if need_b:
