@@ -1,12 +1,11 @@
 """GPU habits of minibasis.training, checked on the strict stand-in device (no GPU needed):
 one host→device copy per batch, and the loop's own host reads only at log/check points."""
-import sys
-
 import numpy as np
 import pytest
 
 import minibasis as mb
-from minibasis import backend, backend_strict, data, nn, optim
+from minibasis import backend, data, nn, optim
+from minibasis.backend_strict import count_transfers
 from minibasis.training import Trainer, evaluate
 
 
@@ -25,51 +24,23 @@ def _net():
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
-def _count_device_traffic(monkeypatch, package_dir: str) -> dict:
-    """Count host→device copies (backend.asarray) and device→host reads made by code in
-    ``package_dir`` (to_numpy, float/int/bool/item of a device array)."""
-    counts = {"copies": 0, "reads": 0}
-    real_asarray, real_to_numpy = backend.asarray, backend.to_numpy
-
-    def ours() -> bool:
-        return package_dir in sys._getframe(2).f_code.co_filename
-
-    def asarray(*args, **kwargs):
-        counts["copies"] += ours()
-        return real_asarray(*args, **kwargs)
-
-    def to_numpy(*args, **kwargs):
-        counts["reads"] += ours()
-        return real_to_numpy(*args, **kwargs)
-
-    monkeypatch.setattr(backend, "asarray", asarray)
-    monkeypatch.setattr(backend, "to_numpy", to_numpy)
-    for name in ("__float__", "__int__", "__bool__", "item"):
-        original = getattr(backend_strict.StrictArray, name)
-
-        def counted(self, *args, _original=original):
-            counts["reads"] += ours()
-            return _original(self, *args)
-        monkeypatch.setattr(backend_strict.StrictArray, name, counted)
-    return counts
-
-
-def test_trainer_copies_once_per_batch_and_reads_only_at_check_points(strict, monkeypatch):
+def test_trainer_copies_once_per_batch_and_reads_only_at_check_points(strict):
     x = np.random.default_rng(0).random((64, 3, 8, 8), dtype=np.float32)
     y = np.arange(64) % 3
     loader = data.DataLoader((x, y), batch_size=8, shuffle=True, seed=0)
     model = _net()
     trainer = Trainer(model, optim.SGD(model.parameters(), lr=0.1, momentum=0.9), loader, epochs=1,
                       progress=False, sync_every=4)
-    counts = _count_device_traffic(monkeypatch, "minibasis/training")
-    (row,) = trainer.fit()
-    assert counts["copies"] == 8                     # 8 batches, images and labels in one copy each
-    # 8 steps checked every 4: two guard reads, then the epoch's loss and hit count once each.
-    assert counts["reads"] <= 2 + 2 + 1, counts
+    with count_transfers() as counts:
+        (row,) = trainer.fit()
+    assert counts.to_device == 8                 # 8 batches, images and labels in one copy each
+    assert counts.to_host == 2                   # the guard: the losses of steps 1-4, then of steps 5-8
+    # cross_entropy's label-range flag once per step, and the epoch's loss and hit count once each
+    assert counts.scalar_reads == 8 + 2, counts
     assert np.isfinite(row["train_loss"]) and 0 <= row["train_acc"] <= 1
 
 
-def test_trainer_on_strict_matches_numpy_bit_for_bit(monkeypatch):
+def test_trainer_on_strict_matches_numpy_bit_for_bit():
     x = np.random.default_rng(1).random((32, 3, 8, 8), dtype=np.float32)
     y = np.arange(32) % 3
     results = {}
@@ -90,14 +61,14 @@ def test_trainer_on_strict_matches_numpy_bit_for_bit(monkeypatch):
     assert hist_a == hist_b
 
 
-def test_evaluate_reads_the_device_once(strict, monkeypatch):
+def test_evaluate_reads_the_device_once(strict):
     x = np.random.default_rng(2).random((40, 3, 8, 8), dtype=np.float32)
     y = np.arange(40) % 3
     model = _net()
-    counts = _count_device_traffic(monkeypatch, "minibasis/training")
-    result = evaluate(model, x, y, batch_size=8, progress=False)
-    assert counts["copies"] == 1 + 5                 # the labels once, then one copy per batch
-    assert counts["reads"] <= 2                      # hit count and loss sum, at the end
+    with count_transfers() as counts:
+        result = evaluate(model, x, y, batch_size=8, progress=False)
+    assert counts.to_device == 1 + 5                 # the labels once, then one copy per batch
+    assert (counts.to_host, counts.scalar_reads) == (0, 2), counts   # hit count and loss sum, at the end
     mb.use("numpy")
     reference = evaluate(_net(), x, y, batch_size=8, progress=False)
     assert (result.correct, result.loss) == (reference.correct, pytest.approx(reference.loss, rel=1e-12))
