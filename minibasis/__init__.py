@@ -23,6 +23,9 @@ def __getattr__(name):
     if name == "compress":
         from minibasis.compress import compress
         return compress
+    if name in ("save_model", "load_model", "ModelMetadata", "ModelFileError"):
+        from minibasis import model_files
+        return getattr(model_files, name)
     if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed"):
         import importlib
         return importlib.import_module(f"minibasis.{name}")
@@ -30,4 +33,5 @@ def __getattr__(name):
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "functions", "nn", "optim", "compress"]
+           "count_mults", "functions", "nn", "optim", "compress",
+           "save_model", "load_model", "ModelMetadata", "ModelFileError"]

@@ -6,6 +6,7 @@ from minibasis.data.transforms import (
     CIFAR10_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    NORMALIZATIONS,
     Compose,
     Normalize,
     RandomCrop,

@@ -21,6 +21,7 @@ __all__ = [
     "CIFAR10_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "NORMALIZATIONS",
     "Compose",
     "Normalize",
     "RandomCrop",
@@ -34,6 +35,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # The akamaster pretrained CIFAR ResNets were trained with the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: name → (mean, std) per channel: the input normalizations model files record by name.
+NORMALIZATIONS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
 Transform = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
 

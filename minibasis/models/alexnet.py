@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.models._architecture import zoo_constructor
 from minibasis.nn import Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
 
 __all__ = ["AlexNet", "alexnet"]
@@ -41,6 +42,7 @@ class AlexNet(Module):
         return self.classifier(F.flatten(features))
 
 
+@zoo_constructor("alexnet")
 def alexnet(num_classes: int = 10) -> AlexNet:
     """bearpaw's CIFAR AlexNet (PyTorch default initialization, as there)."""
     return AlexNet(num_classes=num_classes)

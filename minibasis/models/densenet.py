@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.models._architecture import zoo_constructor
 from minibasis.models._init import kaiming_normal_
 from minibasis.nn import BatchNorm2d, Conv2d, Linear, Module, Sequential
 
@@ -98,6 +99,7 @@ class DenseNetBC(Module):
         return f"depth={self.depth}, growth_rate={self.growth_rate}, num_classes={self.num_classes}"
 
 
+@zoo_constructor("densenet_bc")
 def densenet_bc(depth: int = 190, growth_rate: int = 40, num_classes: int = 10) -> DenseNetBC:
     """DenseNet-BC-``depth`` with growth rate ``growth_rate`` (bottleneck layers, compression 0.5)."""
     return DenseNetBC(depth, growth_rate, num_classes)

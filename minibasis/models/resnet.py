@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.models._architecture import zoo_constructor
 from minibasis.models._init import kaiming_normal_
 from minibasis.nn import BatchNorm2d, Conv2d, Linear, Module, Sequential
 
@@ -139,6 +140,7 @@ class ResNetCIFAR(Module):
         return f"depth={self.depth}, num_classes={self.num_classes}, shortcut={self.shortcut_type!r}"
 
 
+@zoo_constructor("resnet_cifar")
 def resnet_cifar(depth: int = 20, num_classes: int = 10, shortcut: str = "A") -> ResNetCIFAR:
     """CIFAR ResNet-``depth`` (6n+2) with basic blocks; ``shortcut`` "A" (akamaster) or "B" (bearpaw)."""
     return ResNetCIFAR(depth, num_classes, shortcut)

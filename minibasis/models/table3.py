@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.models._architecture import zoo_constructor
 from minibasis.nn import BasisConv2d, Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
 
 __all__ = ["Table3CNN", "table3_cnn"]
@@ -69,6 +70,7 @@ class Table3CNN(Module):
         return [m for m in self.features if isinstance(m, (Conv2d, BasisConv2d))]
 
 
+@zoo_constructor("table3_cnn")
 def table3_cnn(num_classes: int = 10, basis: bool = False, seed: int | None = None) -> Table3CNN:
     """The paper's Table 3 CIFAR-10 CNN (``basis=False``) or its BasisConv twin (``basis=True``)."""
     return Table3CNN(num_classes=num_classes, basis=basis, seed=seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from minibasis import functions as F
 from minibasis.autograd import Tensor
+from minibasis.models._architecture import zoo_constructor
 from minibasis.models._init import kaiming_normal_, normal_, zeros_
 from minibasis.nn import BatchNorm2d, Conv2d, Linear, MaxPool2d, Module, ReLU, Sequential
 
@@ -69,6 +70,7 @@ class VGG(Module):
         return self.classifier(F.flatten(features))
 
 
+@zoo_constructor("vgg")
 def vgg(depth: int = 16, num_classes: int = 10, batch_norm: bool = False) -> VGG:
     """VGG-``depth`` (11, 13, 16 or 19), optionally with BatchNorm after every conv."""
     if depth not in VGG_CONFIGS:

@@ -1,0 +1,437 @@
+"""Self-describing model files: :func:`save_model` and :func:`load_model`.
+
+One ``.npz`` (written atomically through :func:`minibasis.io.save`, read back without pickle)
+holds everything needed to rebuild a model with nothing restated::
+
+    format              "minibasis-model-1"
+    architecture        {"name": zoo name, "kwargs": constructor arguments}  (model.architecture)
+    basis_layout        module path → {"num_basis", "bn", "basis_bias", "energy"} per BasisConv2d
+    num_classes         int or None
+    dataset             str or None ("cifar10", ...)
+    normalization       {"name": "cifar10" / "imagenet" / "none" / None, "mean": [...], "std": [...]}
+    minibasis_version   the version that wrote the file
+    extra               further metadata given to save_model (JSON-like values, arrays)
+    state_dict          name → array
+
+:func:`load_model` also reads what the command-line verbs wrote before this format existed
+(``format: "minibasis-model/1"`` files and ``checkpoint-*.npz`` training checkpoints), plain
+``.npz`` state dicts (given an architecture) and PyTorch checkpoints (``.th``/``.pth``, without
+torch), inferring akamaster's CIFAR ResNets from their keys.
+
+A BasisConv layout is applied to a freshly built zoo model by :func:`apply_basis_layout`, which
+replaces each listed convolution with an untrained ``BasisConv2d`` of the recorded shape (via
+``Module.set_submodule``), so that the saved weights fit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from minibasis import backend
+from minibasis.io import CheckpointError, load, load_torch_checkpoint, save
+from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
+
+__all__ = ["MODEL_FORMAT", "LEGACY_MODEL_FORMAT", "TRAIN_CHECKPOINT_FORMAT", "ModelFileError", "ModelMetadata",
+           "save_model", "load_model", "basis_layout", "apply_basis_layout"]
+
+#: The format written by :func:`save_model`.
+MODEL_FORMAT = "minibasis-model-1"
+#: What ``minibasis.experiments.options.save_model_file`` wrote (architecture as model/depth/num_classes).
+LEGACY_MODEL_FORMAT = "minibasis-model/1"
+#: The training checkpoints of ``train``/``finetune`` (model state under "model", facts under "meta").
+TRAIN_CHECKPOINT_FORMAT = "minibasis-train-checkpoint/1"
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class ModelFileError(CheckpointError):
+    """A model file cannot be turned into a model: unknown or contradicting architecture,
+    weights that do not fit, malformed metadata. A ``ValueError``; names the file."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a model file says about its model (:func:`load_model` returns it beside the model).
+
+    ``format`` is "minibasis-model-1" (:func:`save_model`), "legacy" (files of earlier verbs,
+    training checkpoints, plain state ``.npz``) or "torch" (PyTorch checkpoints).
+    ``normalization`` is a key of :data:`minibasis.data.NORMALIZATIONS`, "none" (inputs only
+    scaled to [0, 1]) or None (not recorded, or a (mean, std) pair of no known name).
+    """
+
+    architecture: dict
+    num_classes: int | None = None
+    dataset: str | None = None
+    normalization: str | None = None
+    mean: tuple | None = None
+    std: tuple | None = None
+    basis_layout: dict = field(default_factory=dict)
+    minibasis_version: str | None = None
+    format: str = MODEL_FORMAT
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# BasisConv layouts
+# ---------------------------------------------------------------------------
+def basis_layout(model: Module) -> dict:
+    """Module path → how each ``BasisConv2d`` is built (Q, BatchNorm, basis bias, energy)."""
+    return {path: {"num_basis": m.num_basis, "bn": m.bn is not None, "basis_bias": m.basis_bias is not None,
+                   "energy": m.energy}
+            for path, m in model.named_modules() if isinstance(m, BasisConv2d)}
+
+
+def apply_basis_layout(model: Module, layout: dict, *, source: str = "the BasisConv layout") -> None:
+    """Put a ``BasisConv2d`` of the recorded shape at each path of ``layout`` (in place).
+
+    The module found there (a ``Conv2d``, or a ``BasisConv2d`` of a twin built with bases)
+    gives the geometry: channels, kernel size, stride, padding, bias, dtype. The new layer's
+    values are placeholders for ``load_state_dict``. Raises :class:`ModelFileError` naming
+    ``source`` when a path holds no convolution or the recorded shape does not fit.
+    """
+    if not isinstance(layout, dict):
+        raise ModelFileError(f"{source}: BasisConv layout must be a dict of module path → spec, "
+                             f"got {type(layout).__name__}")
+    for path, spec in layout.items():
+        try:
+            found = model.get_submodule(path) if isinstance(path, str) and path else None
+        except AttributeError:
+            found = None
+        if not isinstance(found, (Conv2d, BasisConv2d)):
+            what = type(found).__name__ if found is not None else "nothing"
+            raise ModelFileError(f"{source} has a BasisConv2d at {path!r}, where the model has {what} "
+                                 "(another architecture?)")
+        if not isinstance(spec, dict):
+            raise ModelFileError(f"{source}: BasisConv2d spec at {path!r} is a {type(spec).__name__}, expected a dict")
+        weight = found.weight if isinstance(found, Conv2d) else found.coeffs
+        try:
+            layer = BasisConv2d(found.in_channels, found.out_channels, found.kernel_size, int(spec["num_basis"]),
+                                stride=found.stride, padding=found.padding, bias=found.bias is not None,
+                                bn=bool(spec.get("bn", False)), basis_bias=bool(spec.get("basis_bias", False)),
+                                dtype=weight.dtype)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ModelFileError(f"{source}: BasisConv2d at {path!r} does not fit the model: {exc}") from None
+        energy = spec.get("energy")
+        layer.energy = float(energy) if isinstance(energy, (int, float)) and not isinstance(energy, bool) else None
+        model.set_submodule(path, layer)
+
+
+# ---------------------------------------------------------------------------
+# Normalization and architecture records
+# ---------------------------------------------------------------------------
+def _float_triple(values, what: str) -> tuple:
+    try:
+        result = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a sequence of numbers, got {values!r:.80}") from None
+    if not result or not all(math.isfinite(v) for v in result):
+        raise ValueError(f"{what} must be a non-empty sequence of finite numbers, got {values!r:.80}")
+    return result
+
+
+def _normalization(value) -> tuple[str | None, tuple | None, tuple | None]:
+    """``(name, mean, std)`` from a NORMALIZATIONS key, "none", a (mean, std) pair, or None."""
+    from minibasis.data import NORMALIZATIONS
+
+    if value is None:
+        return None, None, None
+    if isinstance(value, str):
+        if value == "none":
+            return "none", None, None
+        if value not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {value!r}; expected one of "
+                             f"{', '.join([*NORMALIZATIONS, 'none'])} or a (mean, std) pair")
+        mean, std = NORMALIZATIONS[value]
+        return value, tuple(mean), tuple(std)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"normalization must be a name or a (mean, std) pair, got {value!r:.80}")
+    mean, std = _float_triple(value[0], "normalization mean"), _float_triple(value[1], "normalization std")
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise ValueError(f"normalization needs as many means as stds, every std > 0; got {mean}, {std}")
+    name = next((key for key, (m, s) in NORMALIZATIONS.items() if tuple(m) == mean and tuple(s) == std), None)
+    return name, mean, std
+
+
+def _architecture_record(value, what: str) -> dict:
+    """``{"name", "kwargs"}`` from a record dict or a zoo name; kwargs must be JSON values."""
+    from minibasis.models import canonical_architecture
+
+    if isinstance(value, str):
+        name, kwargs = canonical_architecture(value)
+    elif isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get("kwargs", {}), dict):
+        name, kwargs = value["name"], dict(value.get("kwargs", {}))
+    else:
+        raise ValueError(f"{what} must be a zoo name or {{'name': ..., 'kwargs': {{...}}}}, got {value!r:.120}")
+    try:
+        json.dumps(kwargs, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: constructor arguments must be JSON values: {exc}") from None
+    return {"name": name, "kwargs": kwargs}
+
+
+def _head_classes(model: Module) -> int | None:
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    return int(linears[-1].out_features) if linears and hasattr(linears[-1], "out_features") else None
+
+
+# ---------------------------------------------------------------------------
+# save_model
+# ---------------------------------------------------------------------------
+def save_model(model: Module, path, *, normalization=None, dataset: str | None = None, **metadata) -> None:
+    """Write ``model`` and what rebuilds it to ``path`` (one ``.npz``, atomically; see the module doc).
+
+    Args:
+        model: a zoo model (it carries ``model.architecture``), possibly compressed (its
+            BasisConv layout is recorded) or fine-tuned.
+        path: the file, used as given (no suffix added).
+        normalization: the input normalization the model expects: a key of
+            :data:`minibasis.data.NORMALIZATIONS` ("cifar10", "imagenet"), "none", a
+            ``(mean, std)`` pair, or None (not recorded).
+        dataset: the dataset it was trained on ("cifar10", ...), or None.
+        **metadata: ``architecture=`` (a zoo name or ``{"name", "kwargs"}``) for a model without
+            ``.architecture``, ``num_classes=`` to override the inferred count, anything else
+            (numbers, strings, lists, dicts, arrays) is stored under ``extra``.
+
+    Under mpirun only rank 0 writes (every rank holds the same weights).
+    """
+    from minibasis import __version__, distributed
+
+    if not isinstance(model, Module):
+        raise TypeError(f"save_model: expected a minibasis Module, got {type(model).__name__}")
+    architecture = metadata.pop("architecture", None) or getattr(model, "architecture", None)
+    if architecture is None:
+        raise ValueError("save_model: the model has no .architecture (it was not built by a zoo constructor); "
+                         "pass architecture='<zoo name>' or architecture={'name': ..., 'kwargs': {...}}")
+    architecture = _architecture_record(architecture, "save_model: architecture")
+    num_classes = metadata.pop("num_classes", None)
+    if num_classes is None:
+        num_classes = architecture["kwargs"].get("num_classes", _head_classes(model))
+    if dataset is not None and not isinstance(dataset, str):
+        raise TypeError(f"save_model: dataset must be a str or None, got {type(dataset).__name__}")
+    name, mean, std = _normalization(normalization)
+    if not distributed.is_main_process():
+        return
+    save({"format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
+          "num_classes": None if num_classes is None else int(num_classes), "dataset": dataset,
+          "normalization": {"name": name, "mean": None if mean is None else list(mean),
+                            "std": None if std is None else list(std)},
+          "minibasis_version": __version__, "extra": dict(metadata),
+          "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
+
+
+# ---------------------------------------------------------------------------
+# Reading the formats
+# ---------------------------------------------------------------------------
+@dataclass
+class _Contents:
+    """One file's weights and what it says about its model (before the model is built)."""
+
+    state: dict
+    format: str
+    architecture: dict | None = None       # {"name", "kwargs"} when the file records or implies one
+    inferred_from: str | None = None       # how a torch file's architecture was inferred
+    layout: dict = field(default_factory=dict)
+    num_classes: int | None = None
+    dataset: str | None = None
+    normalization: tuple = (None, None, None)
+    version: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _is_torch_zip(path: str) -> bool:
+    """A zip whose members include ``<archive>/data.pkl`` (torch.save's zip format)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(name.endswith("/data.pkl") and name.count("/") == 1 for name in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # io.load reports the corruption with its own message
+
+
+def _read(source: str) -> _Contents:
+    with open(source, "rb") as handle:
+        magic = handle.read(4)
+    if magic == _ZIP_MAGIC and not _is_torch_zip(source):
+        return _from_npz(load(source), source)
+    return _from_torch(load_torch_checkpoint(source), source)
+
+
+def _legacy_architecture(record, source: str) -> dict | None:
+    """``{"model", "depth", "num_classes"}`` (the verbs' record) → ``{"name", "kwargs"}``."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("model"), str):
+        raise ModelFileError(f"{source}: malformed architecture record {record!r:.120}")
+    kwargs = {key: record[key] for key in ("depth", "num_classes") if record.get(key) is not None}
+    return {"name": record["model"], "kwargs": kwargs}
+
+
+def _from_npz(content, source: str) -> _Contents:
+    if not isinstance(content, dict):
+        raise ModelFileError(f"{source} holds a {type(content).__name__}, not a model")
+    kind = content.get("format")
+    if kind == MODEL_FORMAT:
+        try:
+            architecture = _architecture_record(content["architecture"], f"{source}: architecture")
+            norm = content.get("normalization") or {}
+            name = norm.get("name")
+            mean = tuple(norm["mean"]) if norm.get("mean") is not None else None
+            std = tuple(norm["std"]) if norm.get("std") is not None else None
+            return _Contents(state=content["state_dict"], format=MODEL_FORMAT, architecture=architecture,
+                             layout=content.get("basis_layout") or {}, num_classes=content.get("num_classes"),
+                             dataset=content.get("dataset"), normalization=(name, mean, std),
+                             version=content.get("minibasis_version"), extra=dict(content.get("extra") or {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelFileError(f"{source}: malformed {MODEL_FORMAT} file: {exc}") from None
+    if kind == LEGACY_MODEL_FORMAT:
+        return _Contents(state=content.get("state_dict"), format="legacy",
+                         architecture=_legacy_architecture(content.get("architecture"), source),
+                         layout=content.get("basisconv") or {})
+    if kind == TRAIN_CHECKPOINT_FORMAT or isinstance(content.get("model"), dict):
+        meta = content.get("meta") if isinstance(content.get("meta"), dict) else {}
+        return _Contents(state=content.get("model"), format="legacy",
+                         architecture=_legacy_architecture(meta.get("architecture"), source),
+                         layout=meta.get("basisconv") or {}, extra={"epoch": meta.get("epoch"),
+                                                                  "stage": meta.get("stage")})
+    if isinstance(kind, str):
+        raise ModelFileError(f"{source}: unknown file format {kind!r:.60}")
+    return _Contents(state=content, format="legacy")  # a plain state dict (minibasis.io.save(model))
+
+
+_BLOCK_KEY = re.compile(r"layer([123])\.(\d+)\.")
+
+
+def _infer_resnet(state: dict) -> tuple[dict, str] | None:
+    """akamaster's (shortcut A, head "linear") or bearpaw's (B, "fc") CIFAR ResNet from its keys."""
+    head = "linear" if "linear.weight" in state else "fc" if "fc.weight" in state else None
+    if head is None or "conv1.weight" not in state:
+        return None
+    blocks = {1: set(), 2: set(), 3: set()}
+    for key in state:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            blocks[int(match.group(1))].add(int(match.group(2)))
+    counts = {stage: len(found) for stage, found in blocks.items()}
+    n = counts[1]
+    if n == 0 or any(counts[s] != n or blocks[s] != set(range(n)) for s in counts):
+        return None
+    shortcut = "B" if any(".downsample." in key for key in state) else "A"
+    if (shortcut == "A") != (head == "linear"):
+        return None
+    num_classes = int(state[f"{head}.weight"].shape[0])
+    origin = "akamaster" if shortcut == "A" else "bearpaw"
+    return ({"name": "resnet_cifar", "kwargs": {"depth": 6 * n + 2, "num_classes": num_classes, "shortcut": shortcut}},
+            f"a {origin} CIFAR ResNet with {n} blocks per stage, i.e. depth {6 * n + 2}")
+
+
+def _from_torch(state: dict, source: str) -> _Contents:
+    inferred = _infer_resnet(state)
+    if inferred is None:
+        return _Contents(state=state, format="torch")
+    architecture, how = inferred
+    contents = _Contents(state=state, format="torch", architecture=architecture, inferred_from=how,
+                         num_classes=architecture["kwargs"]["num_classes"])
+    if architecture["kwargs"]["shortcut"] == "A":
+        # akamaster's ResNets were trained on CIFAR-10 with the ImageNet statistics; the file does not say so.
+        from minibasis.data import NORMALIZATIONS
+        mean, std = NORMALIZATIONS["imagenet"]
+        contents.normalization = ("imagenet", tuple(mean), tuple(std))
+        contents.dataset = "cifar10" if contents.num_classes == 10 else None
+        contents.extra = {"inferred": "architecture from the keys; normalization and dataset are akamaster's"}
+    return contents
+
+
+# ---------------------------------------------------------------------------
+# load_model
+# ---------------------------------------------------------------------------
+def _describe_kwargs(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _requested(architecture, kwargs: dict) -> tuple[str | None, dict]:
+    """The caller's (canonical zoo name or None, explicit keyword arguments)."""
+    from minibasis.models import canonical_architecture
+
+    if architecture is None:
+        return None, dict(kwargs)
+    if isinstance(architecture, dict):
+        record = _architecture_record(architecture, "load_model: architecture")
+        return record["name"], {**record["kwargs"], **kwargs}
+    if not isinstance(architecture, str):
+        raise TypeError(f"load_model: architecture must be a zoo name or a record dict, "
+                        f"got {type(architecture).__name__}")
+    return canonical_architecture(architecture, **kwargs)
+
+
+def _reconcile(contents: _Contents, architecture, kwargs: dict, source: str) -> tuple[str, dict]:
+    """The zoo name and arguments to build: the file's, checked against (and completed by) the caller's."""
+    name, explicit = _requested(architecture, kwargs)
+    recorded = contents.architecture
+    if recorded is None:
+        if name is None:
+            what = "a PyTorch checkpoint" if contents.format == "torch" else "the file"
+            hint = (" (only akamaster/bearpaw CIFAR ResNets are inferred from their keys)"
+                    if contents.format == "torch" else "")
+            raise ModelFileError(f"{source}: {what} does not record its architecture{hint}; pass it, "
+                                 f"e.g. load_model(path, architecture=\"resnet_cifar\", depth=56)")
+        return name, explicit
+    from minibasis.models import canonical_architecture
+    try:
+        file_name, file_kwargs = canonical_architecture(recorded["name"], **recorded["kwargs"])
+    except ValueError as exc:
+        raise ModelFileError(f"{source}: {exc}") from None
+    said = f"{source} holds {contents.inferred_from}" if contents.inferred_from else f"{source} records"
+    if name is not None and name != file_name:
+        raise ModelFileError(f"architecture={architecture!r} was given, but {said} architecture "
+                             f"{file_name!r} ({_describe_kwargs(file_kwargs)})")
+    for key, value in explicit.items():
+        if key in file_kwargs and file_kwargs[key] != value:
+            suggestion = f"; pass {key}={file_kwargs[key]!r} or leave {key} out" if contents.inferred_from else ""
+            raise ModelFileError(f"{key}={value!r} was given, but {said} {key}={file_kwargs[key]!r}{suggestion}")
+    return file_name, {**file_kwargs, **explicit}
+
+
+def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetadata]:
+    """Rebuild the model stored at ``path``; returns ``(model in eval mode, ModelMetadata)``.
+
+    Reads :func:`save_model` files, the files of earlier verbs (``model.npz``, training
+    checkpoints ``checkpoint-*.npz``), plain ``.npz`` state dicts and PyTorch checkpoints
+    (akamaster's and bearpaw's CIFAR ResNets are recognized from their keys: depth from the
+    number of blocks, classes from the head). ``architecture`` (a zoo name such as
+    "resnet_cifar" or "resnet56", or ``{"name", "kwargs"}``) and ``kwargs`` (constructor
+    arguments such as ``depth=56``) are needed only where the file does not say; where it does,
+    they must agree with it. Raises :class:`ModelFileError` for a contradiction (naming both
+    values), an architecture that cannot be found, or weights that do not fit; the reader's
+    :class:`~minibasis.io.CheckpointError` / ``UnsafePickleError`` for a malformed or hostile
+    file; ``FileNotFoundError`` for a missing one.
+    """
+    from minibasis.models import get_model
+
+    source = os.fspath(path)
+    contents = _read(source)
+    if not isinstance(contents.state, dict) or not contents.state:
+        raise ModelFileError(f"{source} holds no model weights")
+    name, build_kwargs = _reconcile(contents, architecture, kwargs, source)
+    try:
+        model = get_model(name, **build_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}") from None
+    apply_basis_layout(model, contents.layout, source=source)
+    try:
+        model.load_state_dict(contents.state)
+    except (KeyError, ValueError, TypeError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        raise ModelFileError(f"{source} does not fit {name} ({_describe_kwargs(build_kwargs)}): {message}") from None
+    model.eval()
+    record = model.architecture
+    mean, std = contents.normalization[1:]
+    metadata = ModelMetadata(
+        architecture=record, num_classes=contents.num_classes or record["kwargs"].get("num_classes"),
+        dataset=contents.dataset, normalization=contents.normalization[0],
+        mean=mean, std=std, basis_layout=basis_layout(model), minibasis_version=contents.version,
+        format=contents.format, extra=contents.extra)
+    return model, metadata
