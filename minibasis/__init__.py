@@ -26,7 +26,8 @@ def __getattr__(name):
     if name in ("save_model", "load_model", "ModelMetadata", "ModelFileError"):
         from minibasis import model_files
         return getattr(model_files, name)
-    if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed"):
+    if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed",
+                "measure", "training"):
         import importlib
         return importlib.import_module(f"minibasis.{name}")
     raise AttributeError(f"module 'minibasis' has no attribute {name!r}")

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from minibasis.experiments.errors import UserError, first_line
+
 # verb -> (module under minibasis.experiments, one-line help)
 VERBS = {
     "demo": ("demo", "train, compress and measure a small CNN on built-in synthetic data (seconds)"),
@@ -22,16 +24,6 @@ VERBS = {
     "eval": ("evaluate", "evaluate a model and checkpoint on a test set"),
     "verify": ("verify", "check the paper's formulas and the exactness of t = 1 against what executes"),
 }
-
-
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its message on one line and exits with code 2."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type name when the message is empty."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_parser(available: dict) -> argparse.ArgumentParser:
@@ -81,8 +73,7 @@ def _run_verb(argv=None) -> int:
         return 130
 
 
+__all__ = ["main", "build_parser", "VERBS", "UserError", "first_line"]
+
 if __name__ == "__main__":
-    # Run through the imported module, so that the UserError raised by the verbs (imported
-    # from minibasis.cli) is the class main() catches, not a copy defined in __main__.
-    from minibasis.cli import main as _main
-    sys.exit(_main())
+    sys.exit(main())

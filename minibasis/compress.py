@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import copy
 import json
-import numbers
 import sys
 import types
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from minibasis import backend, formulas
+from minibasis import formulas
 from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
-from minibasis.autograd import no_grad, tensor
-from minibasis.counting import count_mults
+from minibasis.measure import check_input_shape, profile
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
-__all__ = ["compress", "copy_module", "CompressionReport", "LayerReport", "measure_conv_mults",
-           "learnable_parameter_count"]
+__all__ = ["compress", "copy_module", "CompressionReport", "LayerReport"]
 
 
 def copy_module(module: Module) -> Module:
@@ -52,62 +49,18 @@ def copy_module(module: Module) -> Module:
     return duplicate
 
 
-def learnable_parameter_count(module: Module) -> int:
-    """Number of scalars in ``module.parameters()`` that require a gradient."""
-    return sum(p.size for p in module.parameters() if p.requires_grad)
-
-
-def _model_array_module_and_dtype(model: Module):
-    for p in model.parameters():
-        return backend.get_array_module(p.data), p.data.dtype
-    for _, b in model.named_buffers():
-        return backend.get_array_module(b), b.dtype
-    return backend.xp, backend.xp.dtype(backend.default_dtype)
-
-
-def _check_input_shape(input_shape) -> tuple[int, ...]:
-    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if not shape or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
-        raise ValueError(f"input_shape must be a tuple of positive ints such as (1, 3, 32, 32), got {input_shape!r}")
-    return tuple(int(n) for n in shape)
-
-
-def measure_conv_mults(model: Module, input_shape=(1, 3, 32, 32)) -> tuple[int, dict[str, int]]:
-    """(whole-model conv multiplications, module path → conv multiplications), per image.
-
-    Runs one forward pass of a zero input of ``input_shape`` (on the model's device and
-    dtype) in eval mode without building a graph; the modes of all submodules are
-    restored afterwards. Eval mode matters: a training-mode pass would update BatchNorm
-    running statistics. The counts do not depend on the input values.
-    """
-    shape = _check_input_shape(input_shape)
-    xp, dtype = _model_array_module_and_dtype(model)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with no_grad(), count_mults() as counter:
-            model(tensor(xp.zeros(shape, dtype=dtype)))
-    finally:
-        for m, mode in modes:
-            object.__setattr__(m, "training", mode)
-    batch = shape[0]
-    per_layer = counter.forward.conv_by_layer()
-    for name, n in list(per_layer.items()) + [("(whole model)", counter.forward.conv)]:
-        if n % batch:
-            raise RuntimeError(f"conv multiplications of {name or '(root)'} ({n}) are not a multiple of "
-                               f"the batch size {batch}: the model's work is not per image")
-    return counter.forward.conv // batch, {name: n // batch for name, n in per_layer.items()}
-
-
 @dataclass
 class LayerReport:
     """One convolution layer of the model: its shape, its basis and what replacing it costs.
 
     ``mults_before``/``mults_after`` are measured conv multiplications per image of this
-    layer's module path (0 if the forward pass never called it). ``formula_ratio`` is
-    Q/M + Q/D (exact), ``measured_ratio`` is ``mults_after / mults_before``. When the layer
-    is skipped, ``replaced`` is False, ``skip_reason`` says why, and the "after" values
-    equal the "before" ones (Q and energy still say what the basis would have been).
+    layer's module path (0 if the forward pass never called it); ``formula_before``/
+    ``formula_after`` the closed form for the same layer. ``formula_ratio`` is Q/M + Q/D
+    (exact), ``measured_ratio`` is ``mults_after / mults_before``. ``params_*`` count
+    learnable parameters, ``stored_*`` parameters plus persistent buffers (the fixed basis
+    included). When the layer is kept, ``replaced`` is False, ``reason`` says why, and the
+    "after" values equal the "before" ones (Q and energy still say what the basis would have
+    been, where one was computed; None for a grouped conv or one outside ``layers=``).
     """
 
     name: str
@@ -115,29 +68,56 @@ class LayerReport:
     in_channels: int
     kernel_size: tuple[int, int]
     filter_dim: int
-    num_basis: int
-    energy: float
-    formula_ratio: Fraction
+    num_basis: int | None
+    energy: float | None
+    formula_ratio: Fraction | None
     params_before: int
     params_after: int
     replaced: bool
-    skip_reason: str | None = None
+    reason: str | None = None
     mults_before: int = 0
     mults_after: int = 0
+    stored_before: int = 0
+    stored_after: int = 0
+    formula_before: int = 0
+    formula_after: int = 0
+    groups: int = 1
+    output: tuple[int, int] | None = None   # (Ho, Wo) the layer produced in the measuring pass
+
+    @property
+    def M(self) -> int:
+        return self.out_channels
+
+    @property
+    def Q(self) -> int | None:
+        return self.num_basis
+
+    @property
+    def D(self) -> int:
+        return self.filter_dim
+
+    @property
+    def skip_reason(self) -> str | None:
+        """The former name of :attr:`reason`."""
+        return self.reason
 
     @property
     def measured_ratio(self) -> float | None:
         return self.mults_after / self.mults_before if self.mults_before else None
 
     def to_dict(self) -> dict:
+        ratio = self.formula_ratio
         return {
-            "name": self.name, "M": self.out_channels, "C": self.in_channels,
+            "name": self.name, "M": self.out_channels, "C": self.in_channels, "groups": self.groups,
             "kernel_size": list(self.kernel_size), "D": self.filter_dim, "Q": self.num_basis,
             "energy": self.energy, "mults_before": self.mults_before, "mults_after": self.mults_after,
-            "measured_ratio": self.measured_ratio, "formula_ratio": float(self.formula_ratio),
-            "formula_ratio_exact": str(self.formula_ratio),
+            "measured_ratio": self.measured_ratio, "formula_mults_before": self.formula_before,
+            "formula_mults_after": self.formula_after,
+            "formula_ratio": None if ratio is None else float(ratio),
+            "formula_ratio_exact": None if ratio is None else str(ratio),
             "params_before": self.params_before, "params_after": self.params_after,
-            "replaced": self.replaced, "skip_reason": self.skip_reason,
+            "stored_before": self.stored_before, "stored_after": self.stored_after,
+            "replaced": self.replaced, "reason": self.reason,
         }
 
 
@@ -145,9 +125,11 @@ class LayerReport:
 class CompressionReport:
     """Per-layer rows and whole-model totals of one :func:`compress` call.
 
-    Totals: ``conv_mults_before``/``_after`` are the whole model's measured conv
-    multiplications per image (every conv op, compressed or not), and
-    ``params_before``/``_after`` its learnable parameters (from ``parameters()``).
+    ``layers``: the convs considered (all, or those of ``layers=``); ``excluded``: the other
+    convs, kept with the reason "not in layers=". Totals: ``conv_mults_before``/``_after``
+    are the whole model's measured conv multiplications per image (every conv op), and
+    ``params_*`` its learnable parameters, ``stored_*`` its parameters plus persistent
+    buffers (what a deployment stores: the bases count there, not among the learnable).
     """
 
     layers: list[LayerReport]
@@ -160,6 +142,11 @@ class CompressionReport:
     params_after: int
     skip_unprofitable: bool = True
     notes: list[str] = field(default_factory=list)
+    stored_before: int = 0
+    stored_after: int = 0
+    formula_mults_before: int = 0
+    formula_mults_after: int = 0
+    excluded: list[LayerReport] = field(default_factory=list)
 
     @property
     def mult_ratio(self) -> float | None:
@@ -171,8 +158,21 @@ class CompressionReport:
         return self.params_after / self.params_before if self.params_before else None
 
     @property
+    def stored_ratio(self) -> float | None:
+        return self.stored_after / self.stored_before if self.stored_before else None
+
+    @property
     def replaced(self) -> list[LayerReport]:
         return [row for row in self.layers if row.replaced]
+
+    @property
+    def all_layers(self) -> list[LayerReport]:
+        """Every conv of the model, considered or excluded, in module order."""
+        rows = {row.name: row for row in self.layers + self.excluded}
+        ordered = [rows[name] for name in self._order if name in rows]
+        return ordered if len(ordered) == len(rows) else self.layers + self.excluded
+
+    _order: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -180,11 +180,15 @@ class CompressionReport:
             "skip_unprofitable": self.skip_unprofitable, "input_shape": list(self.input_shape),
             "per_image": True,
             "layers": [row.to_dict() for row in self.layers],
+            "excluded_layers": [row.to_dict() for row in self.excluded],
             "totals": {
                 "conv_mults_before": self.conv_mults_before, "conv_mults_after": self.conv_mults_after,
                 "mult_ratio": self.mult_ratio,
+                "formula_mults_before": self.formula_mults_before, "formula_mults_after": self.formula_mults_after,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "param_ratio": self.param_ratio,
+                "stored_before": self.stored_before, "stored_after": self.stored_after,
+                "stored_ratio": self.stored_ratio,
                 "layers_replaced": len(self.replaced), "layers_considered": len(self.layers),
             },
             "notes": list(self.notes),
@@ -193,18 +197,52 @@ class CompressionReport:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
+    def summary(self) -> dict:
+        """One flat row for a sweep over thresholds (the paper's Figure 2): retained filters (Σ Q
+        over replaced convs + Σ M over kept ones), measured and formula conv multiplications,
+        learnable parameters and stored values, before and after, and ``per_layer`` rows."""
+        def ratio(a, b):
+            return a / b if b else None
+
+        filters = sum(r.M for r in self.layers)
+        retained = sum(r.Q if r.replaced else r.M for r in self.layers)
+        per_layer = [{"name": r.name, "M": r.M, "C": r.in_channels, "k": list(r.kernel_size), "D": r.D, "Q": r.Q,
+                      "Ho": None if r.output is None else r.output[0], "Wo": None if r.output is None else r.output[1],
+                      "energy": r.energy, "replaced": r.replaced, "reason": r.reason,
+                      "mults_measured": r.mults_after, "mults_formula": r.formula_after,
+                      "ratio_Q_over_M_plus_Q_over_D": None if r.formula_ratio is None else float(r.formula_ratio),
+                      "learnable": r.params_after, "stored": r.stored_after}
+                     for r in self.layers]
+        return {"threshold": self.energy_threshold, "layers_replaced": len(self.replaced),
+                "layers": len(self.layers), "filters_original": filters, "retained_filters": retained,
+                "retained_filters_pct": 100.0 * retained / filters if filters else 0.0,
+                "basis_filters_all_layers": sum(r.Q or 0 for r in self.layers),
+                "conv_mults_original": self.conv_mults_before, "conv_mults_measured": self.conv_mults_after,
+                "mult_ratio_measured": self.mult_ratio,
+                "conv_mults_formula_original": self.formula_mults_before,
+                "conv_mults_formula": self.formula_mults_after,
+                "mult_ratio_formula": ratio(self.formula_mults_after, self.formula_mults_before),
+                "params_original": self.params_before, "params": self.params_after,
+                "param_ratio": self.param_ratio,
+                "stored_original": self.stored_before, "stored": self.stored_after,
+                "stored_ratio": self.stored_ratio,
+                "num_basis": [r.Q for r in self.layers], "per_layer": per_layer}
+
     def table(self) -> str:
-        """A fixed-width text table: one row per layer, then the totals."""
+        """A fixed-width text table: one row per conv layer, then the totals."""
         header = ("layer", "M", "C", "k", "D", "Q", "energy", "mults before", "mults after",
-                  "measured", "Q/M+Q/D", "params before", "params after", "status")
+                  "measured", "Q/M+Q/D", "learnable before", "after", "stored after", "status")
+        dash = "-"
         rows = []
-        for r in self.layers:
+        for r in self.all_layers:
             measured = r.measured_ratio
             rows.append((r.name, str(r.out_channels), str(r.in_channels), f"{r.kernel_size[0]}x{r.kernel_size[1]}",
-                         str(r.filter_dim), str(r.num_basis), f"{r.energy:.4f}", f"{r.mults_before:,}",
-                         f"{r.mults_after:,}", "-" if measured is None else f"{measured:.4f}",
-                         f"{float(r.formula_ratio):.4f}", f"{r.params_before:,}", f"{r.params_after:,}",
-                         "replaced" if r.replaced else f"kept: {r.skip_reason}"))
+                         str(r.filter_dim), dash if r.num_basis is None else str(r.num_basis),
+                         dash if r.energy is None else f"{r.energy:.4f}", f"{r.mults_before:,}",
+                         f"{r.mults_after:,}", dash if measured is None else f"{measured:.4f}",
+                         dash if r.formula_ratio is None else f"{float(r.formula_ratio):.4f}",
+                         f"{r.params_before:,}", f"{r.params_after:,}", f"{r.stored_after:,}",
+                         "replaced" if r.replaced else f"kept: {r.reason}"))
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         left = {0, len(header) - 1}
 
@@ -212,19 +250,23 @@ class CompressionReport:
             text = "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
             return text.rstrip()
 
+        def ratio(value):
+            return dash if value is None else f"{value:.4f}"
+
         setting = (f"energy threshold t = {self.energy_threshold}" if self.energy_threshold is not None
                    else f"num_basis Q = {self.num_basis}")
         lines = [f"compression at {setting}; multiplications per image, measured on input {self.input_shape}",
                  fmt(header), fmt(["-" * w for w in widths])]
         lines += [fmt(row) for row in rows]
-        mult_ratio = "-" if self.mult_ratio is None else f"{self.mult_ratio:.4f}"
-        param_ratio = "-" if self.param_ratio is None else f"{self.param_ratio:.4f}"
         lines.append("")
         lines.append(f"layers replaced: {len(self.replaced)} of {len(self.layers)}")
         lines.append(f"conv multiplications (whole model): {self.conv_mults_before:,} -> {self.conv_mults_after:,} "
-                     f"(ratio {mult_ratio})")
+                     f"(ratio {ratio(self.mult_ratio)}; formula {self.formula_mults_before:,} -> "
+                     f"{self.formula_mults_after:,})")
         lines.append(f"learnable parameters (whole model): {self.params_before:,} -> {self.params_after:,} "
-                     f"(ratio {param_ratio})")
+                     f"(ratio {ratio(self.param_ratio)})")
+        lines.append(f"stored values, parameters + buffers incl. bases (whole model): {self.stored_before:,} -> "
+                     f"{self.stored_after:,} (ratio {ratio(self.stored_ratio)})")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -260,13 +302,31 @@ def _select_convs(model: Module, layers) -> list[tuple[str, Conv2d]]:
 
 
 def _replace_everywhere(model: Module, old: Module, new: Module) -> None:
-    """Put ``new`` in place of ``old`` in every parent that holds it, keeping child order."""
-    for _, parent in list(model.named_modules()):
-        for name, child in parent._modules.items():
-            if child is old:
-                # Assigning into the ordered store directly keeps the child's position, which a
-                # Sequential's forward order depends on (setattr would move it to the end).
-                parent._modules[name] = new
+    """Put ``new`` in place of ``old`` at every path that holds it (each keeps its position)."""
+    # named_modules yields a shared module once, so walk the children of every parent.
+    paths = [f"{parent_path}.{name}" if parent_path else name
+             for parent_path, parent in model.named_modules()
+             for name, child in parent.named_children() if child is old]
+    for path in paths:
+        model.set_submodule(path, new)
+
+
+def _row(path: str, conv: Conv2d, candidate, reason: str | None) -> LayerReport:
+    m, c, kh, kw = conv.weight.shape
+    groups = int(getattr(conv, "groups", 1))
+    q = None if candidate is None else candidate.num_basis
+    return LayerReport(name=path, out_channels=m, in_channels=conv.in_channels, kernel_size=(kh, kw),
+                       filter_dim=c * kh * kw, num_basis=q, energy=None if candidate is None else candidate.energy,
+                       formula_ratio=None if q is None else formulas.mult_ratio(m, q, c, (kh, kw)),
+                       params_before=0, params_after=0, replaced=False, reason=reason, groups=groups)
+
+
+def _fill_measurements(row: LayerReport, before, after) -> None:
+    row.mults_before, row.formula_before = before.mults, before.formula_mults
+    row.params_before, row.stored_before = before.learnable, before.stored
+    row.mults_after, row.formula_after = after.mults, after.formula_mults
+    row.params_after, row.stored_after = after.learnable, after.stored
+    row.output = before.output
 
 
 def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = True, layers=None,
@@ -283,60 +343,66 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
         layers: module paths (as in ``named_modules()``) of the convs to consider; default all.
         num_basis: Q for every selected layer instead of a threshold (exactly one of the two);
             it must not exceed min(D, M) of any selected layer.
-        input_shape: (N, C, H, W) of the input used to measure multiplications; counts are
-            divided by N.
+        input_shape: (N, C, H, W) of the input used to measure multiplications (one
+            :func:`minibasis.measure.profile` pass before and one after); counts are per image.
 
     Returns:
         ``(new_model, report)``: the copy with the replacements, in the input's training
-        mode, and a :class:`CompressionReport`.
+        mode, and a :class:`CompressionReport`; every conv kept has a ``reason``.
 
     A conv module shared by several paths is compressed once and replaced everywhere.
+    Grouped convs (groups > 1) are kept: the eigen-basis is defined for dense filters.
     """
     if not isinstance(model, Module):
         raise TypeError(f"compress needs a minibasis.nn.Module, got {type(model).__name__}")
     _check_settings(energy_threshold, num_basis)
-    shape = _check_input_shape(input_shape)
+    shape = check_input_shape(input_shape)
     selected = _select_convs(model, layers)
+    selected_paths = {path for path, _ in selected}
 
     new_model = copy_module(model)
-    total_before, layer_before = measure_conv_mults(new_model, shape)
+    before = profile(new_model, shape)
     copies = dict(new_model.named_modules())
-    params_before = learnable_parameter_count(new_model)
 
-    rows, notes = [], []
-    for path, _ in selected:
+    rows, excluded, notes = [], [], []
+    for path, _ in [(p, m) for p, m in new_model.named_modules() if isinstance(m, Conv2d)]:
         conv = copies[path]
-        m, c, kh, kw = conv.weight.shape
+        if path not in selected_paths:
+            excluded.append(_row(path, conv, None, "not in layers="))
+            continue
+        groups = int(getattr(conv, "groups", 1))
+        if groups > 1:
+            rows.append(_row(path, conv, None, f"grouped conv (groups={groups}): the eigen-basis needs "
+                                               "dense filters"))
+            continue
         try:
             candidate = BasisConv2d.from_conv(conv, energy_threshold=energy_threshold, num_basis=num_basis)
         except ValueError as exc:
             raise ValueError(f"layer {path!r} (weight {tuple(conv.weight.shape)}): {exc}") from exc
-        q = candidate.num_basis
-        ratio = formulas.mult_ratio(m, q, c, (kh, kw))
-        conv_params = learnable_parameter_count(conv)
-        row = LayerReport(name=path, out_channels=m, in_channels=c, kernel_size=(kh, kw), filter_dim=c * kh * kw,
-                          num_basis=q, energy=candidate.energy, formula_ratio=ratio,
-                          params_before=conv_params, params_after=conv_params, replaced=False)
-        if skip_unprofitable and ratio >= 1:
-            row.skip_reason = f"Q/M + Q/D = {q}/{m} + {q}/{c * kh * kw} = {float(ratio):.4f} >= 1"
+        row = _row(path, conv, candidate, None)
+        q, m, d = row.Q, row.M, row.D
+        if skip_unprofitable and row.formula_ratio >= 1:
+            row.reason = (f"unprofitable: Q/M + Q/D = {q}/{m} + {q}/{d} = {float(row.formula_ratio):.4f} >= 1")
         else:
             _replace_everywhere(new_model, conv, candidate)
             row.replaced = True
-            row.params_after = learnable_parameter_count(candidate)
         rows.append(row)
 
-    total_after, layer_after = measure_conv_mults(new_model, shape)
-    for row in rows:
-        row.mults_before = layer_before.get(row.name, 0)
-        row.mults_after = layer_after.get(row.name, 0)
-        if row.mults_before == 0:
+    after = profile(new_model, shape)
+    after_rows = {r.path: r for r in after.rows}
+    for row in rows + excluded:
+        _fill_measurements(row, before.row(row.name), after_rows[row.name])
+        if row.mults_before == 0 and row.reason != "not in layers=":
             notes.append(f"{row.name} did not run in the forward pass of {shape} (no multiplications measured)")
     report = CompressionReport(
         layers=rows, energy_threshold=None if energy_threshold is None else float(energy_threshold),
         num_basis=None if num_basis is None else int(num_basis), input_shape=shape,
-        conv_mults_before=total_before, conv_mults_after=total_after,
-        params_before=params_before, params_after=learnable_parameter_count(new_model),
-        skip_unprofitable=bool(skip_unprofitable), notes=notes)
+        conv_mults_before=before.totals["model_conv_mults"], conv_mults_after=after.totals["model_conv_mults"],
+        params_before=before.totals["model_learnable"], params_after=after.totals["model_learnable"],
+        stored_before=before.totals["model_stored"], stored_after=after.totals["model_stored"],
+        formula_mults_before=before.totals["formula_mults"], formula_mults_after=after.totals["formula_mults"],
+        skip_unprofitable=bool(skip_unprofitable), notes=notes, excluded=excluded,
+        _order=[r.path for r in before.rows])
     return new_model, report
 
 

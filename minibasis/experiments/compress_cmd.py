@@ -8,8 +8,8 @@ carries its BasisConv layout). ``--evaluate`` adds the test accuracy before and 
 """
 from __future__ import annotations
 
-from minibasis.cli import UserError, first_line
-from minibasis.experiments import options, sweep, trainer
+from minibasis.experiments.errors import UserError, first_line
+from minibasis.experiments import options, trainer
 
 __all__ = ["add_arguments", "run"]
 
@@ -53,11 +53,7 @@ def run(args) -> int:
     log(f"minibasis compress: {name} from {checkpoint or 'random initialization'} on {backend.current()}")
     for line in report.table().splitlines():
         log(line)
-    shapes = trainer.output_shapes(model, (1, 3, 32, 32))
-    before, after, _ = sweep.formula_conv_mults(report, shapes)
-    log(f"formula (Σ (Q·D + M·Q)·Ho·Wo over replaced convs, M·D·Ho·Wo over kept ones): {before:,} -> {after:,}")
-    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, **report.to_dict(),
-               "conv_mults_formula_before": before, "conv_mults_formula_after": after}
+    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, **report.to_dict()}
     if args.evaluate:
         from minibasis.experiments.common import evaluate
         _, (x_test, y_test) = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)

@@ -25,15 +25,11 @@ import json
 import sys
 from typing import Any
 
-import numpy as np
+from minibasis.experiments.errors import UserError
+from minibasis.measure import profile
+from minibasis.nn import Module
 
-from minibasis import backend, formulas
-from minibasis.autograd import Tensor, no_grad
-from minibasis.cli import UserError
-from minibasis.counting import count_mults
-from minibasis.nn import Conv2d, Module
-
-__all__ = ["PAPER_FIGURES", "PAPER_NAMES", "count_model", "conv_layers", "trace_conv_inputs", "model_config",
+__all__ = ["PAPER_FIGURES", "PAPER_NAMES", "count_model", "model_config",
            "format_table", "format_layers", "add_arguments", "run"]
 
 #: The paper's figures for its CIFAR-100 nets: Table 1 parameters, Table 2 filters and GFLOPs (conv mults / 10⁹),
@@ -51,102 +47,45 @@ _RESNET_NAMES = ("resnet_cifar", "resnet20", "resnet32", "resnet44", "resnet56",
 _DEPTH_NAMES = ("resnet_cifar", "densenet_bc")
 
 
-def _is_basis_conv(module: Module) -> bool:
-    # Duck-typed so that counting does not depend on the BasisConv layer being importable.
-    return hasattr(module, "num_basis") and hasattr(module, "coeffs")
-
-
-def conv_layers(model: Module) -> list[tuple[str, Module]]:
-    """(path, layer) for every Conv2d and BasisConv2d of ``model``, outermost only, in module order."""
-    found: list[tuple[str, Module]] = []
-    for path, module in model.named_modules():
-        if isinstance(module, Conv2d) or _is_basis_conv(module):
-            if any(path.startswith(parent + ".") for parent, _ in found):
-                continue  # a conv inside a BasisConv2d belongs to that layer
-            found.append((path, module))
-    return found
-
-
-def trace_conv_inputs(model: Module, x: Tensor, layers: list[tuple[str, Module]]) -> dict[str, tuple]:
-    """Run ``model(x)`` once and return path → the input shape each layer in ``layers`` received."""
-    shapes: dict[str, tuple] = {}
-
-    def recorder(path: str, forward):
-        def traced(inp, *args, **kwargs):
-            shapes[path] = tuple(inp.shape)
-            return forward(inp, *args, **kwargs)
-        return traced
-
-    try:
-        for path, module in layers:
-            # An instance attribute shadows the class's forward for this call only.
-            module.__dict__["forward"] = recorder(path, module.forward)
-        model(x)
-    finally:
-        for _, module in layers:
-            module.__dict__.pop("forward", None)
-    return shapes
-
-
-def _layer_row(path: str, module: Module, in_shape: tuple) -> dict[str, Any]:
-    kh, kw = module.kernel_size
-    sh, sw = module.stride
-    ph, pw = module.padding
-    c, m = module.in_channels, module.out_channels
-    _, _, h, w = in_shape
-    ho = formulas.conv_output_size(h, kh, sh, ph)
-    wo = formulas.conv_output_size(w, kw, sw, pw)
-    d = formulas.filter_dim(c, (kh, kw))
-    row = {"layer": path, "type": type(module).__name__, "in_channels": c, "out_channels": m,
-           "kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "input_hw": [h, w], "output_hw": [ho, wo],
-           "filter_dim": d}
-    if _is_basis_conv(module):
-        q = module.num_basis
-        row.update(num_basis=q, filters=q, filters_min_md=q,
-                   formula_mults=formulas.basisconv_mults(m, q, c, (kh, kw), ho, wo))
-    else:
-        row.update(filters=m, filters_min_md=min(m, d), formula_mults=formulas.conv_mults(m, c, (kh, kw), ho, wo))
-    return row
-
-
 def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> dict[str, Any]:
     """Parameters, filters and conv multiplications of ``model`` for one input image.
 
-    Returns a dict: ``params``, ``learnable_params``, ``filters`` (Σ M), ``filters_min_md``
-    (Σ min(M, D)), ``conv_mults_measured`` (the engine's conv ops, one forward pass,
-    batch 1), ``conv_mults_formula`` (Σ formulas per conv layer), ``all_mults_measured``
-    (every multiplication of the forward pass, BatchNorm and linear included), ``gflops``
-    (measured conv mults / 10⁹) and ``layers`` (one row per conv layer with its measured
-    and formula mults). The model is left in eval mode.
+    One :func:`minibasis.measure.profile` pass. Returns a dict: ``params``,
+    ``learnable_params``, ``stored_values`` (parameters + persistent buffers, bases
+    included), ``filters`` (Σ M), ``filters_min_md`` (Σ min(M, D)), ``conv_mults_measured``
+    (the engine's conv ops, one forward pass, batch 1), ``conv_mults_formula`` (Σ formulas
+    per conv layer), ``all_mults_measured`` (every multiplication of the forward pass,
+    BatchNorm and linear included), ``gflops`` (measured conv mults / 10⁹) and ``layers``
+    (one row per conv layer with its measured and formula mults). The model is left in the
+    mode it had.
     """
-    model.eval()
-    layers = conv_layers(model)
-    x = Tensor(backend.asarray(np.zeros((1, in_channels, input_size, input_size), dtype=backend.default_dtype)))
-    with no_grad():
-        shapes = trace_conv_inputs(model, x, layers)
-        with count_mults() as counter:
-            model(x)
-    measured_by_layer = counter.forward.conv_by_layer()
+    prof = profile(model, (1, in_channels, input_size, input_size))
     rows = []
-    for path, module in layers:
-        if path not in shapes:
-            raise RuntimeError(f"conv layer {path!r} did not run in the forward pass; cannot count it")
-        row = _layer_row(path, module, shapes[path])
-        row["measured_mults"] = sum(n for key, n in measured_by_layer.items()
-                                    if key == path or key.startswith(path + "."))
+    for r in prof.rows:
+        if not r.ran:
+            raise RuntimeError(f"conv layer {r.path!r} did not run in the forward pass; cannot count it")
+        row = {"layer": r.path, "type": "BasisConv2d" if r.kind == "basisconv" else "Conv2d",
+               "in_channels": r.C, "out_channels": r.M, "groups": r.groups, "kernel": list(r.k),
+               "stride": list(r.stride), "padding": r.padding if isinstance(r.padding, str) else list(r.padding),
+               "input_hw": list(r.input), "output_hw": list(r.output), "filter_dim": r.D,
+               "filters": r.M if r.Q is None else r.Q, "filters_min_md": min(r.M, r.D) if r.Q is None else r.Q,
+               "formula_mults": r.formula_mults, "measured_mults": r.mults,
+               "learnable_params": r.learnable, "stored_values": r.stored}
+        if r.Q is not None:
+            row["num_basis"] = r.Q
         rows.append(row)
-    measured = counter.forward.conv
     return {
         "params": model.num_parameters(),
         "learnable_params": model.num_parameters(learnable_only=True),
+        "stored_values": prof.totals["model_stored"],
         "conv_layers": len(rows),
         "filters": sum(r["filters"] for r in rows),
         "filters_min_md": sum(r["filters_min_md"] for r in rows),
-        "conv_mults_measured": measured,
-        "conv_mults_formula": sum(r["formula_mults"] for r in rows),
-        "all_mults_measured": counter.forward.total,
-        "gflops": measured / 1e9,
-        "input_shape": [1, in_channels, input_size, input_size],
+        "conv_mults_measured": prof.totals["model_conv_mults"],
+        "conv_mults_formula": prof.totals["formula_mults"],
+        "all_mults_measured": prof.totals["model_mults"],
+        "gflops": prof.totals["model_conv_mults"] / 1e9,
+        "input_shape": list(prof.input_shape),
         "layers": rows,
     }
 
@@ -188,14 +127,14 @@ def _describe(name: str, config: dict) -> str:
 
 def format_table(reports: list[dict]) -> str:
     """One line per model: ours beside the paper's (``-`` where the paper has no figure)."""
-    header = (f"{'model':<24}{'classes':>8}{'params':>13}{'paper':>13}{'filters ΣM':>12}{'Σmin(M,D)':>11}"
+    header = (f"{'model':<24}{'classes':>8}{'params':>13}{'paper':>13}{'stored':>13}{'filters ΣM':>12}{'Σmin(M,D)':>11}"
               f"{'paper':>8}{'conv mults measured':>21}{'formula':>15}{'GFLOPs':>9}{'paper':>9}")
     lines = [header, "-" * len(header)]
     for r in reports:
         paper = r.get("paper") or {}
         lines.append(
             f"{r['description']:<24}{r['config']['num_classes']:>8}{r['params']:>13,}"
-            f"{format(paper['params'], ',') if 'params' in paper else '-':>13}"
+            f"{format(paper['params'], ',') if 'params' in paper else '-':>13}{r['stored_values']:>13,}"
             f"{r['filters']:>12,}{r['filters_min_md']:>11,}{format(paper['filters'], ',') if paper else '-':>8}"
             f"{r['conv_mults_measured']:>21,}{r['conv_mults_formula']:>15,}{r['gflops']:>9.3f}"
             f"{format(paper['gflops'], 'g') if paper else '-':>9}")
@@ -260,6 +199,8 @@ def run(args) -> int:
         reports.append(report)
     text_out = sys.stderr if args.json == "-" else sys.stdout
     print(format_table(reports), file=text_out)
+    print("params: parameters (learnable); stored: parameters + persistent buffers (BatchNorm statistics, "
+          "fixed bases): what a saved model holds", file=text_out)
     if args.layers:
         for report in reports:
             print("\n" + format_layers(report), file=text_out)

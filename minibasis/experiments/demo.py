@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 from minibasis import nn, optim
-from minibasis.experiments import options, sweep, trainer
+from minibasis.experiments import options, trainer
 
 __all__ = ["DemoCNN", "add_arguments", "run"]
 
@@ -58,7 +58,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from minibasis import backend, data, manual_seed
+    from minibasis import backend, compress, data, manual_seed
 
     options.check_common(args)
     for name in ("epochs", "num_train", "num_test"):
@@ -89,22 +89,20 @@ def run(args) -> int:
     baseline = test_accuracy(model)["test_acc"]
 
     input_shape = (1, 3, 32, 32)
-    shapes = trainer.output_shapes(model, input_shape)
     rows = []
     log("")
     log(f"{'t':>5} {'replaced':>8}  {'Q per conv':<14} {'conv mults measured':>20} {'formula':>12} "
-        f"{'ratio':>7} {'params':>8} {'test acc':>8}")
+        f"{'ratio':>7} {'learnable':>9} {'stored':>8} {'test acc':>8}")
     for t in thresholds:
-        row, _ = sweep.measure_threshold(model, t, shapes, lambda m: test_accuracy(m)["test_acc"],
-                                         input_shape=input_shape)
-        row["test_acc_original"] = baseline
+        compressed, report = compress(model, energy_threshold=t, input_shape=input_shape)
+        row = {**report.summary(), "test_acc": test_accuracy(compressed)["test_acc"], "test_acc_original": baseline}
         rows.append(row)
         match = "=" if row["conv_mults_measured"] == row["conv_mults_formula"] else "≠"
         log(f"{t:5.2f} {row['layers_replaced']:>4}/{row['layers']:<3}  {str(row['num_basis']):<14} "
             f"{row['conv_mults_measured']:>20,} {match} {row['conv_mults_formula']:<12,} "
-            f"{row['mult_ratio_measured']:7.3f} {row['params']:>8,} {100 * row['test_acc']:7.2f}%")
+            f"{row['mult_ratio_measured']:7.3f} {row['params']:>9,} {row['stored']:>8,} {100 * row['test_acc']:7.2f}%")
     log(f"original: {rows[0]['conv_mults_original']:,} conv multiplications per image, "
-        f"{rows[0]['params_original']:,} learnable parameters, test accuracy {100 * baseline:.2f}%")
+        f"{rows[0]['params_original']:,} learnable parameters ({rows[0]['stored_original']:,} stored values), test accuracy {100 * baseline:.2f}%")
 
     results = {"model": "DemoCNN", "dataset": "synthetic", "epochs": args.epochs, "num_train": args.num_train,
                "num_test": args.num_test, "seed": args.seed, "device": backend.current(),

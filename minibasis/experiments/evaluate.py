@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from minibasis import backend
-from minibasis.cli import UserError
+from minibasis.experiments.errors import UserError
 from minibasis.experiments import options
 from minibasis.experiments.common import evaluate, peak_memory_mib
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import time
 
-from minibasis.cli import UserError
-from minibasis.experiments import options, sweep, trainer
+from minibasis.experiments.errors import UserError
+from minibasis.compress import compress
+from minibasis.experiments import options, trainer
+from minibasis.measure import stored_values
 
 __all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
            "non_conv_parameters", "freeze_all_but", "recalibrate_batch_norm"]
@@ -167,7 +169,7 @@ def fine_tune(model, loader, *, step1_params: list, epochs1: int = 15, lr1: floa
     return history
 
 
-def choose_threshold(model, args, shapes, log) -> float:
+def choose_threshold(model, args, log) -> float:
     """``--threshold``, or the largest grid t whose measured conv-mult ratio ≤ ``--target-mult-ratio``."""
     if args.target_mult_ratio is None:
         if not 0.0 < args.threshold <= 1.0:
@@ -177,16 +179,16 @@ def choose_threshold(model, args, shapes, log) -> float:
         raise UserError(f"--target-mult-ratio must be in (0, 1], got {args.target_mult_ratio}")
     grid = sorted(options.parse_thresholds(args.thresholds), reverse=True)
     for t in grid:
-        row, _ = sweep.measure_threshold(model, t, shapes, lambda m: None, skip_unprofitable=not args.replace_all)
-        log(f"  t = {t:g}: measured conv multiplications {100 * row['mult_ratio_measured']:.1f}% of the original")
-        if row["mult_ratio_measured"] <= args.target_mult_ratio:
+        _, report = compress(model, energy_threshold=t, skip_unprofitable=not args.replace_all)
+        log(f"  t = {t:g}: measured conv multiplications {100 * report.mult_ratio:.1f}% of the original")
+        if report.mult_ratio <= args.target_mult_ratio:
             return t
     raise UserError(f"no threshold in {grid} brings the conv multiplications to "
                             f"{args.target_mult_ratio:g} of the original or less; add smaller thresholds")
 
 
 def run(args) -> int:
-    from minibasis import backend, compress, data, manual_seed
+    from minibasis import backend, data, manual_seed
     from minibasis.experiments import plots
 
     options.check_common(args)
@@ -212,7 +214,6 @@ def run(args) -> int:
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
-    shapes = trainer.output_shapes(model, (1, 3, 32, 32))
     compression = None
     if args.baseline:
         threshold = None
@@ -220,14 +221,13 @@ def run(args) -> int:
         step1_params = conv_weight_parameters(tuned)
         log("baseline: fine-tuning the uncompressed original (step 1: conv weights; step 2: non-conv parameters)")
     else:
-        threshold = choose_threshold(model, args, shapes, log)
+        threshold = choose_threshold(model, args, log)
         tuned, report = compress(model, energy_threshold=threshold, skip_unprofitable=not args.replace_all)
-        before, after, _ = sweep.formula_conv_mults(report, shapes)
-        compression = {**report.to_dict(), "conv_mults_formula_after": after, "conv_mults_formula_before": before}
+        compression = report.to_dict()
         log(f"compressed at t = {threshold:g}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
             f"conv multiplications {report.conv_mults_before:,} -> {report.conv_mults_after:,} "
             f"({100 * report.mult_ratio:.1f}%), learnable parameters {report.params_before:,} -> "
-            f"{report.params_after:,}")
+            f"{report.params_after:,}, stored values {report.stored_before:,} -> {report.stored_after:,}")
         step1_params = coefficient_parameters(tuned)
     before_acc = test_metrics(tuned)["test_acc"]
     log(f"before fine-tuning: test accuracy {100 * before_acc:.2f}%")
@@ -265,6 +265,7 @@ def run(args) -> int:
                "recalibrate_bn": args.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
                "test_acc_after": after_acc,
                "learnable_params": tuned.num_parameters(),  # every Parameter; the bases are buffers
+               "stored_values": stored_values(tuned),      # parameters + persistent buffers (bases included)
                "compression": compression, "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)

@@ -5,7 +5,7 @@
 * ``--dataset``, ``--data``, ``--normalize`` → host arrays and the transforms to feed them.
 
 Every problem a user can fix (unknown model, missing data folder, a checkpoint for another
-architecture, CuPy missing) becomes a one-line :class:`minibasis.cli.UserError`.
+architecture, CuPy missing) becomes a one-line :class:`minibasis.experiments.errors.UserError`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from minibasis import backend
-from minibasis.cli import UserError, first_line
+from minibasis.experiments.errors import UserError, first_line
 
 __all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "build_model",
            "build_model_with_weights", "load_weights", "add_data_arguments", "load_dataset", "load_training_data",

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import time
 
-from minibasis import formulas
 from minibasis.experiments import options, trainer
 from minibasis.experiments.common import evaluate
 
-__all__ = ["add_arguments", "run", "formula_conv_mults", "measure_threshold"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser) -> None:
@@ -37,57 +36,8 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=256)
 
 
-def formula_conv_mults(report, shapes: dict[str, tuple]) -> tuple[int, int, list[dict]]:
-    """Closed-form conv multiplications per image (original, compressed) and per-layer rows.
-
-    ``report``: a :class:`minibasis.compress.CompressionReport`; ``shapes``: layer path →
-    output shape (N, M, Ho, Wo), from :func:`trainer.output_shapes` of the original model.
-    """
-    before = after = 0
-    rows = []
-    for layer in report.layers:
-        _, _, ho, wo = shapes[layer.name]
-        k = tuple(layer.kernel_size)
-        original = formulas.conv_mults(layer.out_channels, layer.in_channels, k, ho, wo)
-        compressed = (formulas.basisconv_mults(layer.out_channels, layer.num_basis, layer.in_channels, k, ho, wo)
-                      if layer.replaced else original)
-        before, after = before + original, after + compressed
-        rows.append({"name": layer.name, "M": layer.out_channels, "C": layer.in_channels, "k": list(k),
-                     "D": layer.filter_dim, "Q": layer.num_basis, "Ho": ho, "Wo": wo, "energy": layer.energy,
-                     "replaced": layer.replaced, "mults_measured": layer.mults_after,
-                     "mults_formula": compressed, "ratio_Q_over_M_plus_Q_over_D": float(layer.formula_ratio)})
-    return before, after, rows
-
-
-def measure_threshold(model, threshold: float, shapes: dict[str, tuple], accuracy_fn,
-                      skip_unprofitable: bool = True, input_shape=(1, 3, 32, 32)) -> tuple[dict, object]:
-    """Compress ``model`` at ``threshold`` and measure it; returns (row, compressed model)."""
-    from minibasis import compress
-
-    compressed, report = compress(model, energy_threshold=threshold, skip_unprofitable=skip_unprofitable,
-                                  input_shape=input_shape)
-    before, after, layers = formula_conv_mults(report, shapes)
-    filters = sum(layer.out_channels for layer in report.layers)
-    retained = sum(layer.num_basis if layer.replaced else layer.out_channels for layer in report.layers)
-    row = {"threshold": threshold,
-           "layers_replaced": len(report.replaced), "layers": len(report.layers),
-           "filters_original": filters, "retained_filters": retained,
-           "retained_filters_pct": 100.0 * retained / filters if filters else 0.0,
-           "basis_filters_all_layers": sum(layer.num_basis for layer in report.layers),
-           "conv_mults_original": report.conv_mults_before, "conv_mults_measured": report.conv_mults_after,
-           "mult_ratio_measured": report.conv_mults_after / report.conv_mults_before,
-           "conv_mults_formula": after, "conv_mults_formula_original": before,
-           "mult_ratio_formula": after / before,
-           "params_original": report.params_before, "params": report.params_after,
-           "param_ratio": report.params_after / report.params_before,
-           "test_acc": accuracy_fn(compressed),
-           "num_basis": [layer.num_basis for layer in report.layers],
-           "per_layer": layers}
-    return row, compressed
-
-
 def run(args) -> int:
-    from minibasis import backend, manual_seed
+    from minibasis import backend, compress, manual_seed
 
     options.check_common(args)
     options.check_positive("--limit", args.limit)
@@ -111,18 +61,17 @@ def run(args) -> int:
 
     original_acc = accuracy(model)
     log(f"original: test accuracy {100 * original_acc:.2f}%")
-    shapes = trainer.output_shapes(model, (1, 3, 32, 32))
     rows = []
     header = (f"{'t':>5} {'replaced':>8} {'filters':>13} {'conv mults':>14} {'measured':>8} {'formula':>8} "
-              f"{'params':>10} {'test acc':>8}")
+              f"{'learnable':>10} {'stored':>10} {'test acc':>8}")
     log(header)
     for t in thresholds:
-        row, _ = measure_threshold(model, t, shapes, accuracy, skip_unprofitable=not args.replace_all)
-        row.update({"model": name, "test_acc_original": original_acc})
+        compressed, report = compress(model, energy_threshold=t, skip_unprofitable=not args.replace_all)
+        row = {"model": name, **report.summary(), "test_acc": accuracy(compressed), "test_acc_original": original_acc}
         rows.append(row)
         log(f"{t:5.2f} {row['layers_replaced']:>4}/{row['layers']:<3} "
             f"{row['retained_filters']:>6} {row['retained_filters_pct']:5.1f}% {row['conv_mults_measured']:>14,} "
-            f"{row['mult_ratio_measured']:8.4f} {row['mult_ratio_formula']:8.4f} {row['params']:>10,} "
+            f"{row['mult_ratio_measured']:8.4f} {row['mult_ratio_formula']:8.4f} {row['params']:>10,} {row['stored']:>10,} "
             f"{100 * row['test_acc']:7.2f}%")
 
     results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "dataset": args.dataset,

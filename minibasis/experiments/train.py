@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 
-from minibasis.cli import UserError
+from minibasis.experiments.errors import UserError
 from minibasis.experiments import options, trainer
 
 __all__ = ["add_arguments", "run", "use_random_bases", "conv_learnable_parameters"]

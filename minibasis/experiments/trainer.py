@@ -38,7 +38,7 @@ from minibasis import backend
 from minibasis import distributed as dist
 from minibasis import functions as F
 from minibasis.autograd import Function, Tensor, no_grad, tensor
-from minibasis.cli import UserError, first_line
+from minibasis.experiments.errors import UserError, first_line
 from minibasis.nn import Module
 
 __all__ = [

@@ -1,0 +1,264 @@
+"""One measurement pass over a model: per conv layer, shapes, measured multiplications and sizes.
+
+``profile(model, input_shape)`` runs one forward pass of a zero input (eval mode, no
+graph; every module's mode is restored afterwards) under :func:`minibasis.count_mults`,
+with forward hooks on each ``Conv2d`` / ``BasisConv2d`` recording the input and output
+sizes that reached it. Each row gives
+
+* the layer's shape: M, C, groups, (kh, kw), stride, padding, dilation, D = (C/g)·kh·kw,
+  input (H, W) and output (Ho, Wo); Q and the retained energy for a BasisConv2d;
+* ``mults``: the conv multiplications the engine *measured* in that layer, per image;
+* ``formula_mults``: the paper's closed form (:mod:`minibasis.formulas`: M·D·Ho·Wo for a
+  conv, Q·D·Ho·Wo + M·Q·Ho·Wo for a BasisConv) for the output size that was reached;
+* ``backward_mults`` (with ``backward=True``): measured conv multiplications of one
+  backward pass of ``output.sum()`` per image (weight and input gradients; the input
+  image itself needs no gradient, as in training);
+* ``learnable``: the layer's parameters (what training can change; the paper's D/Q
+  reduction speaks of these), and ``stored``: its parameters plus persistent buffers,
+  i.e. what a deployment stores, the fixed basis included.
+
+Usage::
+
+    prof = minibasis.measure.profile(model, (1, 3, 32, 32))
+    print(prof.table()); prof.totals["mults"]; prof.rows[0].Q
+"""
+from __future__ import annotations
+
+import json
+import numbers
+from dataclasses import asdict, dataclass, field
+
+from minibasis import backend, formulas
+from minibasis.autograd import no_grad, tensor
+from minibasis.counting import count_mults
+from minibasis.nn import BasisConv2d, Conv2d, Module
+
+__all__ = ["profile", "Profile", "LayerProfile", "conv_layers", "check_input_shape", "stored_values",
+           "learnable_values"]
+
+
+def check_input_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints, or a ValueError naming it."""
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if not shape or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape):
+        raise ValueError(f"input_shape must be a tuple of positive ints such as (1, 3, 32, 32), got {input_shape!r}")
+    return tuple(int(n) for n in shape)
+
+
+def conv_layers(model: Module) -> list[tuple[str, Module]]:
+    """(path, layer) for every Conv2d and BasisConv2d of ``model``, outermost only, in module order."""
+    found: list[tuple[str, Module]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, (Conv2d, BasisConv2d)):
+            if any(path.startswith(parent + ".") for parent, _ in found):
+                continue  # a conv inside a conv-like layer belongs to that layer
+            found.append((path, module))
+    return found
+
+
+def learnable_values(module: Module) -> int:
+    """Scalars in ``module.parameters()`` (what training can change; the fixed basis is a buffer)."""
+    return sum(int(p.size) for p in module.parameters())
+
+
+def stored_values(module: Module) -> int:
+    """Scalars in ``module.state_dict()``: parameters plus persistent buffers (bases, BN statistics)."""
+    return sum(int(v.size) for v in module.state_dict().values())
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One Conv2d or BasisConv2d as it ran: shape, measured and formula mults (per image), sizes.
+
+    ``input``/``output`` are None (and the mults 0) when the forward pass never called the layer.
+    """
+
+    path: str
+    kind: str                   # "conv" or "basisconv"
+    M: int
+    C: int
+    groups: int
+    k: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple | str
+    dilation: tuple[int, int]
+    input: tuple[int, int] | None
+    output: tuple[int, int] | None
+    Q: int | None
+    energy: float | None
+    mults: int
+    formula_mults: int
+    backward_mults: int | None
+    learnable: int
+    stored: int
+
+    @property
+    def D(self) -> int:
+        """Filter dimension (C/groups)·kh·kw."""
+        return (self.C // self.groups) * self.k[0] * self.k[1]
+
+    @property
+    def ran(self) -> bool:
+        return self.output is not None
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row["D"] = self.D
+        for key in ("k", "stride", "dilation", "input", "output"):
+            if row[key] is not None:
+                row[key] = list(row[key])
+        if not isinstance(row["padding"], str):
+            row["padding"] = list(row["padding"])
+        return row
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Rows (one :class:`LayerProfile` per conv layer, module order) and whole-model totals.
+
+    ``totals``: ``mults``, ``formula_mults``, ``backward_mults`` (None unless asked for),
+    ``learnable`` and ``stored`` summed over the rows, plus ``model_conv_mults`` (every conv op
+    of the model, measured), ``model_mults`` (every counted product of the forward pass),
+    ``model_learnable`` and ``model_stored`` (the whole model, BatchNorm and linear layers too).
+    """
+
+    rows: list[LayerProfile]
+    input_shape: tuple[int, ...]
+    totals: dict = field(default_factory=dict)
+
+    def row(self, path: str) -> LayerProfile:
+        for r in self.rows:
+            if r.path == path:
+                return r
+        raise KeyError(f"no conv layer at {path!r}; the conv layers are {[r.path for r in self.rows]}")
+
+    def to_dict(self) -> dict:
+        return {"input_shape": list(self.input_shape), "per_image": True,
+                "rows": [r.to_dict() for r in self.rows], "totals": dict(self.totals)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self) -> str:
+        """Fixed-width text: one line per conv layer, then the totals."""
+        header = ("layer", "kind", "M", "C", "g", "k", "s", "in", "out", "D", "Q", "energy",
+                  "mults", "formula", "learnable", "stored")
+        hw = (lambda p: "-" if p is None else f"{p[0]}x{p[1]}")
+        lines = []
+        for r in self.rows:
+            lines.append((r.path, r.kind, str(r.M), str(r.C), str(r.groups), hw(r.k), hw(r.stride), hw(r.input),
+                          hw(r.output), str(r.D), "-" if r.Q is None else str(r.Q),
+                          "-" if r.energy is None else f"{r.energy:.4f}", f"{r.mults:,}", f"{r.formula_mults:,}",
+                          f"{r.learnable:,}", f"{r.stored:,}"))
+        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+
+        def fmt(cells):
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        t = self.totals
+        out = [f"conv layers measured on input {self.input_shape}; multiplications per image",
+               fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+        out.append(f"conv multiplications: measured {t['mults']:,}, formula {t['formula_mults']:,}"
+                   + ("" if t.get("backward_mults") is None else f", backward measured {t['backward_mults']:,}"))
+        out.append(f"conv layers: {t['learnable']:,} learnable parameters, {t['stored']:,} stored values; "
+                   f"whole model: {t['model_learnable']:,} learnable, {t['model_stored']:,} stored")
+        return "\n".join(out)
+
+    __str__ = table
+
+
+def _array_module_and_dtype(model: Module):
+    for p in model.parameters():
+        return backend.get_array_module(p.data), p.data.dtype
+    for _, b in model.named_buffers():
+        return backend.get_array_module(b), b.dtype
+    return backend.xp, backend.xp.dtype(backend.default_dtype)
+
+
+def _per_image(name: str, n: int, batch: int) -> int:
+    if n % batch:
+        raise RuntimeError(f"conv multiplications of {name or '(root)'} ({n}) are not a multiple of "
+                           f"the batch size {batch}: the model's work is not per image")
+    return n // batch
+
+
+def _formula_mults(module: Module, output) -> int:
+    if output is None:
+        return 0
+    ho, wo = output
+    if isinstance(module, BasisConv2d):
+        return formulas.basisconv_mults(module.out_channels, module.num_basis, module.in_channels,
+                                        module.kernel_size, ho, wo)
+    groups = getattr(module, "groups", 1)
+    extra = {"groups": groups} if groups != 1 else {}
+    return formulas.conv_mults(module.out_channels, module.in_channels, module.kernel_size, ho, wo, **extra)
+
+
+def _layer_sum(by_layer: dict[str, int], path: str) -> int:
+    return sum(n for key, n in by_layer.items() if key == path or key.startswith(path + "."))
+
+
+def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False) -> Profile:
+    """Measure ``model`` on a zero input of ``input_shape`` (N, C, H, W); counts are per image.
+
+    The model's modes are restored afterwards and its parameters are not changed; with
+    ``backward=True`` the gradients the backward pass leaves are cleared again.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"profile needs a minibasis.nn.Module, got {type(model).__name__}")
+    shape = check_input_shape(input_shape)
+    batch = shape[0]
+    layers = conv_layers(model)
+    sizes: dict[int, tuple] = {}
+
+    def record(module, args, output):
+        sizes.setdefault(id(module), (tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
+
+    xp, dtype = _array_module_and_dtype(model)
+    handles = [module.register_forward_hook(record) for _, module in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        x = tensor(xp.zeros(shape, dtype=dtype))
+        with count_mults() as counter:
+            if backward:
+                model(x).sum().backward()
+            else:
+                with no_grad():
+                    model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, mode in modes:
+            object.__setattr__(m, "training", mode)
+        if backward:
+            model.zero_grad()
+
+    forward_by_layer = counter.forward.conv_by_layer()
+    backward_by_layer = counter.backward.conv_by_layer() if backward else None
+    rows = []
+    for path, module in layers:
+        in_hw, out_hw = sizes.get(id(module), (None, None))
+        basis = isinstance(module, BasisConv2d)
+        rows.append(LayerProfile(
+            path=path, kind="basisconv" if basis else "conv", M=module.out_channels, C=module.in_channels,
+            groups=int(getattr(module, "groups", 1)), k=tuple(module.kernel_size), stride=tuple(module.stride),
+            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+            dilation=tuple(getattr(module, "dilation", (1, 1))), input=in_hw, output=out_hw,
+            Q=module.num_basis if basis else None, energy=module.energy if basis else None,
+            mults=_per_image(path, _layer_sum(forward_by_layer, path), batch),
+            formula_mults=_formula_mults(module, out_hw),
+            backward_mults=None if backward_by_layer is None
+            else _per_image(path, _layer_sum(backward_by_layer, path), batch),
+            learnable=learnable_values(module), stored=stored_values(module)))
+    totals = {
+        "mults": sum(r.mults for r in rows), "formula_mults": sum(r.formula_mults for r in rows),
+        "backward_mults": None if not backward else sum(r.backward_mults for r in rows),
+        "learnable": sum(r.learnable for r in rows), "stored": sum(r.stored for r in rows),
+        "model_conv_mults": _per_image("(whole model)", counter.forward.conv, batch),
+        "model_mults": _per_image("(whole model, all ops)", counter.forward.total, batch),
+        "model_learnable": learnable_values(model), "model_stored": stored_values(model),
+        "layers": len(rows), "basisconv_layers": sum(r.kind == "basisconv" for r in rows),
+    }
+    return Profile(rows=rows, input_shape=shape, totals=totals)
