@@ -23,16 +23,19 @@ def __getattr__(name):
     if name == "compress":
         from minibasis.compress import compress
         return compress
+    if name == "summary":
+        from minibasis.model_summary import summary
+        return summary
     if name in ("save_model", "load_model", "ModelMetadata", "ModelFileError"):
         from minibasis import model_files
         return getattr(model_files, name)
     if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed",
-                "measure", "training"):
+                "measure", "training", "verify"):
         import importlib
         return importlib.import_module(f"minibasis.{name}")
     raise AttributeError(f"module 'minibasis' has no attribute {name!r}")
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "functions", "nn", "optim", "compress",
+           "count_mults", "functions", "nn", "optim", "compress", "summary",
            "save_model", "load_model", "ModelMetadata", "ModelFileError"]

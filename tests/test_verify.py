@@ -120,7 +120,7 @@ def test_backward_conventions_by_hand():
     assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=True) == 780
     assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=False) == 660
     # stored values of a BasisConv: basis 3·18 + coefficients 4·3 + bias 4
-    assert layer_formulas.stored_values(4, 2, 3, num_basis=3, bias=True) == 54 + 12 + 4
+    assert layer_formulas.stored_values_formula(4, 2, 3, num_basis=3, bias=True) == 54 + 12 + 4
 
 
 # -- planted defects are found, shrunk and reproduced ----------------------------------------------

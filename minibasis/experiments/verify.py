@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from minibasis.cli import UserError
+from minibasis.experiments.errors import UserError, first_line
 
 __all__ = ["add_arguments", "run", "load_model_argument"]
 
@@ -39,11 +39,21 @@ def add_arguments(parser) -> None:
                            help="folder holding cifar-10-batches-py: the first --images test images (default: "
                                 "Gaussian inputs)")
     exactness.add_argument("--images", type=int, default=64, help="inputs to compare on (default: 64)")
-    exactness.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default="imagenet",
-                           help="normalization of the --data images (default: imagenet, as the shared akamaster "
-                                "ResNets were trained)")
+    exactness.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=None,
+                           help="normalization of the --data images (default: the model file's, else imagenet, as "
+                                "the shared akamaster ResNets were trained)")
 
-    for name, parser_ in (("formulas", formulas), ("exactness", exactness)):
+    counts = sub.add_parser("counts", help="per conv layer, original and compressed: measured forward and backward "
+                                           "mults vs the closed forms",
+                            description="Profile the model as it is and compressed at each threshold (one forward "
+                                        "and one backward pass) and compare every conv layer's measured "
+                                        "multiplications with the closed forms.")
+    _add_model_argument(counts)
+    counts.add_argument("--thresholds", default="1,0.9",
+                        help="comma-separated energy thresholds to compress at (default: 1,0.9)")
+    counts.add_argument("--input-size", type=int, default=32, help="input height and width (default: 32)")
+
+    for parser_ in (formulas, exactness, counts):
         parser_.add_argument("--json", metavar="PATH", default=None, help="also write the result as JSON to PATH")
 
 
@@ -55,49 +65,55 @@ def _add_model_argument(parser) -> None:
 
 
 def load_model_argument(spec: str, seed: int = 0):
-    """A zoo model (random init seeded by ``seed``) or the model a file holds."""
+    """``(model, metadata or None)``: the model a file holds (:func:`minibasis.load_model`), or a
+    zoo model with its random init seeded by ``seed``."""
     import minibasis
     from minibasis.models import MODELS, get_model
 
-    path = Path(spec)
-    if path.is_file():
-        from minibasis.experiments import options
-        state, _ = options.read_state(path)
-        blocks = {key.split(".")[1] for key in state if key.startswith("layer1.")}
-        if "conv1.weight" not in state or not blocks:
-            raise UserError(f"{path}: only CIFAR ResNet files can be read yet")
-        model = get_model("resnet_cifar", depth=6 * len(blocks) + 2, num_classes=state["linear.weight"].shape[0])
-        options.load_weights(model, path)
-        return model
+    if Path(spec).is_file():
+        try:
+            return minibasis.load_model(spec)
+        except (ValueError, TypeError, OSError) as exc:
+            raise UserError(f"cannot load {spec}: {first_line(exc)}") from None
     if spec not in MODELS:
         raise UserError(f"{spec!r} is neither a file nor a zoo model; known models: {', '.join(MODELS)}")
     minibasis.manual_seed(seed)
-    return get_model(spec)
+    return get_model(spec), None
 
 
-def _exactness(args):
-    from minibasis import verify
+def _input_images(args, metadata):
+    """The first ``--images`` CIFAR-10 test images of ``--data``, normalized as the model file says
+    (else by ``--normalize``); None without ``--data``."""
+    from minibasis import data
     from minibasis.experiments import options
 
-    model = load_model_argument(args.model, args.seed)
-    options.check_positive("--images", args.images)
-    images = None
-    if args.data is not None:
-        _, (x_test, _) = options.load_dataset("cifar10", args.data, num_test=args.images)
-        images = options.eval_transform(args.normalize)(x_test)
-    return verify.check_exactness(model, images, dtype=args.dtype, num_inputs=args.images, seed=args.seed)
+    if args.data is None:
+        return None
+    _, (x_test, _) = options.load_dataset("cifar10", args.data, num_test=args.images)
+    if args.normalize is None and metadata is not None and metadata.mean is not None:
+        return data.Compose([data.ToFloat(), data.Normalize(metadata.mean, metadata.std)])(x_test)
+    recorded = metadata.normalization if metadata is not None else None
+    return options.eval_transform(args.normalize or recorded or "imagenet")(x_test)
 
 
 def run(args) -> int:
     from minibasis import verify
-    from minibasis.experiments.options import check_positive
+    from minibasis.experiments.options import check_positive, parse_thresholds
 
     check_positive("--seed", args.seed, allow_zero=True)
     if args.check == "formulas":
         check_positive("--cases", args.cases)
         result = verify.check_formulas(args.cases, args.seed, use_hypothesis=False if args.no_hypothesis else None)
+    elif args.check == "exactness":
+        check_positive("--images", args.images)
+        model, metadata = load_model_argument(args.model, args.seed)
+        result = verify.check_exactness(model, _input_images(args, metadata), dtype=args.dtype,
+                                        num_inputs=args.images, seed=args.seed)
     else:
-        result = _exactness(args)
+        check_positive("--input-size", args.input_size)
+        model, _ = load_model_argument(args.model, args.seed)
+        result = verify.check_counts(model, parse_thresholds(args.thresholds),
+                                     input_shape=(1, 3, args.input_size, args.input_size))
     print(result.table())
     if args.json:
         from minibasis.io import atomic_write

@@ -182,8 +182,13 @@ def check_exactness(model: Module, images=None, *, dtype: str = "float64", input
     convs = [path for path, module in original.named_modules() if path in rows_by_path]
 
     layer_inputs: dict[str, object] = {}
-    handles = [original.get_submodule(path).register_forward_pre_hook(
-        lambda module, args, path=path: layer_inputs.setdefault(path, args[0].data)) for path in convs]
+
+    def recorder(path: str):
+        def record(module, args):
+            layer_inputs.setdefault(path, args[0].data)  # returns None: the input is kept
+        return record
+
+    handles = [original.get_submodule(path).register_forward_pre_hook(recorder(path)) for path in convs]
     x = Tensor(backend.asarray(images, dtype=dtype))
     try:
         with no_grad():

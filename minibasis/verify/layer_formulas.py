@@ -37,11 +37,12 @@ from minibasis import formulas
 from minibasis.autograd import tensor
 from minibasis.checks import non_negative_int, positive_int
 from minibasis.counting import count_mults
+from minibasis.measure import learnable_values, stored_values as measured_stored_values
 from minibasis.nn import BasisConv2d, Conv2d, Module
 from minibasis.verify.report import VerifyResult, format_table
 
 __all__ = ["LayerCase", "GeometrySpace", "CaseOutcome", "FormulaReport", "check_formulas", "run_case",
-           "draw_case", "case_strategy", "conv_backward_mults", "basisconv_backward_mults", "stored_values",
+           "draw_case", "case_strategy", "conv_backward_mults", "basisconv_backward_mults", "stored_values_formula",
            "snippet"]
 
 #: Which gradients a case needs: (input, weight); a case that needs neither has no backward pass.
@@ -150,17 +151,22 @@ def conv_backward_mults(forward_mults: int, input_grad: bool, weight_grad: bool)
 
 
 def basisconv_backward_mults(out_channels: int, num_basis: int, filter_dim: int, positions: int,
-                             input_grad: bool, coeffs_grad: bool) -> int:
-    """Backward products of a BasisConv (no BatchNorm, no basis bias), per image.
+                             input_grad: bool, coeffs_grad: bool, intermediate_grad: bool | None = None) -> int:
+    """Backward products of a BasisConv, per image (P = Ho·Wo; the fixed basis gets no gradient).
 
-    Coefficient gradient M·Q·P when learned; input gradient M·Q·P (1×1 stage) + Q·D·P (basis
-    stage) when the input needs one. P = Ho·Wo; the fixed basis gets no gradient.
+    Coefficient gradient M·Q·P when the coefficients are learned; gradient of the Q-channel
+    intermediate M·Q·P when it needs one (``intermediate_grad``: the input needs a gradient, or
+    a learned basis bias or BatchNorm sits before the 1×1 stage; default ``input_grad``); input
+    gradient Q·D·P through the basis stage when the input needs one.
     """
+    if intermediate_grad is None:
+        intermediate_grad = input_grad
     stage = out_channels * num_basis * positions
-    return (stage if coeffs_grad else 0) + ((stage + num_basis * filter_dim * positions) if input_grad else 0)
+    return (stage * (int(coeffs_grad) + int(intermediate_grad))
+            + (num_basis * filter_dim * positions if input_grad else 0))
 
 
-def stored_values(out_channels: int, in_channels: int, kernel_size, num_basis: int | None = None,
+def stored_values_formula(out_channels: int, in_channels: int, kernel_size, num_basis: int | None = None,
                   bias: bool = False) -> int:
     """Values a layer stores (parameters and buffers): M·D (+M) for a conv, Q·D + M·Q (+M) for BasisConv."""
     dim = formulas.filter_dim(in_channels, kernel_size)
@@ -219,13 +225,6 @@ def _geometry_kwargs(case: LayerCase) -> dict:
     return kwargs
 
 
-def _values(layer: Module) -> tuple[int, int]:
-    """(learnable parameters, stored values = parameters + buffers) of ``layer``, counted from its arrays."""
-    learnable = layer.num_parameters(learnable_only=True)
-    stored = layer.num_parameters() + sum(int(b.size) for _, b in layer.named_buffers())
-    return learnable, stored
-
-
 def _measure(layer: Module, case: LayerCase, needs_weight_grad_off: Callable[[Module], None]):
     """(output shape, forward conv mults, backward conv mults) of ``layer`` on a case's input."""
     rng = np.random.default_rng(0)
@@ -242,7 +241,7 @@ def _measure(layer: Module, case: LayerCase, needs_weight_grad_off: Callable[[Mo
 def _conv_comparisons(case: LayerCase) -> list[Comparison]:
     m, c, g, k = case.out_channels, case.in_channels, case.groups, case.kernel_size
     layer = Conv2d(c, m, k, stride=case.stride, padding=case.padding, bias=case.bias, **_geometry_kwargs(case))
-    learnable, stored = _values(layer)
+    learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
     per_image = formulas.conv_mults(m, c, k, ho, wo, **({"groups": g} if g != 1 else {}))
     shape, forward, backward = _measure(layer, case, lambda conv: conv.requires_grad_(False))
@@ -253,14 +252,14 @@ def _conv_comparisons(case: LayerCase) -> list[Comparison]:
                    case.batch * conv_backward_mults(per_image, case.input_grad, case.weight_grad)),
         Comparison("conv learnable params", learnable,
                    formulas.learnable_params(m, c // g, k, bias=case.bias)),
-        Comparison("conv stored values", stored, stored_values(m, c // g, k, bias=case.bias)),
+        Comparison("conv stored values", stored, stored_values_formula(m, c // g, k, bias=case.bias)),
     ]
 
 
 def _basisconv_comparisons(case: LayerCase) -> list[Comparison]:
     m, c, q, k = case.out_channels, case.in_channels, case.num_basis, case.kernel_size
     layer = BasisConv2d(c, m, k, q, stride=case.stride, padding=case.padding, bias=case.bias)
-    learnable, stored = _values(layer)
+    learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
     dim = formulas.filter_dim(c, k)
     shape, forward, backward = _measure(layer, case, lambda basis_conv: basis_conv.requires_grad_(False))
@@ -271,7 +270,7 @@ def _basisconv_comparisons(case: LayerCase) -> list[Comparison]:
                    case.batch * basisconv_backward_mults(m, q, dim, ho * wo, case.input_grad, case.weight_grad)),
         Comparison("basisconv learnable params", learnable,
                    formulas.learnable_params(m, c, k, num_basis=q, bias=case.bias)),
-        Comparison("basisconv stored values", stored, stored_values(m, c, k, num_basis=q, bias=case.bias)),
+        Comparison("basisconv stored values", stored, stored_values_formula(m, c, k, num_basis=q, bias=case.bias)),
     ]
 
 
@@ -321,8 +320,8 @@ expected_stored = Q * D + M * Q + (M if bias else 0)
 '''
 
 _SNIPPET_TAIL = '''
-learnable = layer.num_parameters(learnable_only=True)
-stored = layer.num_parameters() + sum(b.size for _, b in layer.named_buffers())
+learnable = sum(p.size for p in layer.parameters())
+stored = sum(v.size for v in layer.state_dict().values())  # parameters and persistent buffers
 if not weight_grad:
     layer.requires_grad_(False)
 x = mb.tensor(np.random.default_rng(0).standard_normal((N, C, H, W)).astype(np.float32), requires_grad=input_grad)
