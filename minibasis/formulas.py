@@ -5,7 +5,8 @@ size kh×kw×C (C = ``in_channels``), each a vector of dimension D = C·kh·kw; 
 BasisConv replacement uses Q = ``num_basis`` fixed basis filters followed by a
 1×1 convolution with M×Q learnable coefficients. The output map is Ho×Wo.
 
-* A convolution costs M·D·Ho·Wo multiplications per image.
+* A convolution costs M·D·Ho·Wo multiplications per image; a grouped one
+  (g groups, each filter seeing C/g channels) M·(C/g)·kh·kw·Ho·Wo.
 * BasisConv costs Q·D·Ho·Wo (basis stage) + M·Q·Ho·Wo (1×1 stage).
 * Their ratio is Q/M + Q/D, independent of the output size; a layer with
   Q/M + Q/D ≥ 1 saves nothing.
@@ -46,27 +47,34 @@ def filter_dim(in_channels, kernel_size) -> int:
     return positive_int("in_channels", in_channels) * kh * kw
 
 
-def conv_output_size(size, kernel_size, stride=1, padding=0) -> int:
-    """Output length along one axis: floor((size + 2·padding − kernel_size) / stride) + 1.
+def conv_output_size(size, kernel_size, stride=1, padding=0, dilation=1) -> int:
+    """Output length along one axis: floor((size + 2·padding − dilation·(kernel_size − 1) − 1) / stride) + 1.
 
-    ``kernel_size``, ``stride`` and ``padding`` are ints for that axis. A ValueError
-    is raised when the padded input is shorter than the kernel.
+    ``kernel_size``, ``stride``, ``padding`` and ``dilation`` are ints for that axis
+    (a dilated kernel spans dilation·(kernel_size − 1) + 1 inputs). A ValueError
+    is raised when the padded input is shorter than that span.
     """
     size = positive_int("size", size)
     kernel_size = positive_int("kernel_size", kernel_size)
     stride = positive_int("stride", stride)
     padding = non_negative_int("padding", padding)
+    span = positive_int("dilation", dilation) * (kernel_size - 1) + 1
     padded = size + 2 * padding
-    if padded < kernel_size:
-        raise ValueError(f"kernel_size {kernel_size} exceeds the padded input size {padded} "
+    if padded < span:
+        spans = f" (spanning {span} with dilation {dilation})" if span != kernel_size else ""
+        raise ValueError(f"kernel_size {kernel_size}{spans} exceeds the padded input size {padded} "
                          f"(size {size}, padding {padding})")
-    return (padded - kernel_size) // stride + 1
+    return (padded - span) // stride + 1
 
 
-def conv_mults(out_channels, in_channels, kernel_size, out_h, out_w) -> int:
-    """Multiplications of one convolution per image: M·D·Ho·Wo."""
+def conv_mults(out_channels, in_channels, kernel_size, out_h, out_w, groups=1) -> int:
+    """Multiplications of one convolution per image: M·(C/g)·kh·kw·Ho·Wo (g = ``groups``; g = 1: M·D·Ho·Wo)."""
     m = positive_int("out_channels", out_channels)
-    d = filter_dim(in_channels, kernel_size)
+    c = positive_int("in_channels", in_channels)
+    g = positive_int("groups", groups)
+    if c % g or m % g:
+        raise ValueError(f"groups={g} must divide in_channels ({c}) and out_channels ({m})")
+    d = filter_dim(c // g, kernel_size)
     return m * d * positive_int("out_h", out_h) * positive_int("out_w", out_w)
 
 

@@ -163,8 +163,8 @@ def test_coefficient_stage_builds_no_column_buffer(monkeypatch):
     built = []
     original = conv_module.im2col
 
-    def spy(x, kernel, stride, padding):
-        col = original(x, kernel, stride, padding)
+    def spy(x, kernel, stride, padding, dilation=(1, 1)):
+        col = original(x, kernel, stride, padding, dilation)
         built.append((kernel, np.shares_memory(col, x)))
         return col
 

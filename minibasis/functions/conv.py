@@ -1,7 +1,17 @@
 """2-D convolution by im2col + GEMM, backward by GEMM + col2im.
 
-Layouts (NCHW, PyTorch's): x (N, C, H, W), weight (M, C, kh, kw), bias (M,),
-output (N, M, Ho, Wo) with Ho = (H + 2·ph − kh) // sh + 1.
+Layouts (NCHW, PyTorch's): x (N, C, H, W), weight (M, C/g, kh, kw), bias (M,),
+output (N, M, Ho, Wo) with Ho = (H + top + bottom − dh·(kh − 1) − 1) // sh + 1
+(padding may be asymmetric: PyTorch's "same" with an even d·(k − 1) total).
+
+Groups and dilation. The columns of a grouped conv (g groups) are exactly those
+of the ungrouped conv on the same input: rows in (C, kh, kw) order run over the
+groups first, so ``col.reshape(g, D/g, n·P)`` is a free view with D/g =
+(C/g)·kh·kw, and the chunk's conv is one batched GEMM ``(g, M/g, D/g) @
+(g, D/g, n·P)`` (no loop over groups, no per-group copy; a depthwise conv is
+g = C = M with M/g = 1). Dilation only spaces the kernel offsets of the strided
+view (and of col2im's window additions). The "same" plane-shift path therefore
+serves grouped convs too; kn2row stays for groups = 1.
 
 The column buffer of a chunk of n images is (D, n·P) with D = C·kh·kw rows in
 (C, kh, kw) order (the order of ``weight.reshape(M, D)`` columns, which
@@ -40,7 +50,7 @@ results beyond float rounding of the order of summation.
 
 Multiplications recorded (all under op ``conv2d``, which counts as convolution):
 
-* forward: N·M·D·P (the GEMMs, over all chunks);
+* forward: N·M·D·P (the GEMMs, over all chunks), D = (C/g)·kh·kw the filter length;
 * backward: N·M·P·D for the weight gradient when the weight requires grad, plus
   N·D·M·P for the input gradient when the input requires grad. So a backward
   that needs both costs exactly twice the forward; the bias gradient is a sum.
@@ -50,10 +60,11 @@ Without a graph (``no_grad``) nothing is kept for backward.
 from __future__ import annotations
 
 from minibasis import backend
-from minibasis.checks import non_negative_pair, positive_pair
 from minibasis.autograd import Function, Tensor
+from minibasis.checks import ArgumentTypeError, non_negative_pair, positive_int, positive_pair
 
-__all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "set_im2col_budget",
+__all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "check_padding", "resolve_padding",
+           "set_im2col_budget",
            "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO"]
 
 #: Largest column buffer built at once (bytes): a hard cap on im2col memory.
@@ -73,29 +84,69 @@ def set_im2col_budget(num_bytes: int) -> int:
     return previous
 
 
-def conv_output_shape(h: int, w: int, kernel: tuple, stride: tuple, padding: tuple) -> tuple[int, int]:
-    return (h + 2 * padding[0] - kernel[0]) // stride[0] + 1, (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+def _four(padding) -> tuple[int, int, int, int]:
+    """(ph, pw) → (top, bottom, left, right); a 4-tuple is returned as it is."""
+    return (padding[0], padding[0], padding[1], padding[1]) if len(padding) == 2 else tuple(padding)
+
+
+def check_padding(padding):
+    """``padding`` as PyTorch's conv takes it: "same", "valid", an int or a pair (returned as a pair)."""
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ArgumentTypeError(f"padding must be 'same', 'valid', a non-negative integer or a pair of them, "
+                                    f"got {padding!r}")
+        return padding
+    return non_negative_pair("padding", padding)
+
+
+def resolve_padding(padding, kernel: tuple, stride: tuple, dilation: tuple = (1, 1)) -> tuple[int, int, int, int]:
+    """Explicit (top, bottom, left, right) zero padding for ``padding`` (checked by :func:`check_padding`).
+
+    "valid" is no padding. "same" (stride 1 only, as in PyTorch) pads d·(k − 1) in
+    total along each axis, half of it (rounded down) before and the rest after,
+    so an odd total puts the extra row (column) at the bottom (right), as PyTorch does.
+    """
+    padding = check_padding(padding)
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        if tuple(stride) != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in PyTorch), got stride {tuple(stride)}")
+        (kh, kw), (dh, dw) = kernel, dilation
+        total_h, total_w = dh * (kh - 1), dw * (kw - 1)
+        return total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2
+    return _four(padding)
+
+
+def conv_output_shape(h: int, w: int, kernel: tuple, stride: tuple, padding: tuple,
+                      dilation: tuple = (1, 1)) -> tuple[int, int]:
+    """(Ho, Wo) for padding (ph, pw) or (top, bottom, left, right); a kernel spans d·(k − 1) + 1 pixels."""
+    top, bottom, left, right = _four(padding)
+    extent_h, extent_w = dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1
+    return (h + top + bottom - extent_h) // stride[0] + 1, (w + left + right - extent_w) // stride[1] + 1
 
 
 def _is_pointwise(kernel, stride, padding) -> bool:
-    return kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+    return kernel == (1, 1) and stride == (1, 1) and not any(padding)
 
 
 def _pad_spatial(x, padding):
-    ph, pw = padding
-    if ph == 0 and pw == 0:
+    top, bottom, left, right = _four(padding)
+    if not (top or bottom or left or right):
         return x
     xp = backend.get_array_module(x)
     n, c, h, w = x.shape
-    out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-    out[:, :, ph:ph + h, pw:pw + w] = x
+    out = xp.zeros((n, c, h + top + bottom, w + left + right), dtype=x.dtype)
+    out[:, :, top:top + h, left:left + w] = x
     return out
 
 
-def _is_same(kernel, stride, padding) -> bool:
-    """Stride 1, odd kernel, padding (k − 1)/2: the output is as large as the input (Ho·Wo = H·W)."""
-    (kh, kw), (ph, pw) = kernel, padding
-    return stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and (ph, pw) == ((kh - 1) // 2, (kw - 1) // 2)
+def _is_same(kernel, stride, padding, dilation=(1, 1)) -> bool:
+    """Stride 1, no dilation, odd kernel, padding (k − 1)/2 on every side: Ho·Wo = H·W."""
+    (kh, kw) = kernel
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    return (stride == (1, 1) and tuple(dilation) == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+            and _four(padding) == (ph, ph, pw, pw))
 
 
 def _same_offsets(kernel, n: int, h: int, w: int):
@@ -172,30 +223,33 @@ def _col2im_same(col, x_shape, kernel):
     return total.reshape(c, n, h, w).transpose(1, 0, 2, 3)
 
 
-def im2col(x, kernel: tuple, stride: tuple, padding: tuple):
+def im2col(x, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple = (1, 1)):
     """Columns (C·kh·kw, N·Ho·Wo) of ``x`` (N, C, H, W): rows in (C, kh, kw), columns in (N, Ho, Wo) order.
 
-    A "same" conv copies whole shifted planes (long runs); any other conv copies a
-    6-D strided view (C, kh, kw, N, Ho, Wo) of the padded input once. A pointwise
-    conv (1×1, stride 1, no padding) needs neither: it gets the view (N, C, H·W)
-    of x, one (C, P) column matrix per image.
+    ``padding`` is (ph, pw) or (top, bottom, left, right). A "same" conv copies whole
+    shifted planes (long runs); any other conv copies a 6-D strided view
+    (C, kh, kw, N, Ho, Wo) of the padded input once (kernel offsets ``dilation``
+    apart). A pointwise conv (1×1, stride 1, no padding) needs neither: it gets the
+    view (N, C, H·W) of x, one (C, P) column matrix per image.
     """
     n, c, h, w = x.shape
-    if _is_pointwise(kernel, stride, padding):
+    pads = _four(padding)
+    if _is_pointwise(kernel, stride, pads):
         return x.reshape(n, c, h * w)
-    if _is_same(kernel, stride, padding):
+    if _is_same(kernel, stride, pads, dilation):
         return _im2col_same(x, kernel)
     kh, kw = kernel
-    sh, sw = stride
-    ho, wo = conv_output_shape(h, w, kernel, stride, padding)
+    (sh, sw), (dh, dw) = stride, dilation
+    ho, wo = conv_output_shape(h, w, kernel, stride, pads, dilation)
     xp = backend.get_array_module(x)
-    padded = xp.ascontiguousarray(_pad_spatial(x, padding))
+    padded = xp.ascontiguousarray(_pad_spatial(x, pads))
     s_n, s_c, s_h, s_w = padded.strides
-    windows = backend.as_strided(padded, (c, kh, kw, n, ho, wo), (s_c, s_h, s_w, s_n, s_h * sh, s_w * sw))
+    windows = backend.as_strided(padded, (c, kh, kw, n, ho, wo),
+                                 (s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw))
     return xp.ascontiguousarray(windows).reshape(c * kh * kw, n * ho * wo)
 
 
-def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple):
+def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple = (1, 1)):
     """Adjoint of :func:`im2col`: sum (C·kh·kw, N·Ho·Wo) columns back into an (N, C, H, W) array.
 
     Accumulates over the kh·kw kernel offsets with slice additions (whole shifted
@@ -204,22 +258,23 @@ def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple):
     With padding the generic result is a view into the padded accumulator.
     """
     n, c, h, w = x_shape
-    if _is_pointwise(kernel, stride, padding):
+    pads = _four(padding)
+    if _is_pointwise(kernel, stride, pads):
         return col.reshape(n, c, h, w)
-    if _is_same(kernel, stride, padding):
+    if _is_same(kernel, stride, pads, dilation):
         return _col2im_same(col, x_shape, kernel)
     kh, kw = kernel
-    sh, sw = stride
-    ph, pw = padding
-    ho, wo = conv_output_shape(h, w, kernel, stride, padding)
+    (sh, sw), (dh, dw) = stride, dilation
+    top, bottom, left, right = pads
+    ho, wo = conv_output_shape(h, w, kernel, stride, pads, dilation)
     xp = backend.get_array_module(col)
     col = col.reshape(c, kh, kw, n, ho, wo)
-    out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype)
+    out = xp.zeros((n, c, h + top + bottom, w + left + right), dtype=col.dtype)
     target = out.transpose(1, 0, 2, 3)  # a (C, N, Hp, Wp) view, in the columns' order
     for i in range(kh):
         for j in range(kw):
-            target[:, :, i:i + sh * ho:sh, j:j + sw * wo:sw] += col[:, i, j]
-    return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
+            target[:, :, i * dh:i * dh + sh * ho:sh, j * dw:j * dw + sw * wo:sw] += col[:, i, j]
+    return out[:, :, top:top + h, left:left + w] if any(pads) else out
 
 
 def _chunk_size(n: int, per_sample_bytes: int) -> int:
@@ -228,8 +283,9 @@ def _chunk_size(n: int, per_sample_bytes: int) -> int:
     return max(1, min(n, target // max(per_sample_bytes, 1)))
 
 
-def _uses_kn2row(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple) -> bool:
-    return _is_same(kernel, stride, padding) and kernel != (1, 1) and m < KN2ROW_CHANNEL_RATIO * c
+def _uses_kn2row(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
+    return (groups == 1 and _is_same(kernel, stride, padding, dilation) and kernel != (1, 1)
+            and m < KN2ROW_CHANNEL_RATIO * c)
 
 
 def _kn2row_forward(x, weight, out):
@@ -263,96 +319,120 @@ def _channels_first(a):
 
 
 class Conv2dFunction(Function):
-    """conv2d(x, weight[, bias]); see the module docstring for layouts and counts."""
+    """conv2d(x, weight[, bias]); see the module docstring for layouts and counts.
+
+    ``padding`` is (top, bottom, left, right). With ``groups`` g the weight is
+    viewed as (g, M/g, D/g) and the columns as (g, D/g, n·P), a free reshape since
+    their rows run over channels first, so each chunk is ONE batched GEMM over
+    the groups, on the very columns a groups=1 conv would build.
+    """
 
     name = "conv2d"
     is_conv = True
 
-    def __init__(self, stride: tuple, padding: tuple):
-        self.stride, self.padding = stride, padding
+    def __init__(self, stride: tuple, padding: tuple, dilation: tuple = (1, 1), groups: int = 1):
+        self.stride, self.padding, self.dilation, self.groups = stride, _four(padding), dilation, groups
+
+    def _geometry(self):
+        return self.kernel, self.stride, self.padding, self.dilation
 
     def forward(self, x, weight, bias=None):
         n, c, h, w = x.shape
         m, _, kh, kw = weight.shape
+        g = self.groups
         self.kernel = kernel = (kh, kw)
-        ho, wo = conv_output_shape(h, w, kernel, self.stride, self.padding)
+        ho, wo = conv_output_shape(h, w, kernel, self.stride, self.padding, self.dilation)
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
-        w2 = weight.reshape(m, -1)
+        wg = weight.reshape(g, m // g, -1)  # (g, M/g, D/g)
         self.x_shape = x.shape
-        self.w2 = w2 if need_x else None
+        self.wg = wg if need_x else None
         self.x = x if need_w else None  # backward rebuilds the columns from x
         if _is_pointwise(kernel, self.stride, self.padding):
-            # A batched GEMM on the view: (M, C) @ (N, C, P) → (N, M, P), already NCHW.
-            y = backend.matmul(w2, im2col(x, kernel, self.stride, self.padding)).reshape(n, m, ho, wo)
+            # A batched GEMM on the view: (g, M/g, C/g) @ (N, g, C/g, P) → (N, g, M/g, P), already NCHW.
+            y = backend.matmul(wg, im2col(x, *self._geometry()).reshape(n, g, c // g, h * w)).reshape(n, m, ho, wo)
         else:
             # Backward always works on columns (chunks sized for them), whichever forward ran.
             self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize)
             y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
-            if _uses_kn2row(m, c, kernel, self.stride, self.padding):
+            if _uses_kn2row(m, c, kernel, self.stride, self.padding, self.dilation, g):
                 step = _chunk_size(n, kh * kw * m * ho * wo * x.dtype.itemsize)
                 for start in range(0, n, step):
                     _kn2row_forward(x[start:start + step], weight, y[start:start + step])
             else:
                 for start in range(0, n, self.step):
-                    col = im2col(x[start:start + self.step], kernel, self.stride, self.padding)
-                    y[start:start + self.step] = backend.matmul(w2, col).reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
+                    col = im2col(x[start:start + self.step], *self._geometry())
+                    product = backend.matmul(wg, col.reshape(g, -1, col.shape[1]))  # (g, M/g, n·P)
+                    y[start:start + self.step] = product.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
         if bias is not None:
             y += bias.reshape(1, m, 1, 1)
         return y
 
     def backward(self, gy):
         n, m, ho, wo = gy.shape
+        g = self.groups
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
         c = self.x_shape[1]
         gx = gw = gb = None
         if _is_pointwise(self.kernel, self.stride, self.padding):
-            gy3 = gy.reshape(n, m, ho * wo)
+            gy4 = gy.reshape(n, g, m // g, ho * wo)
             if need_w:
-                x3 = self.x.reshape(n, c, ho * wo)
-                gw = backend.matmul(gy3, x3.transpose(0, 2, 1)).sum(axis=0)
+                x4 = self.x.reshape(n, g, c // g, ho * wo)
+                gw = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)
             if need_x:
-                gx = backend.matmul(self.w2.T, gy3).reshape(self.x_shape)
+                gx = backend.matmul(self.wg.transpose(0, 2, 1), gy4).reshape(self.x_shape)
         else:
             xp = backend.get_array_module(gy)
             gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
             for start in range(0, n, self.step):
                 stop = min(n, start + self.step)
-                gy_t = _channels_first(gy[start:stop])
+                gy_g = _channels_first(gy[start:stop]).reshape(g, m // g, -1)  # (g, M/g, n·P)
                 if need_w:
-                    col = im2col(self.x[start:stop], self.kernel, self.stride, self.padding)
-                    part = backend.matmul(gy_t, col.T)
+                    col = im2col(self.x[start:stop], *self._geometry())
+                    part = backend.matmul(gy_g, col.reshape(g, -1, col.shape[1]).transpose(0, 2, 1))
                     if gw is None:
                         gw = part
                     else:
                         gw += part
                     del col  # free before the column gradient is built: one chunk buffer at a time
                 if need_x:
-                    gx[start:stop] = col2im(backend.matmul(self.w2.T, gy_t), (stop - start,) + tuple(self.x_shape[1:]),
-                                            self.kernel, self.stride, self.padding)
+                    col_grad = backend.matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
+                    gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
         if gw is not None:
-            gw = gw.reshape(m, c, *self.kernel)
+            gw = gw.reshape(m, c // g, *self.kernel)
         if need_b:
             gb = gy.sum(axis=(0, 2, 3))
         return (gx, gw, gb) if len(self.needs_input_grad) > 2 else (gx, gw)
 
 
-def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0) -> Tensor:
-    """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (M, C, kh, kw) → (N, M, Ho, Wo)."""
-    stride, padding = positive_pair("stride", stride), non_negative_pair("padding", padding)
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups=1) -> Tensor:
+    """2-D cross-correlation (PyTorch's conv2d): x (N, C, H, W), weight (M, C/groups, kh, kw) → (N, M, Ho, Wo).
+
+    ``padding``: an int, a pair, "valid" (none) or "same" (stride 1; see
+    :func:`resolve_padding`). ``dilation`` spaces the kernel taps; ``groups`` g splits
+    input and output channels into g groups convolved separately (g = C = M: depthwise).
+    """
+    stride, dilation = positive_pair("stride", stride), positive_pair("dilation", dilation)
+    padding, groups = check_padding(padding), positive_int("groups", groups)
     x_shape, w_shape = tuple(getattr(x, "shape", ())), tuple(getattr(weight, "shape", ()))
     if len(x_shape) != 4:
         raise ValueError(f"conv2d expects input of shape (N, C, H, W), got shape {x_shape}")
     if len(w_shape) != 4:
-        raise ValueError(f"conv2d expects weight of shape (M, C, kh, kw), got shape {w_shape}")
-    if x_shape[1] != w_shape[1]:
-        raise ValueError(f"conv2d: input has {x_shape[1]} channels but weight expects {w_shape[1]} "
-                         f"(input {x_shape}, weight {w_shape})")
-    if min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d: stride must be ≥ 1 and padding ≥ 0, got stride={stride}, padding={padding}")
-    padded = (x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1])
-    if w_shape[2] > padded[0] or w_shape[3] > padded[1]:
-        raise ValueError(f"conv2d: kernel {w_shape[2:]} is larger than the padded input {padded}")
+        raise ValueError(f"conv2d expects weight of shape (M, C/groups, kh, kw), got shape {w_shape}")
+    if x_shape[1] % groups or w_shape[0] % groups:
+        raise ValueError(f"conv2d: groups={groups} must divide the input channels ({x_shape[1]}) and the "
+                         f"output channels ({w_shape[0]})")
+    if x_shape[1] != w_shape[1] * groups:
+        raise ValueError(f"conv2d: input has {x_shape[1]} channels but weight expects {w_shape[1] * groups} "
+                         f"(input {x_shape}, weight {w_shape}, groups={groups})")
+    kernel = w_shape[2:]
+    pads = resolve_padding(padding, kernel, stride, dilation)
+    padded = (x_shape[2] + pads[0] + pads[1], x_shape[3] + pads[2] + pads[3])
+    extent = (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
+    if extent[0] > padded[0] or extent[1] > padded[1]:
+        spans = "" if dilation == (1, 1) else f" with dilation {dilation} spans {extent} and"
+        raise ValueError(f"conv2d: kernel {kernel}{spans} is larger than the padded input {padded}")
     x_dtype, w_dtype = getattr(x, "dtype", None), getattr(weight, "dtype", None)
     if getattr(w_dtype, "kind", "f") != "f" or getattr(x_dtype, "kind", "f") != "f":
         raise TypeError(f"conv2d needs floating input and weight, got {x_dtype} and {w_dtype}")
@@ -360,5 +440,5 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
         raise TypeError(f"conv2d: input dtype {x_dtype} differs from weight dtype {w_dtype}")
     if bias is not None and tuple(bias.shape) != (w_shape[0],):
         raise ValueError(f"conv2d: bias must have shape ({w_shape[0]},), got {tuple(bias.shape)}")
-    fn = Conv2dFunction(stride, padding)
+    fn = Conv2dFunction(stride, pads, dilation, groups)
     return fn(x, weight) if bias is None else fn(x, weight, bias)

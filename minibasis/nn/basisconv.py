@@ -6,7 +6,7 @@ convolution is linear, so y_i = Σ_j w_ij (x ∗ e_j). The Q maps g_j = x ∗ e_
 computed once and shared by all M outputs, which are then a 1×1 convolution of g
 with the M×Q coefficients:
 
-    x (N, C, H, W) --basis conv, Q filters (Q, C, kh, kw), stride, padding--> g (N, Q, Ho, Wo)
+    x (N, C, H, W) --basis conv, Q filters (Q, C, kh, kw), stride, padding, dilation--> g (N, Q, Ho, Wo)
       --[optional BatchNorm2d(Q)]--> --1×1 conv, coeffs (M, Q)--> y (N, M, Ho, Wo)
 
 Both stages run through ``functions.conv2d`` and therefore count as convolution
@@ -18,6 +18,15 @@ again and save nothing.
 
 The basis is a persistent buffer: saved in ``state_dict``, moved by ``.to()``,
 never returned by ``parameters()`` and therefore never updated by an optimizer.
+
+Grouped convolutions are not decomposed (``from_conv`` refuses them). A grouped
+conv with g groups costs M·(C/g)·kh·kw·Ho·Wo; a shared basis over the full
+C·kh·kw window would cost more than the conv itself, and per-group bases
+(Q_g filters of dimension D_g = (C/g)·kh·kw for the M/g filters of each group)
+save only when Q_g/(M/g) + Q_g/D_g < 1. For a depthwise conv (g = C = M) each
+group has one filter, M/g = 1, so Q_g/(M/g) + Q_g/D_g ≥ 1 for every Q_g ≥ 1: it
+can never save a multiplication. ``minibasis.compress`` therefore keeps grouped
+convs as they are and says so in its report.
 """
 from __future__ import annotations
 
@@ -26,7 +35,8 @@ import math
 from minibasis import backend
 from minibasis import functions as F
 from minibasis.autograd import Tensor
-from minibasis.checks import non_negative_pair, positive_int, positive_pair
+from minibasis.checks import positive_int, positive_pair
+from minibasis.functions.conv import check_padding, resolve_padding
 from minibasis.nn.layers import BatchNorm2d, Conv2d
 from minibasis.nn.module import Module, Parameter
 
@@ -60,7 +70,8 @@ class BasisConv2d(Module):
     Args:
         in_channels: C. out_channels: M. kernel_size: k or (kh, kw).
         num_basis: Q, the number of basis filters.
-        stride, padding: of the basis stage (the 1×1 stage has stride 1, no padding).
+        stride, padding, dilation: of the basis stage (the 1×1 stage has stride 1, no padding);
+            padding as for ``Conv2d`` (an int, a pair, "same" or "valid").
         bias: learnable ``.bias`` (M,) on the output (the 1×1 stage).
         basis: the fixed filters, an array or Tensor of shape (Q, C, kh, kw). None draws a
             random orthonormal basis (as :meth:`random`) from minibasis's host generator.
@@ -85,17 +96,19 @@ class BasisConv2d(Module):
     1/(3D)), so outputs start at the scale a plain conv would. basis_bias ~ U(−1/√D, 1/√D),
     the default bias of a conv with the basis stage's fan-in D.
 
-    Shapes: input (N, C, H, W) → output (N, M, Ho, Wo), Ho = (H + 2·ph − kh) // sh + 1.
+    Shapes: input (N, C, H, W) → output (N, M, Ho, Wo), Ho = (H + 2·ph − dh·(kh − 1) − 1) // sh + 1.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, num_basis, stride=1, padding=0, bias=True,
-                 basis=None, bn=False, basis_bias=False, dtype=None, *, coeffs=None):
+                 basis=None, bn=False, basis_bias=False, dtype=None, *, coeffs=None, dilation=1):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = positive_pair("kernel_size", kernel_size)
         self.stride = positive_pair("stride", stride)
-        self.padding = non_negative_pair("padding", padding)
+        self.padding = check_padding(padding)
+        self.dilation = positive_pair("dilation", dilation)
+        resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # "same" with stride > 1
         q = positive_int("num_basis", num_basis)
         self.num_basis = q
         self.energy = None
@@ -156,22 +169,33 @@ class BasisConv2d(Module):
 
         Exactly one of ``energy_threshold`` (t in (0, 1]; t = 1 keeps the numerical rank
         and reproduces the layer to rounding) and ``num_basis`` (Q in [1, min(D, M)]).
-        The layer keeps the conv's stride, padding, dtype, device and a copy of its bias;
+        The layer keeps the conv's stride, padding, dilation, dtype, device and a copy of its bias;
         the basis and coefficients come from :func:`minibasis.basis.eigen_basis`
         (computed in float64, then cast). ``.energy`` holds the retained energy fraction.
         No BatchNorm and no basis bias are added: the result computes the same function.
+
+        A grouped conv (``groups`` > 1, depthwise included) raises ValueError: it is kept
+        as an ordinary conv, since a depthwise conv can never save multiplications
+        (Q/M + Q/D ≥ 1 per group; see the module docstring).
         """
         from minibasis import basis as basis_math  # host-side basis math (see _host_random_basis)
 
         if not isinstance(conv, Conv2d):
             raise TypeError(f"BasisConv2d.from_conv needs a minibasis.nn.Conv2d, got {type(conv).__name__}")
+        groups = getattr(conv, "groups", 1)
+        if groups != 1:
+            raise ValueError(f"BasisConv2d.from_conv: grouped convs (groups={groups}) are not decomposed: each group "
+                             f"has only M/g = {conv.out_channels // groups} filter(s) of dimension "
+                             f"D/g = {conv.weight.shape[1] * conv.kernel_size[0] * conv.kernel_size[1]}, so a basis "
+                             "saves little or nothing (a depthwise conv never: Q/M + Q/D ≥ 1); keep it as a Conv2d")
         weight = conv.weight.data
         if len(weight.shape) != 4:
             raise ValueError(f"conv weight must be 4-D (M, C, kh, kw), got shape {tuple(weight.shape)}")
         eigen = basis_math.eigen_basis(weight, energy_threshold=energy_threshold, num_basis=num_basis)
         m, c, kh, kw = weight.shape
         layer = cls(c, m, (kh, kw), eigen.num_basis, stride=conv.stride, padding=conv.padding,
-                    bias=conv.bias is not None, basis=eigen.basis, dtype=weight.dtype, coeffs=eigen.coeffs)
+                    bias=conv.bias is not None, basis=eigen.basis, dtype=weight.dtype, coeffs=eigen.coeffs,
+                    dilation=getattr(conv, "dilation", 1))
         xp = backend.get_array_module(weight)
         # Put every array where the conv's weight lives (the constructor used the active backend).
         layer._buffers["basis"] = xp.asarray(eigen.basis, dtype=weight.dtype)
@@ -183,7 +207,7 @@ class BasisConv2d(Module):
 
     @classmethod
     def random(cls, in_channels, out_channels, kernel_size, num_basis, stride=1, padding=0, bias=True,
-               bn=True, basis_bias=False, seed=None, dtype=None) -> "BasisConv2d":
+               bn=True, basis_bias=False, seed=None, dtype=None, dilation=1) -> "BasisConv2d":
         """A fixed random orthonormal basis for training from scratch (the paper's section 2.2).
 
         The D×Q basis comes from :func:`minibasis.basis.random_orthonormal_basis` (Haar,
@@ -202,14 +226,45 @@ class BasisConv2d(Module):
         dtype = _float_dtype(backend.default_dtype if dtype is None else dtype)
         filters = _host_random_basis(c, kernel, q, seed)
         return cls(c, out_channels, kernel, q, stride=stride, padding=padding, bias=bias,
-                   basis=backend.asarray(filters, dtype=dtype), bn=bn, basis_bias=basis_bias, dtype=dtype)
+                   basis=backend.asarray(filters, dtype=dtype), bn=bn, basis_bias=basis_bias, dtype=dtype,
+                   dilation=dilation)
+
+    def to_conv(self) -> Conv2d:
+        """One ``Conv2d`` computing what this layer computes (in eval mode, if it has a BatchNorm).
+
+        Convolution is linear, so the stages fold: with the BatchNorm's inference
+        affine map g ↦ a·g + c (a = γ/√(var + ε), c = β − a·mean; a = 1, c = 0 without
+        one), y = W·(a·(x ∗ e + basis_bias) + c) + bias becomes one conv with weight
+        Σ_j W_ij a_j e_j (M, C, kh, kw) and bias bias + W·(a·basis_bias + c). Same
+        stride, padding, dilation, dtype and device; it costs the original M·D·Ho·Wo.
+        """
+        xp = backend.get_array_module(self.coeffs.data)
+        coeffs, basis = self.coeffs.data, self._buffers["basis"]
+        m, q = coeffs.shape
+        scale = xp.ones(q, dtype=coeffs.dtype)
+        shift = self.basis_bias.data if self.basis_bias is not None else xp.zeros(q, dtype=coeffs.dtype)
+        if self.bn is not None:
+            scale, offset = self.bn.inference_affine()
+            shift = backend.mul(scale, shift) + offset
+        scaled = backend.mul(coeffs, scale.reshape(1, q))  # W·diag(a)
+        weight = backend.tensordot(scaled, basis, axes=1)  # (M, C, kh, kw)
+        needs_bias = self.bias is not None or self.basis_bias is not None or self.bn is not None
+        conv = Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                      dilation=self.dilation, bias=needs_bias)
+        conv.weight.data = xp.ascontiguousarray(weight).astype(coeffs.dtype, copy=False)
+        if needs_bias:
+            bias = backend.matmul(coeffs, shift)
+            if self.bias is not None:
+                bias = bias + self.bias.data
+            conv.bias.data = bias.astype(coeffs.dtype, copy=False)
+        return conv
 
     # -- computation --------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) → (N, M, Ho, Wo): basis stage, optional BN, 1×1 coefficient stage."""
         # The basis is a raw array, so conv2d sees an input that needs no gradient and
         # computes none for it.
-        g = F.conv2d(x, self._buffers["basis"], self.basis_bias, self.stride, self.padding)
+        g = F.conv2d(x, self._buffers["basis"], self.basis_bias, self.stride, self.padding, self.dilation)
         if self.bn is not None:
             g = self.bn(g)
         m, q = self.coeffs.shape
@@ -217,7 +272,8 @@ class BasisConv2d(Module):
 
     def extra_repr(self) -> str:
         text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"num_basis={self.num_basis}, stride={self.stride}, padding={self.padding}, "
+                f"num_basis={self.num_basis}, stride={self.stride}, padding={self.padding!r}, "
+                + (f"dilation={self.dilation}, " if self.dilation != (1, 1) else "") +
                 f"bias={self.bias is not None}, basis_bias={self.basis_bias is not None}, "
                 f"bn={self.bn is not None}")
         if self.energy is not None:

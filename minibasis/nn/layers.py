@@ -9,6 +9,7 @@ from minibasis.checks import is_int as _is_int, non_negative_pair, positive_int,
 from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.functions.basic import check_dropout_probability
+from minibasis.functions.conv import check_padding, resolve_padding
 from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
@@ -22,26 +23,44 @@ def uniform_parameter(shape: tuple, bound: float) -> Parameter:
 
 
 class Conv2d(Module):
-    """weight (out_channels, in_channels, kh, kw), bias (out_channels,)."""
+    """weight (out_channels, in_channels / groups, kh, kw), bias (out_channels,).
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True):
+    ``padding`` is an int, a pair, "valid" or "same" (stride 1 only), kept as given
+    (as PyTorch keeps it); ``dilation`` a positive int or pair (stored as a pair,
+    like ``stride``); ``groups`` must divide both channel counts (groups =
+    in_channels = out_channels: a depthwise conv).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
         self.kernel_size = positive_pair("kernel_size", kernel_size)
         self.stride = positive_pair("stride", stride)
-        self.padding = non_negative_pair("padding", padding)
-        fan_in = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.padding = check_padding(padding)
+        self.dilation = positive_pair("dilation", dilation)
+        self.groups = positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide in_channels ({in_channels}) and "
+                             f"out_channels ({out_channels})")
+        resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # "same" with stride > 1
+        fan_in = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=√5), PyTorch's default
-        self.weight = uniform_parameter((out_channels, in_channels, *self.kernel_size), bound)
+        self.weight = uniform_parameter((out_channels, in_channels // groups, *self.kernel_size), bound)
         self.bias = uniform_parameter((out_channels,), bound) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, bias={self.bias is not None}")
+        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        text += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        return text + f", bias={self.bias is not None}"
 
 
 class Linear(Module):
@@ -88,6 +107,19 @@ class _BatchNorm(Module):
         stats = (self._buffers["running_mean"], self._buffers["running_var"]) if self.track_running_stats else (None, None)
         training = self.training or not self.track_running_stats
         return F.batch_norm(x, stats[0], stats[1], self.weight, self.bias, training, self.momentum, self.eps)
+
+    def inference_affine(self):
+        """(scale, shift), each (num_features,): eval mode computes x ↦ scale·x + shift per channel.
+
+        scale = γ/√(running_var + ε), shift = β − scale·running_mean (γ = 1, β = 0 without
+        affine). Used to fold the layer into a neighbouring conv (``to_conv``, ``fuse_batch_norm``).
+        """
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} without running statistics normalizes by batch statistics "
+                             "in eval mode too: it has no fixed affine map to fold")
+        xp = backend.get_array_module(self.weight.data)
+        scale = self.weight.data / xp.sqrt(self._buffers["running_var"] + self.eps)
+        return scale, self.bias.data - backend.mul(scale, self._buffers["running_mean"])
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
