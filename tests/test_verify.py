@@ -29,9 +29,9 @@ def matmul_count_without_batch(a_shape, b_shape):
     return a_shape[-2] * a_shape[-1] * b_shape[-1]
 
 
-def output_size_rounded_up(size, kernel_size, stride=1, padding=0, **dilation):
+def output_size_rounded_up(size, kernel_size, stride=1, padding=0, dilation=1):
     """ceil instead of floor: off by one whenever the stride does not divide the remainder."""
-    dilated = dilation.get("dilation", 1) * (kernel_size - 1) + 1
+    dilated = dilation * (kernel_size - 1) + 1
     return -(-(size + 2 * padding - dilated) // stride) + 1
 
 
@@ -93,15 +93,21 @@ def test_numpy_draws_cover_the_space_and_are_valid():
     for case in cases:
         assert case.in_channels % case.groups == 0 and case.out_channels % case.groups == 0
         assert 1 <= case.num_basis <= case.in_channels * case.kernel_size[0] * case.kernel_size[1]
+        if case.padding == "same":
+            assert case.stride == (1, 1)
+            continue
+        padding = (0, 0) if case.padding == "valid" else case.padding
         for axis, size in enumerate((case.height, case.width)):
             span = case.dilation[axis] * (case.kernel_size[axis] - 1) + 1
-            assert size + 2 * case.padding[axis] >= span
+            assert size + 2 * padding[axis] >= span
         assert (case.input_grad, case.weight_grad) != (False, False)
     kernels = {k for case in cases for k in case.kernel_size}
     assert {1, 2, 3, 4} <= kernels  # odd and even
     assert any(case.height != case.width for case in cases)
     assert any(case.groups > 1 for case in cases) and any(max(case.dilation) > 1 for case in cases)
-    assert any(max(case.stride) > 1 for case in cases) and any(max(case.padding) > 0 for case in cases)
+    assert any(max(case.stride) > 1 for case in cases)
+    assert any(not isinstance(case.padding, str) and max(case.padding) > 0 for case in cases)
+    assert {"same", "valid"} <= {case.padding for case in cases if isinstance(case.padding, str)}
     assert {(c.input_grad, c.weight_grad) for c in cases} == {(True, True), (True, False), (False, True)}
 
 
@@ -128,9 +134,11 @@ def test_a_gemm_count_without_its_batch_is_found_and_shrunk(batch_dropped_from_g
     report = verify.check_formulas(200, seed=0)
     assert not report.passed
     case = report.counterexample
-    # The smallest layer that shows the defect: two images, everything else minimal.
-    assert (case.batch, case.in_channels, case.out_channels, case.kernel_size, case.height, case.width) == \
-        (2, 1, 1, (1, 1), 1, 1)
+    # The smallest layer whose GEMM has a batch dimension: a 1×1 conv (one batched GEMM over the images)
+    # on two images, or a grouped conv (one batched GEMM over the groups) with two groups of one channel.
+    assert (case.kernel_size, case.height, case.width) == ((1, 1), 1, 1)
+    assert (case.batch, case.groups) in {(2, 1), (1, 2)}
+    assert case.in_channels == case.out_channels == case.groups
     assert "conv forward mults" in {c.check for c in report.counterexample_outcome.failures}
     assert "FAILED" in report.table() and "reproduce it with" in report.table()
     with pytest.raises(AssertionError, match="forward mults"):
@@ -172,7 +180,7 @@ def test_cli_exits_1_with_a_shrunk_counterexample(batch_dropped_from_gemm_counts
     captured = capsys.readouterr()
     assert "counterexample (shrunk by hypothesis)" in captured.out and "import minibasis" in captured.out
     document = json.loads(out.read_text())
-    assert document["passed"] is False and document["counterexample"]["batch"] == 2
+    assert document["passed"] is False and 2 in (document["counterexample"]["batch"], document["counterexample"]["groups"])
     assert document["mismatches"] and document["snippet"].startswith("# minibasis verify formulas")
 
 
@@ -273,3 +281,55 @@ def test_exactness_cli_on_a_zoo_model(capsys, tmp_path):
                  "--json", str(out)]) == 0
     assert "PASSED" in capsys.readouterr().out
     assert json.loads(out.read_text())["num_inputs"] == 2
+
+
+# -- counts on a network ------------------------------------------------------------------------------
+class SmallNet(nn.Module):
+    """conv (input needs no gradient) → BN → ReLU → conv → head: paths conv0, bn0, conv1, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 6, 3, stride=2)
+        self.head = nn.Linear(6 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = self.conv1(mb.functions.relu(self.bn0(self.conv0(x))))
+        return self.head(mb.functions.flatten(x))
+
+
+def test_counts_pass_for_the_original_and_compressed_models():
+    mb.manual_seed(0)
+    report = verify.check_counts(SmallNet(), thresholds=(1.0, 0.6), input_shape=(2, 3, 8, 8))
+    assert report.passed, report.table()
+    rows = {(r.variant, r.path): r for r in report.rows}
+    assert {variant for variant, _ in rows} == {"original", "t=1", "t=0.6"}
+    conv0, conv1 = rows["original", "conv0"], rows["original", "conv1"]
+    # By definition: conv0 8·3·9 products at 8·8 positions; conv1 6·8·9 at 3·3 positions (per image).
+    assert conv0.mults == 8 * 27 * 64 and conv1.mults == 6 * 72 * 9
+    # The image needs no gradient: conv0 computes only its weight gradient, conv1 both.
+    assert conv0.backward_mults == conv0.mults and conv1.backward_mults == 2 * conv1.mults
+    assert rows["t=0.6", "conv1"].kind == "basisconv"
+    assert json.loads(report.to_json())["failed"] == 0
+
+
+def test_counts_fail_when_backward_forgets_a_term(weight_gradient_not_counted, capsys):
+    mb.manual_seed(0)
+    report = verify.check_counts(SmallNet(), thresholds=(), input_shape=(1, 3, 8, 8))
+    assert not report.passed
+    assert all(row.mults == row.formula_mults for row in report.rows)  # forward is still right
+    assert all(row.backward_mults < row.backward_formula for row in report.rows)
+    assert "MISMATCH" in report.table()
+    assert main(["verify", "counts", "table3_cnn", "--thresholds", "0.9"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_counts_cli_on_the_shared_resnet20(capsys, tmp_path):
+    weights = mb.experiments.common.shared_dir() / "models" / "akamaster" / "resnet20-12fca82f.th"
+    if not weights.is_file():
+        pytest.skip("shared akamaster weights not present")
+    out = tmp_path / "counts.json"
+    assert main(["verify", "counts", str(weights), "--thresholds", "0.9", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["passed"] is True and len(document["rows"]) == 2 * 19

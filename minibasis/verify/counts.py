@@ -66,7 +66,7 @@ class CountsReport(VerifyResult):
                   f"{r.backward_mults:,}", f"{r.backward_formula:,}",
                   ("ok" if r.passed else "MISMATCH") + ("" if r.ran else " (did not run)"))
                  for r in self.rows]
-        header = ("model", "layer", "kind", "Q", "forward", "formula", "backward", "formula", "")
+        header = ("model", "layer", "kind", "Q", "forward", "formula", "backward", "formula", "status")
         failed = sum(not row.passed for row in self.rows)
         variants = ", ".join(dict.fromkeys(row.variant for row in self.rows))
         lines = [f"verify counts: conv multiplications per image on input {self.input_shape}, measured vs "

@@ -116,7 +116,7 @@ class ExactnessReport(VerifyResult):
             ok = r.weight_error <= self.bounds.weight and r.output_error <= self.bounds.output
             rows.append((r.path, *shape, str(r.num_basis), f"{r.weight_error:.2e}", f"{r.output_error:.2e}",
                          "ok" if ok else "ABOVE BOUND"))
-        header = ("layer", "M", "C", "k", "Q (t=1)", "weight rel. error", "output rel. error", "")
+        header = ("layer", "M", "C", "k", "Q (t=1)", "weight rel. error", "output rel. error", "status")
         lines = [f"verify exactness: every conv replaced at t = 1, {self.dtype}, {self.num_inputs} {self.inputs}",
                  f"bounds ({self.dtype}): weights {self.bounds.weight:.0e}, layer outputs {self.bounds.output:.0e}, "
                  f"logits {self.bounds.logits:.0e} (relative)", ""]

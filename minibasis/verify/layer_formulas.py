@@ -1,13 +1,15 @@
 """``verify formulas``: the paper's closed forms against what a Conv2d and a BasisConv2d execute.
 
 For each drawn layer geometry (:class:`LayerCase`: batch, C, M, groups dividing both,
-odd and even kernels, stride, padding, dilation, H ≠ W, Q, which gradients are needed)
+odd and even kernels, stride, padding (numbers, "valid" or "same"), dilation, H ≠ W, Q,
+which gradients are needed)
 both layers run forward and backward under :func:`minibasis.count_mults`, and the
 measured convolution multiplications are compared with the closed forms of
 :mod:`minibasis.formulas`:
 
 * Conv2d forward, per image: M·(C/g)·kh·kw·Ho·Wo (``formulas.conv_mults``), with Ho, Wo
-  from ``formulas.conv_output_size`` (the output shape is checked too);
+  from ``formulas.conv_output_size`` ("valid" is padding 0; "same", stride 1, keeps H and W
+  by definition); the output shape is checked too;
 * Conv2d backward, per image: one product of the forward's size for each gradient that is
   needed, the weight gradient (Σ over positions of gy·x) and the input gradient (Σ over
   filters of gy·w): forward × (needs_weight + needs_input). The bias gradient is a sum;
@@ -47,16 +49,23 @@ __all__ = ["LayerCase", "GeometrySpace", "CaseOutcome", "FormulaReport", "check_
 
 #: Which gradients a case needs: (input, weight); a case that needs neither has no backward pass.
 GRADIENT_CHOICES = ((True, True), (False, True), (True, False))
+#: How padding is given: numbers (drawn twice as often), or PyTorch's "valid" / "same".
+PADDING_MODES = (None, None, "valid", "same")
+
+
+def _explicit_padding(padding) -> tuple[int, int]:
+    """The (ph, pw) of numeric padding or "valid" (zero); "same" has none to give."""
+    return (0, 0) if padding == "valid" else padding
 
 
 @dataclass(frozen=True)
 class LayerCase:
     """One layer geometry, its Q and the gradients its backward pass needs.
 
-    ``kernel_size``, ``stride``, ``padding``, ``dilation`` are (h, w) pairs; ``groups`` divides
-    ``in_channels`` and ``out_channels``. BasisConv2d is checked on the same geometry when
-    ``groups`` is 1 (a grouped conv has no BasisConv form: :meth:`BasisConv2d.from_conv`
-    refuses it), with ``num_basis`` = Q ≤ D = C·kh·kw.
+    ``kernel_size``, ``stride``, ``dilation`` are (h, w) pairs, ``padding`` a pair or "valid" /
+    "same" (then the stride is 1); ``groups`` divides ``in_channels`` and ``out_channels``.
+    BasisConv2d is checked on the same geometry when ``groups`` is 1 (a grouped conv has no
+    BasisConv form: :meth:`BasisConv2d.from_conv` refuses it), with ``num_basis`` = Q ≤ D = C·kh·kw.
     """
 
     batch: int
@@ -65,7 +74,7 @@ class LayerCase:
     groups: int
     kernel_size: tuple[int, int]
     stride: tuple[int, int]
-    padding: tuple[int, int]
+    padding: tuple[int, int] | str
     dilation: tuple[int, int]
     height: int
     width: int
@@ -76,7 +85,7 @@ class LayerCase:
 
     @property
     def basisconv_applies(self) -> bool:
-        return self.groups == 1 and self.dilation == (1, 1)
+        return self.groups == 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,11 +97,11 @@ class GeometrySpace:
 
     max_batch: int = 3
     max_channels_per_group: int = 4
-    max_groups: int = 1
+    max_groups: int = 3
     max_kernel: int = 4
     max_stride: int = 3
     max_padding: int = 2
-    max_dilation: int = 1
+    max_dilation: int = 2
     max_extra_size: int = 6  # input rows/columns beyond the smallest that fits the dilated kernel
 
     def __post_init__(self):
@@ -113,11 +122,17 @@ def build_case(draw: Callable[[int, int], int], space: GeometrySpace) -> LayerCa
     kernel = (draw(1, space.max_kernel), draw(1, space.max_kernel))
     stride = (draw(1, space.max_stride), draw(1, space.max_stride))
     padding = (draw(0, space.max_padding), draw(0, space.max_padding))
+    mode = PADDING_MODES[draw(0, len(PADDING_MODES) - 1)]
+    if mode is not None:
+        padding = mode
+        if mode == "same":
+            stride = (1, 1)  # as in PyTorch, "same" is defined for stride 1 only
     dilation = (draw(1, space.max_dilation), draw(1, space.max_dilation))
     sizes = []
     for axis in (0, 1):
         span = dilation[axis] * (kernel[axis] - 1) + 1  # the dilated kernel must fit the padded input
-        sizes.append(max(1, span - 2 * padding[axis]) + draw(0, space.max_extra_size))
+        smallest = 1 if padding == "same" else max(1, span - 2 * _explicit_padding(padding)[axis])
+        sizes.append(smallest + draw(0, space.max_extra_size))
     filter_dim = in_channels * kernel[0] * kernel[1]
     input_grad, weight_grad = GRADIENT_CHOICES[draw(0, len(GRADIENT_CHOICES) - 1)]
     return LayerCase(batch=draw(1, space.max_batch), in_channels=in_channels, out_channels=out_channels,
@@ -207,22 +222,13 @@ class CaseOutcome:
 
 
 def _output_hw(case: LayerCase) -> tuple[int, int]:
-    return tuple(formulas.conv_output_size(size, case.kernel_size[axis], case.stride[axis], case.padding[axis],
-                                           **_dilation_kwargs(case, axis))
+    """(Ho, Wo) by the closed form; "same" keeps the input size (its definition, stride 1)."""
+    if case.padding == "same":
+        return case.height, case.width
+    padding = _explicit_padding(case.padding)
+    return tuple(formulas.conv_output_size(size, case.kernel_size[axis], case.stride[axis], padding[axis],
+                                           case.dilation[axis])
                  for axis, size in enumerate((case.height, case.width)))
-
-
-def _dilation_kwargs(case: LayerCase, axis: int) -> dict:
-    return {} if case.dilation[axis] == 1 else {"dilation": case.dilation[axis]}
-
-
-def _geometry_kwargs(case: LayerCase) -> dict:
-    kwargs = {}
-    if case.dilation != (1, 1):
-        kwargs["dilation"] = case.dilation
-    if case.groups != 1:
-        kwargs["groups"] = case.groups
-    return kwargs
 
 
 def _measure(layer: Module, case: LayerCase, needs_weight_grad_off: Callable[[Module], None]):
@@ -240,10 +246,11 @@ def _measure(layer: Module, case: LayerCase, needs_weight_grad_off: Callable[[Mo
 
 def _conv_comparisons(case: LayerCase) -> list[Comparison]:
     m, c, g, k = case.out_channels, case.in_channels, case.groups, case.kernel_size
-    layer = Conv2d(c, m, k, stride=case.stride, padding=case.padding, bias=case.bias, **_geometry_kwargs(case))
+    layer = Conv2d(c, m, k, stride=case.stride, padding=case.padding, dilation=case.dilation, groups=g,
+                   bias=case.bias)
     learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
-    per_image = formulas.conv_mults(m, c, k, ho, wo, **({"groups": g} if g != 1 else {}))
+    per_image = formulas.conv_mults(m, c, k, ho, wo, groups=g)
     shape, forward, backward = _measure(layer, case, lambda conv: conv.requires_grad_(False))
     return [
         Comparison("conv output shape", shape, (case.batch, m, ho, wo)),
@@ -258,7 +265,7 @@ def _conv_comparisons(case: LayerCase) -> list[Comparison]:
 
 def _basisconv_comparisons(case: LayerCase) -> list[Comparison]:
     m, c, q, k = case.out_channels, case.in_channels, case.num_basis, case.kernel_size
-    layer = BasisConv2d(c, m, k, q, stride=case.stride, padding=case.padding, bias=case.bias)
+    layer = BasisConv2d(c, m, k, q, stride=case.stride, padding=case.padding, dilation=case.dilation, bias=case.bias)
     learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
     dim = formulas.filter_dim(c, k)
@@ -297,20 +304,19 @@ N, C, M, groups, Q = {batch}, {in_channels}, {out_channels}, {groups}, {num_basi
 kernel, stride, padding, dilation = {kernel_size}, {stride}, {padding}, {dilation}
 H, W, bias = {height}, {width}, {bias}
 input_grad, weight_grad = {input_grad}, {weight_grad}
-Ho = formulas.conv_output_size(H, kernel[0], stride[0], padding[0]{dilation_h})
-Wo = formulas.conv_output_size(W, kernel[1], stride[1], padding[1]{dilation_w})
+{output_size}
 '''
 
 _SNIPPET_CONV = '''
-layer = nn.Conv2d(C, M, kernel, stride=stride, padding=padding{geometry}, bias=bias)
-per_image = formulas.conv_mults(M, C, kernel, Ho, Wo{groups_kwarg})        # M·(C/g)·kh·kw·Ho·Wo
+layer = nn.Conv2d(C, M, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias)
+per_image = formulas.conv_mults(M, C, kernel, Ho, Wo, groups=groups)  # M·(C/g)·kh·kw·Ho·Wo
 expected_backward = per_image * (int(input_grad) + int(weight_grad))  # weight grad, input grad
 expected_learnable = formulas.learnable_params(M, C // groups, kernel, bias=bias)
 expected_stored = expected_learnable
 '''
 
 _SNIPPET_BASISCONV = '''
-layer = nn.BasisConv2d(C, M, kernel, Q, stride=stride, padding=padding, bias=bias)
+layer = nn.BasisConv2d(C, M, kernel, Q, stride=stride, padding=padding, dilation=dilation, bias=bias)
 D, P = formulas.filter_dim(C, kernel), Ho * Wo
 per_image = formulas.basisconv_mults(M, Q, C, kernel, Ho, Wo)      # Q·D·P + M·Q·P
 # coefficient grad M·Q·P; input grad M·Q·P (1x1 stage) + Q·D·P (basis stage); the basis is fixed
@@ -347,18 +353,18 @@ def snippet(case: LayerCase, kind: str = "conv", why: str = "") -> str:
     if kind not in ("conv", "basisconv"):
         raise ValueError(f"kind must be 'conv' or 'basisconv', got {kind!r}")
     fields = case.to_dict()
-    fields.update(kernel_size=tuple(case.kernel_size), stride=tuple(case.stride), padding=tuple(case.padding),
-                  dilation=tuple(case.dilation), why=f": {why}" if why else "",
-                  dilation_h=", dilation=dilation[0]" if case.dilation[0] != 1 else "",
-                  dilation_w=", dilation=dilation[1]" if case.dilation[1] != 1 else "")
-    head = _SNIPPET_HEAD.format(**fields)
-    if kind == "conv":
-        geometry = "".join(text for text, used in ((", dilation=dilation", case.dilation != (1, 1)),
-                                                   (", groups=groups", case.groups != 1)) if used)
-        body = _SNIPPET_CONV.format(geometry=geometry, groups_kwarg=", groups=groups" if case.groups != 1 else "")
+    if case.padding == "same":
+        output_size = "Ho, Wo = H, W  # padding='same' (stride 1) keeps the input size, by definition"
     else:
-        body = _SNIPPET_BASISCONV
-    return head + body + _SNIPPET_TAIL.format(kind=kind)
+        numbers = "0" if case.padding == "valid" else "padding[{axis}]"
+        output_size = "\n".join(
+            f"{out} = formulas.conv_output_size({size}, kernel[{axis}], stride[{axis}], "
+            f"{numbers.format(axis=axis)}, dilation[{axis}])" for axis, (out, size) in enumerate((("Ho", "H"), ("Wo", "W"))))
+    fields.update(kernel_size=tuple(case.kernel_size), stride=tuple(case.stride), dilation=tuple(case.dilation),
+                  padding=repr(case.padding if isinstance(case.padding, str) else tuple(case.padding)),
+                  why=f": {why}" if why else "", output_size=output_size)
+    body = _SNIPPET_CONV if kind == "conv" else _SNIPPET_BASISCONV
+    return _SNIPPET_HEAD.format(**fields) + body + _SNIPPET_TAIL.format(kind=kind)
 
 
 # -- the whole check -------------------------------------------------------------------------------
@@ -420,8 +426,8 @@ class FormulaReport(VerifyResult):
                  f"{search}; {self.seconds:.1f} s",
                  f"space: batch ≤ {self.space.max_batch}, C/g and M/g ≤ {self.space.max_channels_per_group}, "
                  f"groups ≤ {self.space.max_groups}, k ≤ {self.space.max_kernel}, stride ≤ {self.space.max_stride}, "
-                 f"padding ≤ {self.space.max_padding}, dilation ≤ {self.space.max_dilation}; "
-                 "BasisConv where groups = 1 and dilation = 1", ""]
+                 f"padding ≤ {self.space.max_padding} or 'valid' / 'same', dilation ≤ {self.space.max_dilation}; "
+                 "BasisConv where groups = 1", ""]
         lines += format_table(("check", "cases", "passed", "failed"), rows)
         lines.append("")
         if self.passed:
