@@ -12,11 +12,10 @@ Usage::
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 from minibasis.counting import count_mults
-from minibasis.measure import check_input_shape, conv_layers, learnable_values, profile, stored_values
+from minibasis.measure import Profile, check_input_shape, conv_layers, learnable_values, profile, stored_values
 from minibasis.nn import Module
 
 __all__ = ["summary", "Summary", "SummaryRow"]
@@ -41,19 +40,9 @@ class SummaryRow:
 
 
 @dataclass(frozen=True)
-class Summary:
-    """Rows in module order and whole-model totals (``learnable``, ``stored``, ``mults``, ``conv_mults``)."""
-
-    rows: list[SummaryRow]
-    input_shape: tuple[int, ...]
-    totals: dict
-
-    def to_dict(self) -> dict:
-        return {"input_shape": list(self.input_shape), "per_image": True,
-                "rows": [r.to_dict() for r in self.rows], "totals": dict(self.totals)}
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
+class Summary(Profile):
+    """A profile of every layer: rows in module order (:class:`SummaryRow`) and whole-model totals
+    (``learnable``, ``stored``, ``mults``, ``conv_mults``); ``to_dict``/``to_json`` as :class:`Profile`'s."""
 
     def table(self) -> str:
         from minibasis.verify.report import format_table
