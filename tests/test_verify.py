@@ -8,6 +8,7 @@ and a snippet that reproduces it.
 """
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,18 @@ def weight_gradient_not_counted(monkeypatch):
         return (rest[0], weight_part[1]) + tuple(rest[2:])
 
     monkeypatch.setattr(conv_module.Conv2dFunction, "backward", backward)
+
+
+@pytest.fixture
+def conv_forward_one_row_too_many(monkeypatch):
+    """The conv forward sizes its output one row too tall whenever the vertical stride is > 1."""
+    original = conv_module.conv_output_shape
+
+    def output_shape(h, w, kernel, stride, padding, dilation=(1, 1)):
+        ho, wo = original(h, w, kernel, stride, padding, dilation)
+        return (ho + 1, wo) if stride[0] > 1 else (ho, wo)
+
+    monkeypatch.setattr(conv_module, "conv_output_shape", output_shape)
 
 
 @pytest.fixture
@@ -163,6 +176,17 @@ def test_an_off_by_one_output_size_is_found(off_by_one_output_size):
     assert max(case.stride) == 2  # floor and ceil differ first at stride 2
     assert "conv output shape" in {c.check for c in report.counterexample_outcome.failures}
     with pytest.raises(AssertionError, match="output shape"):
+        exec(report.snippet, {})
+
+
+def test_an_off_by_one_output_size_in_the_conv_forward_is_found(conv_forward_one_row_too_many):
+    report = verify.check_formulas(200, seed=0)
+    assert not report.passed
+    case = report.counterexample
+    assert case.stride == (2, 1) and (case.batch, case.in_channels, case.height, case.width) == (1, 1, 1, 1)
+    failure = report.counterexample_outcome.failures[0]
+    assert failure.check == "conv runs" and "raised" in report.table()
+    with pytest.raises(ValueError, match=re.escape(failure.measured.split(": ", 1)[1])):
         exec(report.snippet, {})
 
 
@@ -326,10 +350,27 @@ def test_counts_fail_when_backward_forgets_a_term(weight_gradient_not_counted, c
 
 
 def test_counts_cli_on_the_shared_resnet20(capsys, tmp_path):
-    weights = mb.experiments.common.shared_dir() / "models" / "akamaster" / "resnet20-12fca82f.th"
-    if not weights.is_file():
-        pytest.skip("shared akamaster weights not present")
+    weights = shared_file("models", "akamaster", "resnet20-12fca82f.th")
     out = tmp_path / "counts.json"
     assert main(["verify", "counts", str(weights), "--thresholds", "0.9", "--json", str(out)]) == 0
     document = json.loads(out.read_text())
     assert document["passed"] is True and len(document["rows"]) == 2 * 19
+
+
+def shared_file(*parts):
+    path = mb.experiments.common.shared_dir().joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared material {path} not present")
+    return path
+
+
+def test_exactness_cli_on_the_shared_resnet20_and_cifar10(capsys, tmp_path):
+    weights = shared_file("models", "akamaster", "resnet20-12fca82f.th")
+    data_dir = shared_file("data", "cifar-10-batches-py").parent
+    out = tmp_path / "exactness.json"
+    assert main(["verify", "exactness", str(weights), "--dtype", "float32", "--data", str(data_dir),
+                 "--images", "16", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["inputs"] == "images" and document["num_inputs"] == 16 and len(document["layers"]) == 19
+    assert all(layer["Q"] == min(layer["M"], layer["C"] * 9) for layer in document["layers"])
+    assert 0 < document["worst_output_error"] <= document["bounds"]["output"]

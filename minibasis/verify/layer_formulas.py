@@ -204,6 +204,11 @@ class Comparison:
     def passed(self) -> bool:
         return self.measured == self.expected
 
+    def describe(self) -> str:
+        if self.check.endswith(" runs"):
+            return f"{self.check} raised {self.measured}"
+        return f"{self.check}: measured {self.measured} != formula {self.expected}"
+
 
 @dataclass
 class CaseOutcome:
@@ -433,8 +438,7 @@ class FormulaReport(VerifyResult):
         if self.passed:
             lines.append("PASSED: every measured count equals its closed form")
         else:
-            lines.append("FAILED: " + ("; ".join(f"{c.check}: measured {c.measured} != formula {c.expected}"
-                                                  for c in self.counterexample_outcome.failures)))
+            lines.append("FAILED: " + "; ".join(c.describe() for c in self.counterexample_outcome.failures))
             shrunk = "shrunk by hypothesis" if self.engine == "hypothesis" else "first failing draw, not shrunk"
             lines.append(f"counterexample ({shrunk}): {self.counterexample}")
             lines.append("reproduce it with:\n")
@@ -493,9 +497,7 @@ def check_formulas(cases: int = 200, seed: int = 0, *, space: GeometrySpace | No
         failing = run_case(counterexample)
         report.counterexample, report.counterexample_outcome = counterexample, failing
         if not failing.passed:
-            first = failing.failures[0]
-            why = f"{first.check} measured {first.measured} != formula {first.expected}"
-            report.snippet = snippet(counterexample, _failing_kind(failing), why)
+            report.snippet = snippet(counterexample, _failing_kind(failing), failing.failures[0].describe())
     report.seconds = time.perf_counter() - start
     return report
 
