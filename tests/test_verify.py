@@ -368,9 +368,10 @@ def test_exactness_cli_on_the_shared_resnet20_and_cifar10(capsys, tmp_path):
     weights = shared_file("models", "akamaster", "resnet20-12fca82f.th")
     data_dir = shared_file("data", "cifar-10-batches-py").parent
     out = tmp_path / "exactness.json"
-    assert main(["verify", "exactness", str(weights), "--dtype", "float32", "--data", str(data_dir),
-                 "--images", "16", "--json", str(out)]) == 0
+    assert main(["verify", "exactness", str(weights), "--data", str(data_dir), "--images", "16",
+                 "--json", str(out)]) == 0
     document = json.loads(out.read_text())
+    assert document["dtype"] == "float64" and document["bounds"]["weight"] == 200 * 2.0 ** -53
     assert document["inputs"] == "images" and document["num_inputs"] == 16 and len(document["layers"]) == 19
     assert all(layer["Q"] == min(layer["M"], layer["C"] * 9) for layer in document["layers"])
     assert 0 < document["worst_output_error"] <= document["bounds"]["output"]
