@@ -124,6 +124,14 @@ def test_numpy_draws_cover_the_space_and_are_valid():
     assert {(c.input_grad, c.weight_grad) for c in cases} == {(True, True), (True, False), (False, True)}
 
 
+def test_without_hypothesis_installed_numpy_draws_the_cases(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis → ImportError
+    report = verify.check_formulas(10, seed=0)
+    assert report.engine == "numpy" and report.passed and len(report.outcomes) == 10
+    assert main(["verify", "formulas", "--cases", "5"]) == 0
+    assert "NumPy draws" in capsys.readouterr().out
+
+
 def test_same_seed_same_cases():
     first = verify.check_formulas(15, seed=7, use_hypothesis=False)
     second = verify.check_formulas(15, seed=7, use_hypothesis=False)

@@ -236,13 +236,14 @@ def _output_hw(case: LayerCase) -> tuple[int, int]:
                  for axis, size in enumerate((case.height, case.width)))
 
 
-def _measure(layer: Module, case: LayerCase, needs_weight_grad_off: Callable[[Module], None]):
-    """(output shape, forward conv mults, backward conv mults) of ``layer`` on a case's input."""
+def _measure(layer: Module, case: LayerCase):
+    """(output shape, forward conv mults, backward conv mults) of ``layer`` on a case's input
+    (its weights frozen first when the case needs no weight gradient)."""
     rng = np.random.default_rng(0)
     x = tensor(rng.standard_normal((case.batch, case.in_channels, case.height, case.width)).astype(np.float32),
                requires_grad=case.input_grad)
     if not case.weight_grad:
-        needs_weight_grad_off(layer)
+        layer.requires_grad_(False)
     with count_mults() as counter:
         y = layer(x)
         y.backward(np.ones(y.shape, np.float32))
@@ -256,7 +257,7 @@ def _conv_comparisons(case: LayerCase) -> list[Comparison]:
     learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
     per_image = formulas.conv_mults(m, c, k, ho, wo, groups=g)
-    shape, forward, backward = _measure(layer, case, lambda conv: conv.requires_grad_(False))
+    shape, forward, backward = _measure(layer, case)
     return [
         Comparison("conv output shape", shape, (case.batch, m, ho, wo)),
         Comparison("conv forward mults", forward, case.batch * per_image),
@@ -274,7 +275,7 @@ def _basisconv_comparisons(case: LayerCase) -> list[Comparison]:
     learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
     dim = formulas.filter_dim(c, k)
-    shape, forward, backward = _measure(layer, case, lambda basis_conv: basis_conv.requires_grad_(False))
+    shape, forward, backward = _measure(layer, case)
     return [
         Comparison("basisconv output shape", shape, (case.batch, m, ho, wo)),
         Comparison("basisconv forward mults", forward, case.batch * formulas.basisconv_mults(m, q, c, k, ho, wo)),
