@@ -146,6 +146,9 @@ def test_backward_conventions_by_hand():
     assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=False, coeffs_grad=True) == 120
     assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=True) == 780
     assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=False) == 660
+    # a learned basis bias: the intermediate needs a gradient although the input does not
+    assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=False, coeffs_grad=True,
+                                                   intermediate_grad=True) == 240
     # stored values of a BasisConv: basis 3·18 + coefficients 4·3 + bias 4
     assert layer_formulas.stored_values_formula(4, 2, 3, num_basis=3, bias=True) == 54 + 12 + 4
 
@@ -181,7 +184,10 @@ def test_an_off_by_one_output_size_is_found(off_by_one_output_size):
     report = verify.check_formulas(200, seed=0)
     assert not report.passed
     case = report.counterexample
-    assert max(case.stride) == 2  # floor and ceil differ first at stride 2
+    # A minimal layer on which floor and ceil differ: a stride that does not divide the remainder.
+    assert (case.batch, case.in_channels, case.out_channels, case.kernel_size) == (1, 1, 1, (1, 1))
+    padding = (0, 0) if case.padding == "valid" else case.padding
+    assert any((size + 2 * padding[axis] - 1) % case.stride[axis] for axis, size in enumerate((case.height, case.width)))
     assert "conv output shape" in {c.check for c in report.counterexample_outcome.failures}
     with pytest.raises(AssertionError, match="output shape"):
         exec(report.snippet, {})

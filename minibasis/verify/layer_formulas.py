@@ -15,10 +15,12 @@ measured convolution multiplications are compared with the closed forms of
   filters of gy·w): forward × (needs_weight + needs_input). The bias gradient is a sum;
 * BasisConv2d forward, per image: Q·D·Ho·Wo + M·Q·Ho·Wo (``formulas.basisconv_mults``);
 * BasisConv2d backward, per image: M·Q·Ho·Wo for the coefficient gradient when the
-  coefficients are learned, and when the input needs a gradient M·Q·Ho·Wo (through the 1×1
-  stage) + Q·D·Ho·Wo (through the basis stage). The basis is fixed: no gradient, no products;
-* parameters: learnable M·(C/g)·kh·kw (+M bias) for the conv, M·Q (+M) for BasisConv
-  (``formulas.learnable_params``); stored values (parameters and buffers) Q·D + M·Q (+M).
+  coefficients are learned, M·Q·Ho·Wo for the gradient of the Q-channel intermediate when it
+  needs one (the input does, or a learned basis bias sits before the 1×1 stage), and Q·D·Ho·Wo
+  through the basis stage when the input needs a gradient. The basis is fixed: no gradient;
+* parameters: learnable M·(C/g)·kh·kw (+M bias) for the conv, M·Q (+M bias, +Q basis bias)
+  for BasisConv (``formulas.learnable_params``); stored values (parameters and buffers)
+  Q·D + M·Q (+M, +Q).
 
 With hypothesis installed the cases come from its search (``hypothesis.find``, seeded, no
 example database), which stops at the first mismatch and shrinks it to a minimal
@@ -82,6 +84,7 @@ class LayerCase:
     input_grad: bool
     weight_grad: bool
     bias: bool
+    basis_bias: bool = False  # BasisConv only: a learned bias on the basis stage (the paper's Table 3 net)
 
     @property
     def basisconv_applies(self) -> bool:
@@ -138,7 +141,8 @@ def build_case(draw: Callable[[int, int], int], space: GeometrySpace) -> LayerCa
     return LayerCase(batch=draw(1, space.max_batch), in_channels=in_channels, out_channels=out_channels,
                      groups=groups, kernel_size=kernel, stride=stride, padding=padding, dilation=dilation,
                      height=sizes[0], width=sizes[1], num_basis=draw(1, filter_dim),
-                     input_grad=input_grad, weight_grad=weight_grad, bias=bool(draw(0, 1)))
+                     input_grad=input_grad, weight_grad=weight_grad, bias=bool(draw(0, 1)),
+                     basis_bias=bool(draw(0, 1)))
 
 
 def draw_case(rng: np.random.Generator, space: GeometrySpace | None = None) -> LayerCase:
@@ -182,13 +186,13 @@ def basisconv_backward_mults(out_channels: int, num_basis: int, filter_dim: int,
 
 
 def stored_values_formula(out_channels: int, in_channels: int, kernel_size, num_basis: int | None = None,
-                  bias: bool = False) -> int:
-    """Values a layer stores (parameters and buffers): M·D (+M) for a conv, Q·D + M·Q (+M) for BasisConv."""
+                          bias: bool = False, basis_bias: bool = False) -> int:
+    """Values a layer stores (parameters and buffers): M·D (+M) for a conv, Q·D + M·Q (+M, +Q) for BasisConv."""
     dim = formulas.filter_dim(in_channels, kernel_size)
     bias_values = out_channels if bias else 0
     if num_basis is None:
         return out_channels * dim + bias_values
-    return num_basis * dim + out_channels * num_basis + bias_values
+    return num_basis * dim + out_channels * num_basis + bias_values + (num_basis if basis_bias else 0)
 
 
 # -- running one case ------------------------------------------------------------------------------
@@ -271,7 +275,8 @@ def _conv_comparisons(case: LayerCase) -> list[Comparison]:
 
 def _basisconv_comparisons(case: LayerCase) -> list[Comparison]:
     m, c, q, k = case.out_channels, case.in_channels, case.num_basis, case.kernel_size
-    layer = BasisConv2d(c, m, k, q, stride=case.stride, padding=case.padding, dilation=case.dilation, bias=case.bias)
+    layer = BasisConv2d(c, m, k, q, stride=case.stride, padding=case.padding, dilation=case.dilation, bias=case.bias,
+                        basis_bias=case.basis_bias)
     learnable, stored = learnable_values(layer), measured_stored_values(layer)
     ho, wo = _output_hw(case)
     dim = formulas.filter_dim(c, k)
@@ -280,10 +285,12 @@ def _basisconv_comparisons(case: LayerCase) -> list[Comparison]:
         Comparison("basisconv output shape", shape, (case.batch, m, ho, wo)),
         Comparison("basisconv forward mults", forward, case.batch * formulas.basisconv_mults(m, q, c, k, ho, wo)),
         Comparison("basisconv backward mults", backward,
-                   case.batch * basisconv_backward_mults(m, q, dim, ho * wo, case.input_grad, case.weight_grad)),
+                   case.batch * basisconv_backward_mults(m, q, dim, ho * wo, case.input_grad, case.weight_grad,
+                                                         case.input_grad or (case.basis_bias and case.weight_grad))),
         Comparison("basisconv learnable params", learnable,
-                   formulas.learnable_params(m, c, k, num_basis=q, bias=case.bias)),
-        Comparison("basisconv stored values", stored, stored_values_formula(m, c, k, num_basis=q, bias=case.bias)),
+                   formulas.learnable_params(m, c, k, num_basis=q, bias=case.bias, basis_bias=case.basis_bias)),
+        Comparison("basisconv stored values", stored,
+                   stored_values_formula(m, c, k, num_basis=q, bias=case.bias, basis_bias=case.basis_bias)),
     ]
 
 
@@ -308,7 +315,7 @@ from minibasis import formulas, nn
 
 N, C, M, groups, Q = {batch}, {in_channels}, {out_channels}, {groups}, {num_basis}
 kernel, stride, padding, dilation = {kernel_size}, {stride}, {padding}, {dilation}
-H, W, bias = {height}, {width}, {bias}
+H, W, bias, basis_bias = {height}, {width}, {bias}, {basis_bias}
 input_grad, weight_grad = {input_grad}, {weight_grad}
 {output_size}
 '''
@@ -322,13 +329,18 @@ expected_stored = expected_learnable
 '''
 
 _SNIPPET_BASISCONV = '''
-layer = nn.BasisConv2d(C, M, kernel, Q, stride=stride, padding=padding, dilation=dilation, bias=bias)
+layer = nn.BasisConv2d(C, M, kernel, Q, stride=stride, padding=padding, dilation=dilation, bias=bias,
+                       basis_bias=basis_bias)
 D, P = formulas.filter_dim(C, kernel), Ho * Wo
 per_image = formulas.basisconv_mults(M, Q, C, kernel, Ho, Wo)      # Q·D·P + M·Q·P
-# coefficient grad M·Q·P; input grad M·Q·P (1x1 stage) + Q·D·P (basis stage); the basis is fixed
-expected_backward = (M * Q * P if weight_grad else 0) + (M * Q * P + Q * D * P if input_grad else 0)
-expected_learnable = formulas.learnable_params(M, C, kernel, num_basis=Q, bias=bias)   # M·Q (+M)
-expected_stored = Q * D + M * Q + (M if bias else 0)
+# coefficient grad M·Q·P; intermediate grad M·Q·P when the input or a learned basis bias needs one;
+# input grad through the basis stage Q·D·P; the basis is fixed
+intermediate_grad = input_grad or (basis_bias and weight_grad)
+expected_backward = (M * Q * P * (int(weight_grad) + int(intermediate_grad))
+                     + (Q * D * P if input_grad else 0))
+expected_learnable = formulas.learnable_params(M, C, kernel, num_basis=Q, bias=bias,
+                                               basis_bias=basis_bias)   # M·Q (+M, +Q)
+expected_stored = Q * D + M * Q + (M if bias else 0) + (Q if basis_bias else 0)
 '''
 
 _SNIPPET_TAIL = '''
