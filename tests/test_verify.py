@@ -187,7 +187,8 @@ def test_an_off_by_one_output_size_is_found(off_by_one_output_size):
     # A minimal layer on which floor and ceil differ: a stride that does not divide the remainder.
     assert (case.batch, case.in_channels, case.out_channels, case.kernel_size) == (1, 1, 1, (1, 1))
     padding = (0, 0) if case.padding == "valid" else case.padding
-    assert any((size + 2 * padding[axis] - 1) % case.stride[axis] for axis, size in enumerate((case.height, case.width)))
+    sizes = (case.height, case.width)
+    assert any((size + 2 * padding[axis] - 1) % case.stride[axis] for axis, size in enumerate(sizes))
     assert "conv output shape" in {c.check for c in report.counterexample_outcome.failures}
     with pytest.raises(AssertionError, match="output shape"):
         exec(report.snippet, {})
@@ -218,7 +219,8 @@ def test_cli_exits_1_with_a_shrunk_counterexample(batch_dropped_from_gemm_counts
     captured = capsys.readouterr()
     assert "counterexample (shrunk by hypothesis)" in captured.out and "import minibasis" in captured.out
     document = json.loads(out.read_text())
-    assert document["passed"] is False and 2 in (document["counterexample"]["batch"], document["counterexample"]["groups"])
+    counterexample = document["counterexample"]
+    assert document["passed"] is False and 2 in (counterexample["batch"], counterexample["groups"])
     assert document["mismatches"] and document["snippet"].startswith("# minibasis verify formulas")
 
 

@@ -104,7 +104,8 @@ class ExactnessReport(VerifyResult):
                 and self.worst_output_error <= self.bounds.output and self.logit_error <= self.bounds.logits)
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "bounds": dataclasses.asdict(self.bounds), "inputs": self.inputs, "num_inputs": self.num_inputs,
+        return {"dtype": self.dtype, "bounds": dataclasses.asdict(self.bounds), "inputs": self.inputs,
+                "num_inputs": self.num_inputs,
                 "worst_weight_error": self.worst_weight_error, "worst_output_error": self.worst_output_error,
                 "max_logit_difference": self.max_logit_difference, "max_abs_logit": self.max_abs_logit,
                 "logit_error": self.logit_error, "layers": [row.to_dict() for row in self.layers]}
@@ -184,7 +185,8 @@ def check_exactness(model: Module, images=None, *, dtype: str = "float64", input
         described = "Gaussian inputs"
     else:
         described = "images"
-    if getattr(images, "ndim", None) != 4 or getattr(getattr(images, "dtype", None), "kind", None) not in "fiu":
+    kind = getattr(getattr(images, "dtype", None), "kind", None)
+    if getattr(images, "ndim", None) != 4 or kind not in ("f", "i", "u"):
         raise ValueError(f"images must be a numeric (N, C, H, W) array, got {getattr(images, 'shape', type(images))}")
 
     original = _converted(copy_module(model), dtype).eval()
@@ -217,7 +219,7 @@ def check_exactness(model: Module, images=None, *, dtype: str = "float64", input
             conv, row = original.get_submodule(path), rows_by_path[path]
             entry = LayerExactness(path, row.out_channels, row.in_channels, tuple(row.kernel_size), None, None, None)
             if not row.replaced:
-                entry.kept = row.skip_reason or "kept by compress"
+                entry.kept = row.reason or "kept by compress"
             elif path not in layer_inputs:
                 entry.kept = "did not run in the forward pass"
             else:

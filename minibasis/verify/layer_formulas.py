@@ -377,7 +377,8 @@ def snippet(case: LayerCase, kind: str = "conv", why: str = "") -> str:
         numbers = "0" if case.padding == "valid" else "padding[{axis}]"
         output_size = "\n".join(
             f"{out} = formulas.conv_output_size({size}, kernel[{axis}], stride[{axis}], "
-            f"{numbers.format(axis=axis)}, dilation[{axis}])" for axis, (out, size) in enumerate((("Ho", "H"), ("Wo", "W"))))
+            f"{numbers.format(axis=axis)}, dilation[{axis}])"
+            for axis, (out, size) in enumerate((("Ho", "H"), ("Wo", "W"))))
     fields.update(kernel_size=tuple(case.kernel_size), stride=tuple(case.stride), dilation=tuple(case.dilation),
                   padding=repr(case.padding if isinstance(case.padding, str) else tuple(case.padding)),
                   why=f": {why}" if why else "", output_size=output_size)
@@ -443,7 +444,8 @@ class FormulaReport(VerifyResult):
         lines = [f"verify formulas: {len(self.outcomes):,} of {self.cases_requested:,} cases run, seed {self.seed}, "
                  f"{search}; {self.seconds:.1f} s",
                  f"space: batch ≤ {self.space.max_batch}, C/g and M/g ≤ {self.space.max_channels_per_group}, "
-                 f"groups ≤ {self.space.max_groups}, k ≤ {self.space.max_kernel}, stride ≤ {self.space.max_stride}, "
+                 f"groups ≤ {self.space.max_groups}, k ≤ {self.space.max_kernel}, "
+                 f"stride ≤ {self.space.max_stride}, "
                  f"padding ≤ {self.space.max_padding} or 'valid' / 'same', dilation ≤ {self.space.max_dilation}; "
                  "BasisConv where groups = 1", ""]
         lines += format_table(("check", "cases", "passed", "failed"), rows)
