@@ -1,6 +1,6 @@
 """Self-describing model files: :func:`save_model` and :func:`load_model`.
 
-One ``.npz`` (written atomically through :func:`minibasis.io.save`, read back without pickle)
+One ``.npz`` (written atomically through :func:`minibasis.serialization.save`, read back without pickle)
 holds everything needed to rebuild a model with nothing restated::
 
     format              "minibasis-model-1"
@@ -29,11 +29,10 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from minibasis import backend
-from minibasis.io import CheckpointError, load, load_torch_checkpoint, save
 from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
+from minibasis.serialization import NPZ, CheckpointError, load, load_torch_checkpoint, save, sniff_format
 
 __all__ = ["MODEL_FORMAT", "LEGACY_MODEL_FORMAT", "TRAIN_CHECKPOINT_FORMAT", "ModelFileError", "ModelMetadata",
            "save_model", "load_model", "basis_layout", "apply_basis_layout"]
@@ -45,7 +44,6 @@ LEGACY_MODEL_FORMAT = "minibasis-model/1"
 #: The training checkpoints of ``train``/``finetune`` (model state under "model", facts under "meta").
 TRAIN_CHECKPOINT_FORMAT = "minibasis-train-checkpoint/1"
 
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class ModelFileError(CheckpointError):
@@ -242,20 +240,8 @@ class _Contents:
     extra: dict = field(default_factory=dict)
 
 
-def _is_torch_zip(path: str) -> bool:
-    """A zip whose members include ``<archive>/data.pkl`` (torch.save's zip format)."""
-    import zipfile
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return any(name.endswith("/data.pkl") and name.count("/") == 1 for name in zf.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False  # io.load reports the corruption with its own message
-
-
 def _read(source: str) -> _Contents:
-    with open(source, "rb") as handle:
-        magic = handle.read(4)
-    if magic == _ZIP_MAGIC and not _is_torch_zip(source):
+    if sniff_format(source) == NPZ:
         return _from_npz(load(source), source)
     return _from_torch(load_torch_checkpoint(source), source)
 

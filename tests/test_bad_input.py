@@ -54,7 +54,7 @@ CASES = {
     "pool padding above half kernel": (lambda: F.avg_pool2d(f32(1, 1, 8, 8), 3, padding=2), ValueError,
                                        [r"padding \(2, 2\)", r"kernel \(3, 3\)"]),
     "conv2d zero stride": (lambda: F.conv2d(f32(1, 1, 4, 4), f32(1, 1, 3, 3), stride=0), ValueError,
-                           [r"stride=\(0, 0\)"]),
+                           [r"stride must be a positive integer", r"got 0"]),
     "adaptive pool non-global": (lambda: F.adaptive_avg_pool2d(f32(1, 1, 4, 4), 2), ValueError, ["output_size=1", "2"]),
     # dtypes
     "Parameter from ints": (lambda: nn.Parameter(np.arange(4)), TypeError, ["floating", "int64"]),

@@ -51,8 +51,9 @@ def geometries(draw):
     pads = conv_module.resolve_padding(padding, (kh, kw), stride, dilation)
     span = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
     # H ≠ W, and big enough for the dilated kernel
-    h = draw(st.integers(max(1, span[0] - pads[0] - pads[1]), 9))
-    w = draw(st.integers(max(1, span[1] - pads[2] - pads[3]), 9).filter(lambda v: v != h))
+    low_h, low_w = max(1, span[0] - pads[0] - pads[1]), max(1, span[1] - pads[2] - pads[3])
+    h = draw(st.integers(low_h, low_h + 6))
+    w = draw(st.integers(low_w, low_w + 6).filter(lambda v: v != h))
     n = draw(st.integers(1, 3))
     return dict(n=n, c=c, m=m, h=h, w=w, kernel=(kh, kw), stride=stride, padding=padding, dilation=dilation,
                 groups=groups, seed=draw(st.integers(0, 2 ** 16)), chunk=draw(st.sampled_from([1, 10 ** 9])),

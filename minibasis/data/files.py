@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from minibasis.safe_pickle import CIFAR, PickleDataError, UnsafePickleError, safe_load
+from minibasis.serialization import CIFAR, PickleDataError, UnsafePickleError, safe_load
 
 __all__ = ["DatasetError", "DatasetSplits", "load_cifar10", "load_cifar100", "load_svhn"]
 

@@ -312,6 +312,18 @@ def _kn2row_forward(x, weight, out):
     return out
 
 
+def _group_matmul(a, b):
+    """``a @ b`` over stacked groups; an inner dimension of 1 (a depthwise conv's M/g) as a broadcast product.
+
+    NumPy's matmul takes a slow non-BLAS loop for a (…, m, 1) @ (…, 1, n) outer
+    product (~25x slower here); the broadcast product multiplies the same m·n pairs
+    per group and is counted the same.
+    """
+    if a.shape[-1] == 1:
+        return backend.mul(a, b)
+    return backend.matmul(a, b)
+
+
 def _channels_first(a):
     """(n, M, Ho, Wo) → contiguous (M, n·Ho·Wo) (one copy)."""
     m = a.shape[1]
@@ -349,7 +361,7 @@ class Conv2dFunction(Function):
         self.x = x if need_w else None  # backward rebuilds the columns from x
         if _is_pointwise(kernel, self.stride, self.padding):
             # A batched GEMM on the view: (g, M/g, C/g) @ (N, g, C/g, P) → (N, g, M/g, P), already NCHW.
-            y = backend.matmul(wg, im2col(x, *self._geometry()).reshape(n, g, c // g, h * w)).reshape(n, m, ho, wo)
+            y = _group_matmul(wg, im2col(x, *self._geometry()).reshape(n, g, c // g, h * w)).reshape(n, m, ho, wo)
         else:
             # Backward always works on columns (chunks sized for them), whichever forward ran.
             self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize)
@@ -361,7 +373,7 @@ class Conv2dFunction(Function):
             else:
                 for start in range(0, n, self.step):
                     col = im2col(x[start:start + self.step], *self._geometry())
-                    product = backend.matmul(wg, col.reshape(g, -1, col.shape[1]))  # (g, M/g, n·P)
+                    product = _group_matmul(wg, col.reshape(g, -1, col.shape[1]))  # (g, M/g, n·P)
                     y[start:start + self.step] = product.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
         if bias is not None:
             y += bias.reshape(1, m, 1, 1)
@@ -378,9 +390,9 @@ class Conv2dFunction(Function):
             gy4 = gy.reshape(n, g, m // g, ho * wo)
             if need_w:
                 x4 = self.x.reshape(n, g, c // g, ho * wo)
-                gw = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)
+                gw = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)  # inner dimension P
             if need_x:
-                gx = backend.matmul(self.wg.transpose(0, 2, 1), gy4).reshape(self.x_shape)
+                gx = _group_matmul(self.wg.transpose(0, 2, 1), gy4).reshape(self.x_shape)
         else:
             xp = backend.get_array_module(gy)
             gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
@@ -396,7 +408,7 @@ class Conv2dFunction(Function):
                         gw += part
                     del col  # free before the column gradient is built: one chunk buffer at a time
                 if need_x:
-                    col_grad = backend.matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
+                    col_grad = _group_matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
                     gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
         if gw is not None:
             gw = gw.reshape(m, c // g, *self.kernel)
@@ -419,7 +431,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padd
     if len(x_shape) != 4:
         raise ValueError(f"conv2d expects input of shape (N, C, H, W), got shape {x_shape}")
     if len(w_shape) != 4:
-        raise ValueError(f"conv2d expects weight of shape (M, C/groups, kh, kw), got shape {w_shape}")
+        raise ValueError(f"conv2d expects weight of shape (M, C, kh, kw) (C/groups per filter), got shape {w_shape}")
     if x_shape[1] % groups or w_shape[0] % groups:
         raise ValueError(f"conv2d: groups={groups} must divide the input channels ({x_shape[1]}) and the "
                          f"output channels ({w_shape[0]})")

@@ -8,6 +8,7 @@ variance (PyTorch's convention). Evaluation uses the running statistics.
 from __future__ import annotations
 
 import numbers
+from typing import Callable
 
 from minibasis import backend
 from minibasis.autograd import Function, Tensor
@@ -16,65 +17,119 @@ __all__ = ["batch_norm"]
 
 
 class BatchNorm(Function):
-    """Every product (centering², scaling, running-stat updates, backward terms) is counted."""
+    """Every product (centering², scaling, running-stat updates, backward terms) is counted.
+
+    Inputs: x, then the weight γ when ``has_weight`` and the bias β when ``has_bias`` (PyTorch
+    accepts ``weight=None``/``bias=None``: no scaling, no shift).
+
+    ``allreduce`` (training only): an in-place sum of a 1-D array over the processes that
+    share the batch. Given, the statistics span every process's slice: the per-channel sums
+    and the count are reduced for the mean, then Σ(x − μ)² for the variance (two passes, so
+    float32 does not cancel as E[x²] − E[x]² would), and in backward Σg and Σg·x̂. None is
+    one process. Every process must make the same calls (same model, same modes).
+    """
 
     name = "batch_norm"
 
-    def __init__(self, running_mean, running_var, training: bool, momentum: float, eps: float):
+    def __init__(self, running_mean, running_var, training: bool, momentum: float, eps: float, *,
+                 has_weight: bool = True, has_bias: bool = True, allreduce: Callable | None = None):
         self.running_mean, self.running_var = running_mean, running_var
         self.training, self.momentum, self.eps = training, momentum, eps
+        self.has_weight, self.has_bias, self.allreduce = has_weight, has_bias, allreduce
 
-    def forward(self, x, gamma, beta):
+    def _statistics(self, x, axes, shape):
+        """(mean, centered x, biased var, count) over the batch (all processes' with ``allreduce``)."""
+        xp = backend.get_array_module(x)
+        count = x.size // x.shape[1]
+        if self.allreduce is None:
+            mean = x.mean(axis=axes)
+        else:
+            channels = x.shape[1]
+            sums = xp.empty(channels + 1, dtype=x.dtype)
+            sums[:channels] = x.sum(axis=axes)
+            sums[channels] = count
+            self.allreduce(sums)
+            count = int(round(float(sums[channels])))
+            if count < 2:
+                raise ValueError(f"synchronized batch_norm in training needs more than one value per channel "
+                                 f"over all ranks, got {count}")
+            mean = sums[:channels] / count
+        centered = x - mean.reshape(shape)
+        squares = _channel_dot(centered, centered)  # Σ(x − μ)², no squared copy
+        if self.allreduce is not None:
+            squares = xp.ascontiguousarray(squares)
+            self.allreduce(squares)
+        return mean, centered, squares / count, count
+
+    def forward(self, x, *affine):
         # Temporaries are written in place where this op owns them: one (N, C, H, W)
         # buffer in evaluation without a graph, two in training (x̂ is kept for backward).
+        gamma = affine[0] if self.has_weight else None
+        beta = affine[-1] if self.has_bias else None
         xp = backend.get_array_module(x)
         axes = (0,) if x.ndim == 2 else (0, 2, 3)
         shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
-        count = x.size // x.shape[1]
-        out = None
         if self.training:
-            mean = x.mean(axis=axes)
-            centered = x - mean.reshape(shape)
-            var = _channel_dot(centered, centered) / count  # Σ(x − μ)², no squared copy
+            mean, centered, var, count = self._statistics(x, axes, shape)
             if self.running_mean is not None:
                 update_running_stats(self.running_mean, self.running_var, mean, var, count, self.momentum)
         else:
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
             centered = x - mean.reshape(shape)
+            count = None
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
         x_hat = backend.mul(centered, inv_std.reshape(shape), out=centered)
         keep = any(self.needs_input_grad)
         if keep:
-            self.x_hat, self.inv_std, self.gamma, self.axes, self.shape = x_hat, inv_std, gamma, axes, shape
-        elif out is None:
-            out = x_hat  # nothing needs x̂ later: y overwrites it
-        y = backend.mul(x_hat, gamma.reshape(shape), out=out)
-        y += beta.reshape(shape)
+            self.x_hat, self.inv_std, self.gamma, self.axes, self.shape, self.count = \
+                x_hat, inv_std, gamma, axes, shape, count
+        if gamma is not None:
+            y = backend.mul(x_hat, gamma.reshape(shape), out=None if keep else x_hat)  # y overwrites x̂ if unneeded
+        else:
+            y = x_hat.copy() if keep else x_hat  # the output must not alias the saved x̂
+        if beta is not None:
+            y += beta.reshape(shape)
         return y
 
     def backward(self, gy):
         shape, axes = self.shape, self.axes
-        need_x, need_gamma, need_beta = self.needs_input_grad
+        need_x = self.needs_input_grad[0]
+        need_gamma = self.has_weight and self.needs_input_grad[1]
+        need_beta = self.has_bias and self.needs_input_grad[-1]
         g_beta = gy.sum(axis=axes) if need_beta else None
         g_gamma = None
         if need_gamma or (need_x and self.training):
             g_gamma = _channel_dot(gy, self.x_hat)  # Σ gy·x̂ per channel
         g_x = None
         if need_x:
-            scale = backend.mul(self.gamma, self.inv_std).reshape(shape)
+            scale = self.inv_std if self.gamma is None else backend.mul(self.gamma, self.inv_std)
+            scale = scale.reshape(shape)
             if self.training:
                 # dx = γ/σ · (gy − mean(gy) − x̂ · mean(gy · x̂)): the batch statistics depend on x.
                 # Computed in place in one new buffer (gy may be shared: it is only read).
-                count = gy.size // gy.shape[1]
-                mean_gy = (g_beta if g_beta is not None else gy.sum(axis=axes)) / count
-                mean_gy_xhat = g_gamma / count
+                sum_gy = g_beta if g_beta is not None else gy.sum(axis=axes)
+                sum_gy_xhat = g_gamma
+                if self.allreduce is not None:
+                    # The means run over every process's batch; dγ and dβ stay local sums (the
+                    # data-parallel gradient all-reduce averages them like every other gradient).
+                    channels = sum_gy.shape[0]
+                    sums = backend.get_array_module(gy).empty(2 * channels, dtype=gy.dtype)
+                    sums[:channels], sums[channels:] = sum_gy, sum_gy_xhat
+                    self.allreduce(sums)
+                    sum_gy, sum_gy_xhat = sums[:channels], sums[channels:]
+                mean_gy, mean_gy_xhat = sum_gy / self.count, sum_gy_xhat / self.count
                 g_x = backend.mul(self.x_hat, mean_gy_xhat.reshape(shape))
                 backend.get_array_module(gy).subtract(gy, g_x, out=g_x)
                 g_x -= mean_gy.reshape(shape)
                 backend.mul(g_x, scale, out=g_x)
             else:
                 g_x = backend.mul(gy, scale)
-        return g_x, (g_gamma if need_gamma else None), g_beta
+        grads = [g_x]
+        if self.has_weight:
+            grads.append(g_gamma if need_gamma else None)
+        if self.has_bias:
+            grads.append(g_beta)
+        return tuple(grads)
 
 
 def check_batch_norm_settings(momentum, eps, who: str = "batch_norm") -> None:
@@ -120,9 +175,12 @@ def _channel_dot(a, b):
     return backend.einsum("nc,nc->c" if a.ndim == 2 else "nchw,nchw->c", a, b)
 
 
-def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: Tensor,
-               training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """Normalize x (N, C) or (N, C, H, W) per channel; running stats are raw arrays updated in place."""
+def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Normalize x (N, C) or (N, C, H, W) per channel; running stats are raw arrays updated in place.
+
+    ``weight`` (γ) and ``bias`` (β), each (C,) or None (no scale, no shift), as in PyTorch.
+    """
     check_batch_norm_settings(momentum, eps)
     check_batch_norm_inputs(x, weight, bias, running_mean, running_var)
     shape = tuple(x.shape)
@@ -130,4 +188,17 @@ def batch_norm(x: Tensor, running_mean, running_var, weight: Tensor, bias: Tenso
         raise ValueError(f"batch_norm in training needs more than one value per channel, got input {shape}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in evaluation needs running_mean and running_var")
-    return BatchNorm(running_mean, running_var, training, momentum, eps)(x, weight, bias)
+    return batch_norm_function(running_mean, running_var, weight, bias, training, momentum, eps)(
+        *affine_inputs(x, weight, bias))
+
+
+def batch_norm_function(running_mean, running_var, weight, bias, training: bool, momentum: float, eps: float,
+                        allreduce: Callable | None = None) -> BatchNorm:
+    """The :class:`BatchNorm` op for these settings; call it with :func:`affine_inputs`."""
+    return BatchNorm(running_mean, running_var, training, momentum, eps,
+                     has_weight=weight is not None, has_bias=bias is not None, allreduce=allreduce)
+
+
+def affine_inputs(x, weight, bias) -> list:
+    """x, then weight and bias where they are not None: the inputs :class:`BatchNorm` takes."""
+    return [x] + [t for t in (weight, bias) if t is not None]

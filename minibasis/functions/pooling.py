@@ -10,9 +10,8 @@ from __future__ import annotations
 from minibasis import backend
 from minibasis.autograd import Function, Tensor
 from minibasis.checks import non_negative_pair, positive_pair
-from minibasis.functions.conv import conv_output_shape
 
-__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d"]
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "pool_output_size"]
 
 
 def _window_args(name, x, kernel_size, stride, padding):
@@ -33,100 +32,174 @@ def _window_args(name, x, kernel_size, stride, padding):
     return kernel, stride, padding
 
 
-def _padded(x, padding, value):
-    ph, pw = padding
-    if not (ph or pw):
-        return x
-    xp = backend.get_array_module(x)
-    n, c, h, w = x.shape
-    out = xp.full((n, c, h + 2 * ph, w + 2 * pw), value, dtype=x.dtype)
-    out[:, :, ph:ph + h, pw:pw + w] = x
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
+    """Output length along one axis, PyTorch's rule.
+
+    floor((size + 2·padding − kernel) / stride) + 1, or with ``ceil_mode`` the
+    ceiling, less one when the last window would start in the right padding
+    (every window must start inside the input or the left padding).
+    """
+    span = size + 2 * padding - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
     return out
 
 
-def _windows(kernel, stride, out_hw):
-    """(offset index, slice into the padded input) for every kernel offset."""
-    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out_hw
-    for i in range(kh):
-        for j in range(kw):
-            yield i * kw + j, (slice(None), slice(None), slice(i, i + sh * ho, sh), slice(j, j + sw * wo, sw))
+class _Pool2d(Function):
+    """Shared geometry of the window pools: output size, padded input, window slices."""
+
+    def __init__(self, kernel, stride, padding, ceil_mode):
+        self.kernel, self.stride, self.padding, self.ceil_mode = kernel, stride, padding, ceil_mode
+
+    def _setup(self, shape):
+        n, c, h, w = self.x_shape = shape
+        self.out_hw = tuple(pool_output_size(size, k, s, p, self.ceil_mode)
+                            for size, k, s, p in zip((h, w), self.kernel, self.stride, self.padding))
+        # Windows of ceil mode may run past the padding on the bottom/right: pad up to their end.
+        self.extra = tuple(max(0, (o - 1) * s + k - (size + 2 * p))
+                           for o, s, k, size, p in zip(self.out_hw, self.stride, self.kernel, (h, w), self.padding))
+
+    def _padded(self, x, value):
+        (ph, pw), (eh, ew) = self.padding, self.extra
+        if not (ph or pw or eh or ew):
+            return x
+        xp = backend.get_array_module(x)
+        n, c, h, w = x.shape
+        out = xp.full((n, c, h + 2 * ph + eh, w + 2 * pw + ew), value, dtype=x.dtype)
+        out[:, :, ph:ph + h, pw:pw + w] = x
+        return out
+
+    def _windows(self):
+        """(offset index, slice into the padded input) for every kernel offset."""
+        (kh, kw), (sh, sw), (ho, wo) = self.kernel, self.stride, self.out_hw
+        for i in range(kh):
+            for j in range(kw):
+                yield i * kw + j, (slice(None), slice(None), slice(i, i + sh * ho, sh), slice(j, j + sw * wo, sw))
+
+    def _gradient(self, dtype, xp):
+        n, c, h, w = self.x_shape
+        (ph, pw), (eh, ew) = self.padding, self.extra
+        return xp.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew), dtype=dtype)
+
+    def _unpad(self, g):
+        n, c, h, w = self.x_shape
+        ph, pw = self.padding
+        return g[:, :, ph:ph + h, pw:pw + w] if g.shape[2:] != (h, w) else g
 
 
-def _unpad(g, padding, h, w):
-    ph, pw = padding
-    return g[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else g
+def _index_dtype(xp, size: int):
+    """The smallest signed integer dtype holding window offsets 0 … size − 1."""
+    for dtype in (xp.int8, xp.int16, xp.int32):
+        if size - 1 <= xp.iinfo(dtype).max:
+            return dtype
+    return xp.int64
 
 
-class MaxPool2d(Function):
-    def __init__(self, kernel, stride, padding):
-        self.kernel, self.stride, self.padding = kernel, stride, padding
+class MaxPool2d(_Pool2d):
+    """Max over each window; a NaN wins its window (PyTorch: ``val > max || isnan(val)``, the last NaN)."""
 
     def forward(self, x):
         xp = backend.get_array_module(x)
-        n, c, h, w = x.shape
-        self.x_shape = x.shape
-        out_hw = conv_output_shape(h, w, self.kernel, self.stride, self.padding)
-        padded = _padded(x, self.padding, -xp.inf)
+        self._setup(x.shape)
+        padded = self._padded(x, -xp.inf)
         out = argmax = None
-        for index, window in _windows(self.kernel, self.stride, out_hw):
+        for index, window in self._windows():
             values = padded[window]
             if out is None:
                 out = values.copy()
-                argmax = xp.zeros(out.shape, dtype=xp.int16)
+                argmax = xp.zeros(out.shape, dtype=_index_dtype(xp, self.kernel[0] * self.kernel[1]))
             else:
-                better = values > out  # strict: the first maximum wins, as in PyTorch
+                # strict: the first maximum wins, as in PyTorch; a NaN replaces anything
+                better = (values > out) | xp.isnan(values)
                 out = xp.where(better, values, out)
                 argmax[better] = index
-        self.argmax, self.out_hw = argmax, out_hw
+        self.argmax = argmax
         return out
 
     def backward(self, gy):
         xp = backend.get_array_module(gy)
-        n, c, h, w = self.x_shape
-        ph, pw = self.padding
-        grad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)
-        for index, window in _windows(self.kernel, self.stride, self.out_hw):
+        grad = self._gradient(gy.dtype, xp)
+        for index, window in self._windows():
             grad[window] += xp.where(self.argmax == index, gy, 0)
-        return _unpad(grad, self.padding, h, w)
+        return self._unpad(grad)
 
 
-def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
-    """Max over k×k windows (padding counts as −inf); stride defaults to the kernel size."""
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> Tensor:
+    """Max over k×k windows (padding counts as −inf, a NaN propagates); stride defaults to the kernel size.
+
+    ``ceil_mode``: round the output size up, as PyTorch does (see :func:`pool_output_size`).
+    """
     kernel, stride, padding = _window_args("max_pool2d", x, kernel_size, stride, padding)
-    return MaxPool2d(kernel, stride, padding)(x)
+    return MaxPool2d(kernel, stride, padding, _flag("ceil_mode", ceil_mode))(x)
 
 
-class AvgPool2d(Function):
-    """Mean over each window, zero padding included in the divisor (PyTorch's default)."""
+class AvgPool2d(_Pool2d):
+    """Mean over each window.
 
-    def __init__(self, kernel, stride, padding):
-        self.kernel, self.stride, self.padding = kernel, stride, padding
+    The divisor, as PyTorch's: with ``count_include_pad`` the window's size within the
+    zero-padded input (a ceil-mode window that runs past the padding counts only
+    the part inside it), without it the number of real input pixels in the window.
+    """
+
+    def __init__(self, kernel, stride, padding, ceil_mode, count_include_pad):
+        super().__init__(kernel, stride, padding, ceil_mode)
+        self.count_include_pad = count_include_pad
+
+    def _divisor(self, xp, dtype):
+        """(Ho, Wo) number of counted pixels per window (a window sum of a 0/1 mask: only H×W-sized work)."""
+        n, c, h, w = self.x_shape
+        (ph, pw), (eh, ew) = self.padding, self.extra
+        mask = xp.zeros((1, 1, h + 2 * ph + eh, w + 2 * pw + ew), dtype=dtype)
+        if self.count_include_pad:
+            mask[:, :, :h + 2 * ph, :w + 2 * pw] = 1
+        else:
+            mask[:, :, ph:ph + h, pw:pw + w] = 1
+        total = None
+        for _, window in self._windows():
+            total = mask[window].copy() if total is None else total + mask[window]
+        return total
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        self.x_shape = x.shape
-        self.out_hw = conv_output_shape(h, w, self.kernel, self.stride, self.padding)
-        padded = _padded(x, self.padding, 0)
+        xp = backend.get_array_module(x)
+        self._setup(x.shape)
+        padded = self._padded(x, 0)
         out = None
-        for _, window in _windows(self.kernel, self.stride, self.out_hw):
+        for _, window in self._windows():
             out = padded[window].copy() if out is None else out + padded[window]
-        return out / (self.kernel[0] * self.kernel[1])
+        if self.padding == (0, 0) and self.extra == (0, 0):
+            self.divisor = self.kernel[0] * self.kernel[1]
+        else:
+            self.divisor = self._divisor(xp, x.dtype)
+        return out / self.divisor
 
     def backward(self, gy):
         xp = backend.get_array_module(gy)
-        n, c, h, w = self.x_shape
-        ph, pw = self.padding
-        share = gy / (self.kernel[0] * self.kernel[1])
-        grad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)
-        for _, window in _windows(self.kernel, self.stride, self.out_hw):
+        share = gy / self.divisor
+        grad = self._gradient(gy.dtype, xp)
+        for _, window in self._windows():
             grad[window] += share
-        return _unpad(grad, self.padding, h, w)
+        return self._unpad(grad)
 
 
-def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0) -> Tensor:
-    """Average over k×k windows; stride defaults to the kernel size."""
+def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> Tensor:
+    """Average over k×k windows; stride defaults to the kernel size.
+
+    ``count_include_pad`` (PyTorch's default True): zero padding counts in the
+    divisor; False divides by the real pixels only. ``ceil_mode`` as for max_pool2d.
+    """
     kernel, stride, padding = _window_args("avg_pool2d", x, kernel_size, stride, padding)
-    return AvgPool2d(kernel, stride, padding)(x)
+    return AvgPool2d(kernel, stride, padding, _flag("ceil_mode", ceil_mode),
+                     _flag("count_include_pad", count_include_pad))(x)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 class GlobalAvgPool2d(Function):

@@ -14,6 +14,7 @@ from typing import Callable
 from minibasis.models._architecture import ZOO_NAME_ATTRIBUTE
 from minibasis.models.alexnet import alexnet
 from minibasis.models.densenet import densenet_bc
+from minibasis.models.mobilenet import mobilenet_v2
 from minibasis.models.resnet import RESNET_CIFAR_DEPTHS, resnet_cifar
 from minibasis.models.table3 import table3_cnn
 from minibasis.models.vgg import vgg
@@ -34,6 +35,7 @@ MODELS: dict[str, Callable[..., Module]] = {
     **{f"resnet{depth}": functools.partial(resnet_cifar, depth) for depth in RESNET_CIFAR_DEPTHS},
     "densenet_bc": densenet_bc,
     "densenet190": functools.partial(densenet_bc, 190, 40),
+    "mobilenet_v2": mobilenet_v2,
 }
 
 

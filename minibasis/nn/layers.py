@@ -141,25 +141,37 @@ class ReLU(Module):
 
 
 class MaxPool2d(Module):
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False):
         super().__init__()
         kernel, pad = positive_pair("kernel_size", kernel_size), non_negative_pair("padding", padding)
         if stride is not None:
             positive_pair("stride", stride)
         if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
             raise ValueError(f"{type(self).__name__}: padding {pad} must be at most half the kernel {kernel}")
-        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        if not isinstance(ceil_mode, bool):
+            raise TypeError(f"{type(self).__name__}: ceil_mode must be a bool, got {ceil_mode!r}")
+        self.kernel_size, self.stride, self.padding, self.ceil_mode = kernel_size, stride, padding, ceil_mode
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        text = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return text + (", ceil_mode=True" if self.ceil_mode else "")
 
 
 class AvgPool2d(MaxPool2d):
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
+        super().__init__(kernel_size, stride, padding, ceil_mode)
+        if not isinstance(count_include_pad, bool):
+            raise TypeError(f"AvgPool2d: count_include_pad must be a bool, got {count_include_pad!r}")
+        self.count_include_pad = count_include_pad
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.count_include_pad else ", count_include_pad=False")
 
 
 class AdaptiveAvgPool2d(Module):
