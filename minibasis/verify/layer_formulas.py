@@ -452,6 +452,9 @@ class FormulaReport(VerifyResult):
         lines.append("")
         if self.passed:
             lines.append("PASSED: every measured count equals its closed form")
+        elif self.snippet is None:
+            lines.append(f"FAILED: {self.counterexample} failed during the search but passed when run again "
+                         "(the engine is not deterministic)")
         else:
             lines.append("FAILED: " + "; ".join(c.describe() for c in self.counterexample_outcome.failures))
             shrunk = "shrunk by hypothesis" if self.engine == "hypothesis" else "first failing draw, not shrunk"
