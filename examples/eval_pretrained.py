@@ -48,6 +48,7 @@ def main(argv=None) -> int:
             return 1
         model = resnet_cifar(depth, num_classes=10, shortcut="A")
         model.load_state_dict(load_torch_checkpoint(checkpoints[0]), strict=True)
+        minibasis.use(args.device)  # the global switch: batches are created on it
         model.to(args.device)
         result = evaluate(model, images, labels, batch_size=args.batch_size, transform=transform,
                           desc=f"ResNet-{depth}")

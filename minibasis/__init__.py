@@ -26,6 +26,9 @@ def __getattr__(name):
     if name == "summary":
         from minibasis.model_summary import summary
         return summary
+    if name == "fuse_batch_norm":
+        from minibasis.fusion import fuse_batch_norm
+        return fuse_batch_norm
     if name in ("save_model", "load_model", "ModelMetadata", "ModelFileError"):
         from minibasis import model_files
         return getattr(model_files, name)
@@ -37,5 +40,5 @@ def __getattr__(name):
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "functions", "nn", "optim", "compress", "summary",
+           "count_mults", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
            "save_model", "load_model", "ModelMetadata", "ModelFileError"]

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy
 
 __all__ = [
-    "xp", "use", "current", "get_array_module", "to_numpy", "asarray", "as_strided",
+    "xp", "use", "current", "get_array_module", "to_numpy", "asarray", "to_backend", "as_strided",
     "register_backend", "available_backends", "default_dtype",
     "matmul", "tensordot", "einsum", "mul", "set_mult_recorder",
     "manual_seed", "host_rng", "random_uniform", "random_normal",
@@ -96,7 +96,11 @@ def _load(name: str) -> Backend:
 
 
 def use(name: str) -> None:
-    """Select the backend ("numpy", "cupy", or a registered one) for new tensors."""
+    """Select the backend ("numpy", "cupy", or a registered one) for new tensors.
+
+    This is the one global switch: everything created afterwards (tensors, parameters,
+    data batches) lives on it. ``Module.to(name)`` only moves one module's arrays.
+    """
     global _active, xp
     _active = _load(name)
     xp = _active.xp
@@ -127,6 +131,21 @@ def to_numpy(array) -> numpy.ndarray:
         if isinstance(data, backend.array_types):
             return backend.to_host(data)
     return numpy.asarray(data)
+
+
+def to_backend(obj, name: str, dtype=None):
+    """``obj`` as an array of backend ``name`` (copied across host and device if needed).
+
+    Unlike :func:`asarray` it does not use the active backend, and it does not change it.
+    """
+    target = _load(name)
+    if isinstance(obj, target.array_types):
+        return obj if dtype is None or obj.dtype == dtype else obj.astype(dtype)
+    for backend in _LOADED.values():
+        if backend is not target and isinstance(obj, backend.array_types):
+            obj = backend.to_host(obj)
+            break
+    return target.xp.asarray(obj, dtype=dtype)
 
 
 def as_strided(array, shape: tuple, strides: tuple):

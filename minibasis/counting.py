@@ -84,6 +84,15 @@ class MultTally:
     def as_dict(self) -> dict:
         return {"total": self.total, "conv": self.conv, "by_op": self.by_op, "by_layer": self.by_layer}
 
+    def _summary(self) -> str:
+        ops = sorted(self.by_op.items(), key=lambda item: (-item[1], item[0]))
+        by_op = ", ".join(f"{op}={n:,}" for op, n in ops)
+        return f"total={self.total:,}, conv={self.conv:,}, by_op={{{by_op}}}"
+
+    def __repr__(self) -> str:
+        """One line: ``MultTally(forward: total=1,234, conv=1,000, by_op={conv2d=1,000, mul=234})``."""
+        return f"MultTally({'+'.join(self._phases)}: {self._summary()})"
+
 
 class MultCounter(MultTally):
     """Everything recorded while active; ``.forward`` and ``.backward`` give each phase alone."""
@@ -108,8 +117,13 @@ class MultCounter(MultTally):
         return out
 
     def __repr__(self) -> str:
-        return (f"MultCounter(total={self.total:,}, conv={self.conv:,}, "
-                f"forward={self.forward.total:,}, backward={self.backward.total:,})")
+        """Totals on the first line, then one line per phase that recorded anything, by op."""
+        lines = [f"MultCounter(total={self.total:,}, conv={self.conv:,}, "
+                 f"forward={self.forward.total:,}, backward={self.backward.total:,})"]
+        for phase, tally in (("forward", self.forward), ("backward", self.backward)):
+            if tally.by_op:
+                lines.append(f"  {phase}: {tally._summary()}")
+        return "\n".join(lines)
 
 
 def _dispatch(primitive: str, mults: int) -> None:

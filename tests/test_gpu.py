@@ -115,7 +115,9 @@ def test_resnet20_training_step_matches():
 def test_module_to_cupy_moves_everything():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     model.to("cupy")
+    assert mb.backend.current() == "numpy"  # Module.to moves the module only; minibasis.use is the switch
     assert all(isinstance(p.data, cupy.ndarray) for p in model.parameters())
     assert all(isinstance(b, cupy.ndarray) for _, b in model.named_buffers())
+    mb.use("cupy")
     out = model(mb.tensor(np.zeros((1, 3, 5, 5), dtype=np.float32)))
     assert isinstance(out.data, cupy.ndarray)

@@ -87,6 +87,10 @@ class Tensor:
     def size(self) -> int:
         return self.data.size
 
+    def numel(self) -> int:
+        """Number of elements (PyTorch's ``numel()``; the same as the NumPy-style ``.size``)."""
+        return int(self.data.size)
+
     @property
     def dtype(self):
         return self.data.dtype

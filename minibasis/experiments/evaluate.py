@@ -58,6 +58,7 @@ def run(args) -> int:
         raise UserError(f"the {args.dataset} test set under {args.data or options.default_data_dir()} is empty")
     if int(labels.max()) >= args.num_classes:
         raise UserError(f"labels go up to {int(labels.max())} but the model has --num-classes {args.num_classes}")
+    backend.use(args.device)  # the global switch: batches are created on it
     model.to(args.device)
     result = evaluate(model, images, labels, batch_size=args.batch_size,
                       transform=options.eval_transform(args.normalize), progress=not args.quiet,

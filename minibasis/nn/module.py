@@ -264,18 +264,57 @@ class Module:
             fn(m)
         return self
 
-    def to(self, device: str) -> "Module":
-        """Move every parameter and buffer to backend ``device`` ("numpy" or "cupy") and select it."""
-        backend.use(device)
+    def to(self, device=None, dtype=None) -> "Module":
+        """Move every parameter and buffer to backend ``device`` and/or cast the floating ones to ``dtype``.
+
+        ``device`` is a backend name ("numpy", "cupy", ...); a floating dtype (``np.float64``,
+        "float64") in its place is taken as ``dtype``, as in PyTorch's ``module.to(dtype)``.
+        The active backend is NOT switched: inputs and anything created afterwards follow
+        ``minibasis.use(name)``, the one global switch (call it too, to run the model on
+        the device). Integer buffers keep their dtype. Gradients are dropped. Returns self.
+        """
+        if device is not None and not (isinstance(device, str) and device in backend.available_backends()):
+            if dtype is not None:
+                raise ValueError(f"Module.to: unknown backend {device!r}; expected one of {backend.available_backends()}")
+            device, dtype = None, device
+        if dtype is not None:
+            dtype = self._floating_dtype(dtype)
+
+        def convert(array):
+            if device is not None:
+                array = backend.to_backend(array, device)
+            if dtype is not None and getattr(array.dtype, "kind", None) == "f" and array.dtype != dtype:
+                array = array.astype(dtype)
+            return array
+
         for module in self.modules():
             for name, p in module._parameters.items():
                 if p is not None:
-                    p.data = backend.asarray(p.data)
+                    p.data = convert(p.data)
                     p.grad = None
             for name, b in list(module._buffers.items()):
                 if b is not None:
-                    module._buffers[name] = backend.asarray(b)
+                    module._buffers[name] = convert(b)
         return self
+
+    @staticmethod
+    def _floating_dtype(dtype):
+        try:
+            resolved = backend.xp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"Module.to: {dtype!r} is neither a backend ({', '.join(backend.available_backends())}) "
+                             "nor a dtype") from None
+        if resolved.kind != "f":
+            raise TypeError(f"Module.to: parameters need a floating dtype, got {resolved}")
+        return resolved
+
+    def double(self) -> "Module":
+        """Cast floating parameters and buffers to float64 (``to(dtype="float64")``)."""
+        return self.to(dtype="float64")
+
+    def float(self) -> "Module":
+        """Cast floating parameters and buffers to float32 (``to(dtype="float32")``)."""
+        return self.to(dtype="float32")
 
     # -- state ------------------------------------------------------------
     def state_dict(self) -> "OrderedDict[str, Any]":
