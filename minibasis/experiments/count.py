@@ -214,7 +214,7 @@ def run(args) -> int:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.json:
-        from minibasis.experiments.trainer import write_json
+        from minibasis.training import write_json
         try:
             write_json(args.json, document)
         except OSError as exc:
