@@ -153,19 +153,6 @@ def _reconstructed_weight(layer) -> np.ndarray:
     return (coeffs @ basis.reshape(basis.shape[0], -1)).reshape(coeffs.shape[0], *basis.shape[1:])
 
 
-def _converted(model: Module, dtype: str) -> Module:
-    """``model`` with every floating parameter and buffer cast to ``dtype`` (in place)."""
-    for p in model.parameters():
-        if p.data.dtype.kind == "f":
-            p.data = p.data.astype(dtype)
-    for key, array in list(model.named_buffers()):
-        if array.dtype.kind == "f":
-            owner_path, _, name = key.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            owner.register_buffer(name, array.astype(dtype))  # a non-persistent buffer stays non-persistent
-    return model
-
-
 def check_exactness(model: Module, images=None, *, dtype: str = "float64", input_shape=(3, 32, 32),
                     num_inputs: int = 8, seed: int = 0, bounds: ExactnessBounds | None = None) -> ExactnessReport:
     """Replace every conv of ``model`` at t = 1 and measure how far the result is from the original.
@@ -191,7 +178,7 @@ def check_exactness(model: Module, images=None, *, dtype: str = "float64", input
     if getattr(images, "ndim", None) != 4 or kind not in ("f", "i", "u"):
         raise ValueError(f"images must be a numeric (N, C, H, W) array, got {getattr(images, 'shape', type(images))}")
 
-    original = _converted(copy_module(model), dtype).eval()
+    original = copy_module(model).to(dtype).eval()
     replaced, report = compress(original, energy_threshold=1.0, skip_unprofitable=False,
                                 input_shape=(1,) + tuple(images.shape[1:]))
     replaced.eval()
