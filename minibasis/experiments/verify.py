@@ -82,18 +82,14 @@ def load_model_argument(spec: str, seed: int = 0):
 
 
 def _input_images(args, metadata):
-    """The first ``--images`` CIFAR-10 test images of ``--data``, normalized as the model file says
-    (else by ``--normalize``); None without ``--data``."""
-    from minibasis import data
+    """The first ``--images`` CIFAR-10 test images of ``--data``, normalized as ``--normalize`` or the
+    model file says (:func:`options.normalization_for`); None without ``--data``."""
     from minibasis.experiments import options
 
     if args.data is None:
         return None
     _, (x_test, _) = options.load_dataset("cifar10", args.data, num_test=args.images)
-    if args.normalize is None and metadata is not None and metadata.mean is not None:
-        return data.Compose([data.ToFloat(), data.Normalize(metadata.mean, metadata.std)])(x_test)
-    recorded = metadata.normalization if metadata is not None else None
-    return options.eval_transform(args.normalize or recorded or "imagenet")(x_test)
+    return options.eval_transform(options.normalization_for(args, metadata))(x_test)
 
 
 def run(args) -> int:
