@@ -106,11 +106,16 @@ def apply_basis_layout(model: Module, layout: dict, *, source: str = "the BasisC
         if not isinstance(spec, dict):
             raise ModelFileError(f"{source}: BasisConv2d spec at {path!r} is a {type(spec).__name__}, expected a dict")
         weight = found.weight if isinstance(found, Conv2d) else found.coeffs
+        # Dilation is passed on only where the conv has one, so the layer is never silently undilated.
+        dilation = getattr(found, "dilation", 1)
+        extra = {} if dilation in (1, (1, 1)) else {"dilation": dilation}
         try:
+            if getattr(found, "groups", 1) != 1:
+                raise ValueError(f"a grouped conv (groups={found.groups}) has no BasisConv2d form")
             layer = BasisConv2d(found.in_channels, found.out_channels, found.kernel_size, int(spec["num_basis"]),
                                 stride=found.stride, padding=found.padding, bias=found.bias is not None,
                                 bn=bool(spec.get("bn", False)), basis_bias=bool(spec.get("basis_bias", False)),
-                                dtype=weight.dtype)
+                                dtype=weight.dtype, **extra)
         except (ValueError, TypeError, KeyError) as exc:
             raise ModelFileError(f"{source}: BasisConv2d at {path!r} does not fit the model: {exc}") from None
         energy = spec.get("energy")

@@ -275,7 +275,7 @@ CASES = [
          "(N, 3, H, W)", "(3, 32, 32)"),
     # -- data ---------------------------------------------------------------------------------------
     case("DataLoader zero batch", data.DataLoader, ((images(), labels()), 0), ValueError, "batch_size", "0"),
-    case("DataLoader str batch", data.DataLoader, ((images(), labels()), "4"), TypeError, "batch_size", "str"),
+    case("DataLoader str batch", data.DataLoader, ((images(), labels()), "4"), TypeError, "batch_size", "'4'"),
     case("DataLoader None dataset", data.DataLoader, (None, 4), TypeError, "(images, labels)", "NoneType"),
     case("DataLoader negative seed", data.DataLoader, ((images(), labels()), 2), ValueError, "seed", "-1", seed=-1),
     case("DataLoader count mismatch", data.DataLoader, ((images(), labels(3)), 2), ValueError, "4 images", "3 labels"),

@@ -206,12 +206,12 @@ def test_bad_datasets_raise_value_error_naming_expected_and_actual(images, label
 
 @pytest.mark.parametrize("batch_size", [0, -3])
 def test_non_positive_batch_size_is_rejected(batch_size):
-    with pytest.raises(ValueError, match=rf"batch_size must be > 0, got {batch_size}"):
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {batch_size}"):
         DataLoader(identifiable_dataset(4), batch_size=batch_size)
 
 
 def test_other_bad_arguments():
-    with pytest.raises(TypeError, match="batch_size must be an int"):
+    with pytest.raises(TypeError, match="batch_size must be a positive integer, got 2.0"):
         DataLoader(identifiable_dataset(4), batch_size=2.0)
     with pytest.raises(ValueError, match=r"tuple of 3"):
         DataLoader((1, 2, 3), batch_size=2)
@@ -221,7 +221,7 @@ def test_other_bad_arguments():
         DataLoader(identifiable_dataset(4), batch_size=2, seed=-1)
     with pytest.raises(ValueError, match="epoch"):
         DataLoader(identifiable_dataset(4), batch_size=2).set_epoch(-1)
-    with pytest.raises(ValueError, match=r"epoch must be a non-negative int, got 1.5"):
+    with pytest.raises(ValueError, match=r"epoch must be a non-negative integer, got 1.5"):
         DataLoader(identifiable_dataset(4), batch_size=2).set_epoch(1.5)
     with pytest.raises(TypeError, match="numpy arrays"):
         ArrayDataset([[0]], np.zeros(1, np.int64))
@@ -254,9 +254,9 @@ def test_augmentation_generator_is_the_stream_the_loader_hands_its_transform():
     others = [(4, 2, 0), (3, 1, 0), (3, 2, 1), (3, 2, 0, 0), (3, 2, 0, 1)]
     for key in others:
         assert not np.array_equal(augmentation_generator(*key).integers(0, 2**62, 4), seen[0])
-    with pytest.raises(ValueError, match="batch_index must be a non-negative int, got -1"):
+    with pytest.raises(ValueError, match="batch_index must be a non-negative integer, got -1"):
         augmentation_generator(0, 0, -1)
-    with pytest.raises(ValueError, match="shard must be a non-negative int, got 1.5"):
+    with pytest.raises(ValueError, match="shard must be a non-negative integer, got 1.5"):
         augmentation_generator(0, 0, 0, 1.5)
 
 

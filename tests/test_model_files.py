@@ -259,6 +259,12 @@ def test_layout_at_a_path_without_a_conv_is_refused():
         apply_basis_layout(model, {"features.1": {"num_basis": 4}}, source="test")
     with pytest.raises(ModelFileError, match=r"'nowhere', where the model has nothing"):
         apply_basis_layout(model, {"nowhere": {"num_basis": 4}}, source="test")
+    with pytest.raises(ModelFileError, match=r"BasisConv2d at 'features.0' does not fit the model"):
+        apply_basis_layout(model, {"features.0": {"num_basis": 0}}, source="test")
+    grouped = models.table3_cnn()
+    object.__setattr__(grouped.features[3], "groups", 2)  # as a grouped conv of the conv work reports itself
+    with pytest.raises(ModelFileError, match=r"grouped conv \(groups=2\)"):
+        apply_basis_layout(grouped, {"features.3": {"num_basis": 4}}, source="test")
 
 
 # ---------------------------------------------------------------------------

@@ -11,10 +11,11 @@ exactly the single-process loader's orders and augmentations.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Iterator
 
 import numpy as np
+
+from minibasis.checks import non_negative_int, positive_int
 
 __all__ = ["ArrayDataset", "DataLoader", "epoch_permutation", "augmentation_generator"]
 
@@ -23,16 +24,12 @@ _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1
 
 
-def _check_non_negative_int(name: str, value) -> int:
-    # operator.index also admits NumPy integers and 0-d integer arrays, the form a state dict
-    # takes after a round trip through an .npz checkpoint; floats and bools are refused.
-    try:
-        number = operator.index(value) if not isinstance(value, bool) else -1
-    except TypeError:
-        number = -1
-    if number < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return number
+def _non_negative_int(name: str, value) -> int:
+    """:func:`minibasis.checks.non_negative_int`, also admitting a 0-d integer array: the form a
+    loader state can take after a round trip through an .npz checkpoint."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = value.item()
+    return non_negative_int(name, value)
 
 
 def _derived_generator(seed: int, stream: int, *key: int) -> np.random.Generator:
@@ -45,9 +42,9 @@ def _derived_generator(seed: int, stream: int, *key: int) -> np.random.Generator
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled sample order of one epoch: an int64 permutation of ``range(num_samples)``
     that depends only on (num_samples, seed, epoch)."""
-    num_samples = _check_non_negative_int("num_samples", num_samples)
-    seed = _check_non_negative_int("seed", seed)
-    epoch = _check_non_negative_int("epoch", epoch)
+    num_samples = _non_negative_int("num_samples", num_samples)
+    seed = _non_negative_int("seed", seed)
+    epoch = _non_negative_int("epoch", epoch)
     return _derived_generator(seed, _PERMUTATION_STREAM, epoch).permutation(num_samples).astype(np.int64)
 
 
@@ -58,7 +55,7 @@ def augmentation_generator(seed: int, epoch: int, batch_index: int, *shard: int)
     single-process loader's; a sharded loader that augments only its own part of a batch passes
     its rank as ``shard``, which gives every rank a stream of its own.
     """
-    key = [_check_non_negative_int(name, value) for name, value in
+    key = [_non_negative_int(name, value) for name, value in
            (("seed", seed), ("epoch", epoch), ("batch_index", batch_index), *(("shard", s) for s in shard))]
     return _derived_generator(key[0], _AUGMENTATION_STREAM, *key[1:])
 
@@ -145,10 +142,7 @@ class DataLoader:
                 "DataLoader: dataset must be (images, labels) or have __len__ and __getitem__, "
                 f"got {type(dataset).__name__}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise TypeError(f"DataLoader: batch_size must be an int, got {type(batch_size).__name__}")
-        if batch_size <= 0:
-            raise ValueError(f"DataLoader: batch_size must be > 0, got {batch_size}")
+        batch_size = positive_int("DataLoader: batch_size", batch_size)
         if transform is not None and not callable(transform):
             raise TypeError(f"DataLoader: transform must be callable, got {type(transform).__name__}")
         if seed is None:
@@ -157,7 +151,7 @@ class DataLoader:
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
-        self.seed = _check_non_negative_int("DataLoader: seed", seed)
+        self.seed = _non_negative_int("DataLoader: seed", seed)
         self.drop_last = bool(drop_last)
         self.transform = transform
         self._epoch = 0
@@ -168,7 +162,7 @@ class DataLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass the one with index ``epoch`` (order and augmentation)."""
-        self._epoch = _check_non_negative_int("DataLoader: epoch", epoch)
+        self._epoch = _non_negative_int("DataLoader: epoch", epoch)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "seed": self.seed}
@@ -179,7 +173,7 @@ class DataLoader:
         if not isinstance(state, dict) or "epoch" not in state:
             raise ValueError(f"DataLoader.load_state_dict: expected a dict with key 'epoch', got {state!r}")
         if "seed" in state:
-            self.seed = _check_non_negative_int("DataLoader: seed", state["seed"])
+            self.seed = _non_negative_int("DataLoader: seed", state["seed"])
         self.set_epoch(state["epoch"])
 
     def __len__(self) -> int:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minibasis.checks import ArgumentTypeError, int_at_least, is_int, non_negative_int, positive_int
+
 from minibasis.data.files import DatasetSplits
 
 __all__ = [
@@ -113,13 +115,12 @@ def synthetic(
         ``DatasetSplits`` like the real loaders return (``.label_names`` gives the class names).
         Each split is class-balanced (counts differ by at most one) and in random order.
     """
-    num_train = _check_count("num_train", num_train)
-    num_test = _check_count("num_test", num_test)
+    num_train = non_negative_int("num_train", num_train)
+    num_test = non_negative_int("num_test", num_test)
     _check_num_classes(num_classes)
-    image_size = _check_int_at_least("image_size", image_size, _MIN_IMAGE_SIZE)
-    channels = _check_int_at_least("channels", channels, 1)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    image_size = int_at_least("image_size", image_size, _MIN_IMAGE_SIZE)
+    channels = positive_int("channels", channels)
+    seed = non_negative_int("seed", seed)
     noise = float(noise)
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
@@ -232,21 +233,8 @@ def _render(params: dict, image_size: int, noise: float, rng: np.random.Generato
 
 
 def _check_num_classes(num_classes) -> None:
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, (int, np.integer))
-        or not 2 <= num_classes <= SYNTHETIC_NUM_CLASSES
-    ):
-        raise ValueError(
-            f"num_classes must be an int in [2, {SYNTHETIC_NUM_CLASSES}], got {num_classes!r}"
-        )
-
-
-def _check_int_at_least(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_count(name: str, value) -> int:
-    return _check_int_at_least(name, value, 0)
+    message = f"num_classes must be an int in [2, {SYNTHETIC_NUM_CLASSES}], got {num_classes!r}"
+    if not is_int(num_classes):
+        raise ArgumentTypeError(message)
+    if not 2 <= num_classes <= SYNTHETIC_NUM_CLASSES:
+        raise ValueError(message)

@@ -10,11 +10,12 @@ Per-image randomness is vectorised: one call draws the parameters for the whole 
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from minibasis.checks import non_negative_int, positive_pair, probability
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -129,15 +130,8 @@ class RandomCrop:
     """
 
     def __init__(self, size: int | tuple[int, int] = 32, padding: int = 4):
-        sizes = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-        if len(sizes) != 2 or any(
-            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes
-        ):
-            raise ValueError(f"RandomCrop: size must be a positive int or (height, width), got {size!r}")
-        if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
-            raise ValueError(f"RandomCrop: padding must be an int >= 0, got {padding!r}")
-        self.size = (int(sizes[0]), int(sizes[1]))
-        self.padding = int(padding)
+        self.size = positive_pair("RandomCrop: size", size)
+        self.padding = non_negative_int("RandomCrop: padding", padding)
 
     def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         images = _check_batch(images, "RandomCrop")
@@ -167,12 +161,7 @@ class RandomHorizontalFlip:
     """Mirror each image left-right with probability ``p``, independently per image."""
 
     def __init__(self, p: float = 0.5):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise TypeError(f"RandomHorizontalFlip: p must be a number in [0, 1], got {p!r}")
-        p = float(p)
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"RandomHorizontalFlip: p must be in [0, 1], got {p}")
-        self.p = p
+        self.p = probability("RandomHorizontalFlip: p", p)
 
     def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         images = _check_batch(images, "RandomHorizontalFlip")

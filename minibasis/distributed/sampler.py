@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from minibasis.checks import is_int, non_negative_int, positive_int
+
 from minibasis.data.loader import DataLoader, augmentation_generator, epoch_permutation
 from minibasis.distributed.comm import get_world
 
@@ -37,17 +39,11 @@ __all__ = ["UNEVEN_POLICIES", "even_order", "shard_batches", "ShardedSampler", "
 UNEVEN_POLICIES = ("pad", "drop", "error")
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _rank_and_size(rank, world_size) -> tuple[int, int]:
     world = get_world()
-    size = world.size if world_size is None else _positive_int("world_size", world_size)
+    size = world.size if world_size is None else positive_int("world_size", world_size)
     rank = (world.rank if world_size is None else 0) if rank is None else rank
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < size:
+    if not is_int(rank) or not 0 <= rank < size:
         raise ValueError(f"rank must be an int in [0, {size}), got {rank!r}")
     return int(rank), size
 
@@ -81,8 +77,8 @@ def shard_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int
     ``batch_size`` (global) must be a multiple of ``world_size``; ``len(order)`` must be too,
     unless ``drop_last`` removes the incomplete last global batch.
     """
-    batch_size = _positive_int("batch_size", batch_size)
-    world_size = _positive_int("world_size", world_size)
+    batch_size = positive_int("batch_size", batch_size)
+    world_size = positive_int("world_size", world_size)
     if batch_size % world_size:
         raise ValueError(f"the global batch size {batch_size} must be a multiple of the world size "
                          f"{world_size} (each rank takes batch_size / world_size samples)")
@@ -116,10 +112,8 @@ class ShardedSampler:
     def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, uneven: str = "pad", rank: int | None = None,
                  world_size: int | None = None):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0:
-            raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
-        self.num_samples = int(num_samples)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.num_samples = non_negative_int("num_samples", num_samples)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.rank, self.world_size = _rank_and_size(rank, world_size)
         if self.batch_size % self.world_size:
             raise ValueError(f"the global batch size {self.batch_size} must be a multiple of the world size "
