@@ -138,7 +138,11 @@ def to_backend(obj, name: str, dtype=None):
 
     Unlike :func:`asarray` it does not use the active backend, and it does not change it.
     """
-    target = _load(name)
+    return _convert(obj, _load(name), dtype)
+
+
+def _convert(obj, target: Backend, dtype=None):
+    """``obj`` as an array of ``target``: as it is if it already is one, else via the host."""
     if isinstance(obj, target.array_types):
         return obj if dtype is None or obj.dtype == dtype else obj.astype(dtype)
     for backend in _LOADED.values():
@@ -160,13 +164,7 @@ def as_strided(array, shape: tuple, strides: tuple):
 
 def asarray(obj, dtype=None):
     """``obj`` as an array of the active backend (host data is copied to the device)."""
-    if isinstance(obj, _active.array_types):
-        return obj if dtype is None or obj.dtype == dtype else obj.astype(dtype)
-    for backend in _LOADED.values():
-        if backend is not _active and isinstance(obj, backend.array_types):
-            obj = backend.to_host(obj)
-            break
-    return xp.asarray(obj, dtype=dtype)
+    return _convert(obj, _active, dtype)
 
 
 # ---------------------------------------------------------------------------

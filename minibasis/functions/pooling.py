@@ -11,7 +11,7 @@ from minibasis import backend
 from minibasis.autograd import Function, Tensor
 from minibasis.checks import non_negative_pair, positive_pair
 
-__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "pool_output_size"]
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "pool_output_size", "check_flag"]
 
 
 def _window_args(name, x, kernel_size, stride, padding):
@@ -133,7 +133,7 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool =
     ``ceil_mode``: round the output size up, as PyTorch does (see :func:`pool_output_size`).
     """
     kernel, stride, padding = _window_args("max_pool2d", x, kernel_size, stride, padding)
-    return MaxPool2d(kernel, stride, padding, _flag("ceil_mode", ceil_mode))(x)
+    return MaxPool2d(kernel, stride, padding, check_flag("ceil_mode", ceil_mode))(x)
 
 
 class AvgPool2d(_Pool2d):
@@ -192,11 +192,12 @@ def avg_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool =
     divisor; False divides by the real pixels only. ``ceil_mode`` as for max_pool2d.
     """
     kernel, stride, padding = _window_args("avg_pool2d", x, kernel_size, stride, padding)
-    return AvgPool2d(kernel, stride, padding, _flag("ceil_mode", ceil_mode),
-                     _flag("count_include_pad", count_include_pad))(x)
+    return AvgPool2d(kernel, stride, padding, check_flag("ceil_mode", ceil_mode),
+                     check_flag("count_include_pad", count_include_pad))(x)
 
 
-def _flag(name: str, value) -> bool:
+def check_flag(name: str, value) -> bool:
+    """``value`` if it is a bool (ceil_mode, count_include_pad), else a TypeError naming ``name``."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value

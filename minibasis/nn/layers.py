@@ -10,6 +10,7 @@ from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.functions.basic import check_dropout_probability
 from minibasis.functions.conv import check_padding, resolve_padding
+from minibasis.functions.pooling import check_flag
 from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
@@ -148,9 +149,8 @@ class MaxPool2d(Module):
             positive_pair("stride", stride)
         if pad[0] > kernel[0] // 2 or pad[1] > kernel[1] // 2:
             raise ValueError(f"{type(self).__name__}: padding {pad} must be at most half the kernel {kernel}")
-        if not isinstance(ceil_mode, bool):
-            raise TypeError(f"{type(self).__name__}: ceil_mode must be a bool, got {ceil_mode!r}")
-        self.kernel_size, self.stride, self.padding, self.ceil_mode = kernel_size, stride, padding, ceil_mode
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode = check_flag("ceil_mode", ceil_mode)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode)
@@ -163,9 +163,7 @@ class MaxPool2d(Module):
 class AvgPool2d(MaxPool2d):
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode: bool = False, count_include_pad: bool = True):
         super().__init__(kernel_size, stride, padding, ceil_mode)
-        if not isinstance(count_include_pad, bool):
-            raise TypeError(f"AvgPool2d: count_include_pad must be a bool, got {count_include_pad!r}")
-        self.count_include_pad = count_include_pad
+        self.count_include_pad = check_flag("count_include_pad", count_include_pad)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
