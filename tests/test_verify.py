@@ -231,6 +231,12 @@ def test_cli_passes_and_writes_json(capsys, tmp_path):
     assert json.loads(out.read_text())["seed"] == 5
 
 
+def test_cli_json_on_standard_output(capsys):
+    assert main(["verify", "formulas", "--cases", "5", "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["cases_run"] == 5 and "PASSED" in captured.err
+
+
 @pytest.mark.parametrize("argv", [["verify", "formulas", "--cases", "0"], ["verify", "formulas", "--seed", "-1"],
                                   ["verify", "exactness", "no_such_model"]])
 def test_cli_usage_errors_exit_2(argv, capsys):

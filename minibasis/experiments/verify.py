@@ -54,7 +54,9 @@ def add_arguments(parser) -> None:
     counts.add_argument("--input-size", type=int, default=32, help="input height and width (default: 32)")
 
     for parser_ in (formulas, exactness, counts):
-        parser_.add_argument("--json", metavar="PATH", default=None, help="also write the result as JSON to PATH")
+        parser_.add_argument("--json", metavar="PATH", default=None,
+                             help="also write the result as JSON to PATH ('-': the JSON on standard output, "
+                                  "the table on standard error)")
 
 
 def _add_model_argument(parser) -> None:
@@ -110,8 +112,10 @@ def run(args) -> int:
         model, _ = load_model_argument(args.model, args.seed)
         result = verify.check_counts(model, parse_thresholds(args.thresholds),
                                      input_shape=(1, 3, args.input_size, args.input_size))
-    print(result.table())
-    if args.json:
+    print(result.table(), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(result.to_json())
+    elif args.json:
         from minibasis.io import atomic_write
         try:
             with atomic_write(args.json, "w") as f:
