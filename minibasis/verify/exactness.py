@@ -10,11 +10,13 @@ skip_unprofitable=False)``: all of them, profitable or not), then per layer
 and end to end the largest logit difference between the two models, relative to the largest
 logit, on real images when given, else on Gaussian inputs. Each error is compared with a
 bound for the dtype (:data:`BOUNDS`), set from its unit roundoff u: t = 1 keeps the filters'
-numerical rank, so what is left is rounding. (The per-layer errors are the informative ones on
-a randomly initialized network whose activations fade with depth, such as MobileNetV2 with
-PyTorch's default init: its logits are then the head's bias, equal in both models.) Measured on the shared ResNet-20 (64 CIFAR-10
+numerical rank, so what is left is rounding. Measured on the shared ResNet-20 (64 CIFAR-10
 images): weights ≤ 18u, layer outputs ≤ 18u, logits ≈ 50u in float64 (float32: 0.7u, 6u,
 9u); the bounds, 200u, 2,000u and 20,000u, leave room for wider layers and deeper nets.
+
+The per-layer errors are the informative ones on a randomly initialized network whose
+activations fade with depth (MobileNetV2 with PyTorch's default init): its logits are then
+the head's bias, equal in both models.
 """
 from __future__ import annotations
 
