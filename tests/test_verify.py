@@ -141,16 +141,16 @@ def test_same_seed_same_cases():
 def test_backward_conventions_by_hand():
     # Conv: one forward-sized product per gradient. BasisConv, M = 4, Q = 3, D = 18, P = 10:
     # coefficient gradient 4·3·10 = 120; input gradient 120 (1×1 stage) + 3·18·10 = 540 (basis stage).
-    assert layer_formulas.conv_backward_mults(500, input_grad=True, weight_grad=True) == 1000
-    assert layer_formulas.conv_backward_mults(500, input_grad=False, weight_grad=True) == 500
-    assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=False, coeffs_grad=True) == 120
-    assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=True) == 780
-    assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=False) == 660
+    assert formulas.conv_backward_mults(500, input_grad=True, weight_grad=True) == 1000
+    assert formulas.conv_backward_mults(500, input_grad=False, weight_grad=True) == 500
+    assert formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=False, coeffs_grad=True) == 120
+    assert formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=True) == 780
+    assert formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=True, coeffs_grad=False) == 660
     # a learned basis bias: the intermediate needs a gradient although the input does not
-    assert layer_formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=False, coeffs_grad=True,
+    assert formulas.basisconv_backward_mults(4, 3, 18, 10, input_grad=False, coeffs_grad=True,
                                                    intermediate_grad=True) == 240
     # stored values of a BasisConv: basis 3·18 + coefficients 4·3 + bias 4
-    assert layer_formulas.stored_values_formula(4, 2, 3, num_basis=3, bias=True) == 54 + 12 + 4
+    assert formulas.stored_values_formula(4, 2, 3, num_basis=3, bias=True) == 54 + 12 + 4
 
 
 # -- planted defects are found, shrunk and reproduced ----------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from minibasis.compress import compress
 from minibasis.measure import conv_layers, profile
 from minibasis.nn import BasisConv2d, Module
-from minibasis.verify.layer_formulas import basisconv_backward_mults, conv_backward_mults
+from minibasis.formulas import basisconv_backward_mults, conv_backward_mults
 from minibasis.verify.report import VerifyResult, format_table
 
 __all__ = ["CountRow", "CountsReport", "check_counts"]

@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from minibasis import formulas
+from minibasis.formulas import basisconv_backward_mults, conv_backward_mults, stored_values_formula
 from minibasis.autograd import tensor
 from minibasis.checks import non_negative_int, positive_int
 from minibasis.counting import count_mults
@@ -46,8 +47,7 @@ from minibasis.nn import BasisConv2d, Conv2d, Module
 from minibasis.verify.report import VerifyResult, format_table
 
 __all__ = ["LayerCase", "GeometrySpace", "CaseOutcome", "FormulaReport", "check_formulas", "run_case",
-           "draw_case", "case_strategy", "conv_backward_mults", "basisconv_backward_mults", "stored_values_formula",
-           "snippet"]
+           "draw_case", "case_strategy", "snippet"]
 
 #: Which gradients a case needs: (input, weight); a case that needs neither has no backward pass.
 GRADIENT_CHOICES = ((True, True), (False, True), (True, False))
@@ -161,38 +161,6 @@ def case_strategy(space: GeometrySpace | None = None):
         return build_case(lambda low, high: draw(st.integers(low, high)), space)
 
     return cases()
-
-
-# -- the conventions that the closed forms of minibasis.formulas leave to the caller ---------------
-def conv_backward_mults(forward_mults: int, input_grad: bool, weight_grad: bool) -> int:
-    """Backward products of a conv: one forward-sized GEMM per gradient needed (weight, input)."""
-    return forward_mults * (int(input_grad) + int(weight_grad))
-
-
-def basisconv_backward_mults(out_channels: int, num_basis: int, filter_dim: int, positions: int,
-                             input_grad: bool, coeffs_grad: bool, intermediate_grad: bool | None = None) -> int:
-    """Backward products of a BasisConv, per image (P = Ho·Wo; the fixed basis gets no gradient).
-
-    Coefficient gradient M·Q·P when the coefficients are learned; gradient of the Q-channel
-    intermediate M·Q·P when it needs one (``intermediate_grad``: the input needs a gradient, or
-    a learned basis bias or BatchNorm sits before the 1×1 stage; default ``input_grad``); input
-    gradient Q·D·P through the basis stage when the input needs one.
-    """
-    if intermediate_grad is None:
-        intermediate_grad = input_grad
-    stage = out_channels * num_basis * positions
-    return (stage * (int(coeffs_grad) + int(intermediate_grad))
-            + (num_basis * filter_dim * positions if input_grad else 0))
-
-
-def stored_values_formula(out_channels: int, in_channels: int, kernel_size, num_basis: int | None = None,
-                          bias: bool = False, basis_bias: bool = False) -> int:
-    """Values a layer stores (parameters and buffers): M·D (+M) for a conv, Q·D + M·Q (+M, +Q) for BasisConv."""
-    dim = formulas.filter_dim(in_channels, kernel_size)
-    bias_values = out_channels if bias else 0
-    if num_basis is None:
-        return out_channels * dim + bias_values
-    return num_basis * dim + out_channels * num_basis + bias_values + (num_basis if basis_bias else 0)
 
 
 # -- running one case ------------------------------------------------------------------------------
