@@ -20,7 +20,8 @@ import sys
 
 import minibasis
 from minibasis.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, load_cifar10
-from minibasis.experiments.common import evaluate, peak_memory_mib, shared_dir
+from minibasis.experiments.common import peak_memory_mib, shared_dir
+from minibasis.training import evaluate
 from minibasis.io import load_torch_checkpoint
 from minibasis.models import resnet_cifar
 

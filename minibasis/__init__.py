@@ -2,7 +2,8 @@
 
 Layers (dependencies point down only)::
 
-    cli / experiments        minibasis.cli, minibasis.experiments
+    cli / experiments        minibasis.cli, minibasis.experiments (the verbs)
+    training / measurement   minibasis.training, minibasis.measure, minibasis.model_files
     models / compression     minibasis.models, minibasis.compress, minibasis.basis, minibasis.formulas
     nn                       minibasis.nn, minibasis.optim, minibasis.data, minibasis.io
     functions                minibasis.functions
@@ -23,6 +24,9 @@ def __getattr__(name):
     if name == "compress":
         from minibasis.compress import compress
         return compress
+    if name == "summary":
+        from minibasis.model_summary import summary
+        return summary
     if name == "fuse_batch_norm":
         from minibasis.fusion import fuse_batch_norm
         return fuse_batch_norm
@@ -30,12 +34,12 @@ def __getattr__(name):
         from minibasis import model_files
         return getattr(model_files, name)
     if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed",
-                "measure", "training"):
+                "measure", "training", "verify"):
         import importlib
         return importlib.import_module(f"minibasis.{name}")
     raise AttributeError(f"module 'minibasis' has no attribute {name!r}")
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "functions", "nn", "optim", "compress", "fuse_batch_norm",
+           "count_mults", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
            "save_model", "load_model", "ModelMetadata", "ModelFileError"]

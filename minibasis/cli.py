@@ -22,6 +22,7 @@ VERBS = {
     "finetune": ("finetune", "the paper's two-step fine-tuning of a compressed network"),
     "train": ("train", "train a zoo model from scratch, optionally with fixed random bases"),
     "eval": ("evaluate", "evaluate a model and checkpoint on a test set"),
+    "verify": ("verify", "check the paper's formulas and the exactness of t = 1 against what executes"),
 }
 
 
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
 def _run_verb(argv=None) -> int:
     parser = build_parser(_available_verbs())
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # recorded in config.json
     try:
         return int(args._module.run(args) or 0)
     except (UserError, FileNotFoundError) as exc:

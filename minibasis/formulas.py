@@ -27,6 +27,7 @@ from minibasis.checks import non_negative_int, positive_int
 __all__ = [
     "kernel_hw", "filter_dim", "conv_output_size", "conv_mults", "basisconv_mults",
     "mult_ratio", "is_profitable", "learnable_params", "learnable_reduction",
+    "conv_backward_mults", "basisconv_backward_mults", "stored_values_formula",
 ]
 
 
@@ -129,3 +130,35 @@ def learnable_params(out_channels, in_channels, kernel_size, num_basis=None,
 def learnable_reduction(in_channels, kernel_size, num_basis) -> Fraction:
     """Reduction factor of learnable weights, M·D / M·Q = D/Q, exact (biases not included)."""
     return Fraction(filter_dim(in_channels, kernel_size), positive_int("num_basis", num_basis))
+
+
+# -- backward conventions and stored values (what minibasis executes; verify checks them) --
+def conv_backward_mults(forward_mults: int, input_grad: bool, weight_grad: bool) -> int:
+    """Backward products of a conv: one forward-sized GEMM per gradient needed (weight, input)."""
+    return forward_mults * (int(input_grad) + int(weight_grad))
+
+
+def basisconv_backward_mults(out_channels: int, num_basis: int, filter_dim: int, positions: int,
+                             input_grad: bool, coeffs_grad: bool, intermediate_grad: bool | None = None) -> int:
+    """Backward products of a BasisConv, per image (P = Ho·Wo; the fixed basis gets no gradient).
+
+    Coefficient gradient M·Q·P when the coefficients are learned; gradient of the Q-channel
+    intermediate M·Q·P when it needs one (``intermediate_grad``: the input needs a gradient, or
+    a learned basis bias or BatchNorm sits before the 1×1 stage; default ``input_grad``); input
+    gradient Q·D·P through the basis stage when the input needs one.
+    """
+    if intermediate_grad is None:
+        intermediate_grad = input_grad
+    stage = out_channels * num_basis * positions
+    return (stage * (int(coeffs_grad) + int(intermediate_grad))
+            + (num_basis * filter_dim * positions if input_grad else 0))
+
+
+def stored_values_formula(out_channels: int, in_channels: int, kernel_size, num_basis: int | None = None,
+                          bias: bool = False, basis_bias: bool = False) -> int:
+    """Values a layer stores (parameters and buffers): M·D (+M) for a conv, Q·D + M·Q (+M, +Q) for BasisConv."""
+    dim = filter_dim(in_channels, kernel_size)
+    bias_values = out_channels if bias else 0
+    if num_basis is None:
+        return out_channels * dim + bias_values
+    return num_basis * dim + out_channels * num_basis + bias_values + (num_basis if basis_bias else 0)

@@ -316,7 +316,7 @@ def _infer_resnet(state: dict) -> tuple[dict, str] | None:
     num_classes = int(state[f"{head}.weight"].shape[0])
     origin = "akamaster" if shortcut == "A" else "bearpaw"
     return ({"name": "resnet_cifar", "kwargs": {"depth": 6 * n + 2, "num_classes": num_classes, "shortcut": shortcut}},
-            f"a {origin} CIFAR ResNet with {n} blocks per stage, i.e. depth {6 * n + 2}")
+            f"{'an' if origin[0] in 'aeiou' else 'a'} {origin} CIFAR ResNet with {n} blocks per stage")
 
 
 def _from_torch(state: dict, source: str) -> _Contents:
@@ -377,12 +377,14 @@ def _reconcile(contents: _Contents, architecture, kwargs: dict, source: str) -> 
         raise ModelFileError(f"{source}: {exc}") from None
     said = f"{source} holds {contents.inferred_from}" if contents.inferred_from else f"{source} records"
     if name is not None and name != file_name:
-        raise ModelFileError(f"architecture={architecture!r} was given, but {said} architecture "
+        raise ModelFileError(f"architecture={architecture!r} was given, but {said}{':' if contents.inferred_from else ''} architecture "
                              f"{file_name!r} ({_describe_kwargs(file_kwargs)})")
     for key, value in explicit.items():
         if key in file_kwargs and file_kwargs[key] != value:
             suggestion = f"; pass {key}={file_kwargs[key]!r} or leave {key} out" if contents.inferred_from else ""
-            raise ModelFileError(f"{key}={value!r} was given, but {said} {key}={file_kwargs[key]!r}{suggestion}")
+            recorded_value = f"{key}={file_kwargs[key]!r}" if not contents.inferred_from else \
+                f"({key} {file_kwargs[key]!r})"
+            raise ModelFileError(f"{key}={value!r} was given, but {said} {recorded_value}{suggestion}")
     return file_name, {**file_kwargs, **explicit}
 
 

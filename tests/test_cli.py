@@ -51,13 +51,13 @@ def test_checkpoint_for_another_architecture(capsys, tmp_path):
     io.save(table3_cnn(), path)
     _fails_with_one_line(capsys, ["sweep", "--model", "resnet_cifar", "--depth", "20", "--checkpoint", str(path),
                                   "--dataset", "synthetic", "--output", str(tmp_path / "s")],
-                         "does not fit the model resnet20", str(path))
+                         "does not fit resnet_cifar (depth=20)", str(path))
 
 
 def test_pretrained_checkpoint_for_another_depth(capsys, tmp_path, akamaster_dir):
     resnet20 = next(akamaster_dir.glob("resnet20-*.th"))
     _fails_with_one_line(capsys, ["finetune", "--depth", "56", "--checkpoint", str(resnet20), "--dataset", "synthetic",
-                                  "--output", str(tmp_path / "f")], "does not fit the model resnet56", "missing keys")
+                                  "--output", str(tmp_path / "f")], "--depth 56 was given", "depth 20", "pass --depth 20")
 
 
 def test_unreadable_checkpoint(capsys, tmp_path):
@@ -71,7 +71,7 @@ def test_unreadable_checkpoint(capsys, tmp_path):
 
 def test_bad_options(capsys, tmp_path):
     _fails_with_one_line(capsys, ["demo", "--thresholds", "1.0,1.5", "--output", str(tmp_path / "d")], "--thresholds")
-    _fails_with_one_line(capsys, ["demo", "--epochs", "0", "--output", str(tmp_path / "d")], "--epochs must be > 0")
+    _fails_with_one_line(capsys, ["demo", "--epochs", "0", "--output", str(tmp_path / "d")], "--epochs must be a positive integer, got 0")
     _fails_with_one_line(capsys, ["train", "--batch-size", "0", "--output", str(tmp_path / "t")], "--batch-size")
     _fails_with_one_line(capsys, ["train", "--resume"], "--resume needs --output")
     _fails_with_one_line(capsys, ["train", "--resume", "--output", str(tmp_path / "never_ran")], "no config.json")
@@ -155,7 +155,10 @@ def test_every_verb_takes_the_common_options():
     assert (defaults.epochs1, defaults.lr1, defaults.lr1_step, defaults.epochs2) == (15, 0.1, 5, 10)
     assert parser.parse_args(["train"]).epochs == 40
     sweep = parser.parse_args(["sweep"])
-    assert (sweep.model, sweep.depth, sweep.thresholds) == ("resnet_cifar", 56, "1,0.99,0.95,0.9,0.85,0.8,0.75,0.7")
+    # --model/--depth default to None (the model file decides); the verb's own defaults apply without one.
+    assert (sweep.model, sweep.depth) == (None, None)
+    assert (sweep._model_defaults["model"], sweep._model_defaults["depth"], sweep.thresholds) == (
+        "resnet_cifar", 56, "1,0.99,0.95,0.9,0.85,0.8,0.75,0.7")
 
 
 def test_first_line_of_an_exception_with_an_empty_message_is_its_type():

@@ -168,7 +168,7 @@ def test_finetune_command_end_to_end(tmp_path, table3_checkpoint):
     assert results["compression"]["totals"]["conv_mults_after"] < results["compression"]["totals"]["conv_mults_before"]
     # The fine-tuned model file rebuilds its BasisConv layers when loaded again.
     assert main(["eval", "--model", "table3_cnn", "--checkpoint", str(out / "model.npz"), "--dataset", "synthetic",
-                 "--normalize", "cifar10", "--limit", "32", "--quiet"]) == 0
+                 "--normalize", "cifar10", "--limit", "32", "--output", str(tmp_path / "eval"), "--quiet"]) == 0
 
 
 # ---------------------------------------------------------------------------

@@ -110,3 +110,13 @@ def test_report_gives_stored_values_beside_learnable_parameters():
     assert "stored values" in report.table()
     summary = report.summary()
     assert summary["stored"] == report.stored_after and summary["params"] == report.params_after
+
+
+def test_profile_rows_survive_save_and_load(tmp_path):
+    from minibasis import models
+
+    mb.manual_seed(5)
+    compressed, _ = mb.compress(models.resnet_cifar(8), energy_threshold=0.8, input_shape=(1, 3, 16, 16))
+    mb.save_model(compressed, tmp_path / "m.npz")
+    loaded, _ = mb.load_model(tmp_path / "m.npz")
+    assert measure.profile(loaded, (1, 3, 16, 16)).rows == measure.profile(compressed, (1, 3, 16, 16)).rows

@@ -271,16 +271,18 @@ def test_layout_at_a_path_without_a_conv_is_refused():
 # Files written by the verbs before this format
 # ---------------------------------------------------------------------------
 def test_files_of_the_earlier_verbs_keep_loading(tmp_path):
-    from minibasis.experiments import options
-    from minibasis.experiments.trainer import save_checkpoint
+    from minibasis import io
+    from minibasis.training import save_checkpoint
 
     minibasis.manual_seed(3)
     model, _ = minibasis.compress(models.resnet_cifar(8, num_classes=10), energy_threshold=0.8)
     expected = _logits(model, _images(2))
     record = {"model": "resnet_cifar", "depth": 8, "num_classes": 10}
-    options.save_model_file(tmp_path / "model.npz", model, record)
+    # What experiments/options.save_model_file wrote before save_model existed (written out here).
+    io.save({"format": "minibasis-model/1", "architecture": record, "basisconv": basis_layout(model),
+             "state_dict": {k: minibasis.to_numpy(v) for k, v in model.state_dict().items()}}, tmp_path / "model.npz")
     save_checkpoint(tmp_path / "checkpoint-step1.npz", model=model,
-                    meta={"architecture": record, "basisconv": options.basis_layout(model), "epoch": 2,
+                    meta={"architecture": record, "basisconv": basis_layout(model), "epoch": 2,
                           "stage": "step1"})
     for name in ("model.npz", "checkpoint-step1.npz"):
         loaded, meta = minibasis.load_model(tmp_path / name)

@@ -140,4 +140,4 @@ def test_eval_cli_wrong_depth_is_a_one_line_error(akamaster_dir, cifar10_dir, ca
             "--data", str(cifar10_dir.parent), "--limit", "8", "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "does not fit" in err and len(err.splitlines()) == 1
+    assert "pass --depth 20" in err and len(err.splitlines()) == 1  # the file says its depth

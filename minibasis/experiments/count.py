@@ -142,13 +142,13 @@ def format_table(reports: list[dict]) -> str:
 
 
 def format_layers(report: dict) -> str:
-    """Per conv layer: shapes, filters and mults (measured vs formula)."""
-    header = (f"{'layer':<28}{'M':>6}{'C':>6}{'k':>6}{'s':>3}{'in':>8}{'out':>8}{'D':>7}{'min(M,D)':>9}"
+    """Per conv layer: shapes, groups g (D = (C/g)·kh·kw), filters and mults (measured vs formula)."""
+    header = (f"{'layer':<28}{'M':>6}{'C':>6}{'g':>5}{'k':>6}{'s':>3}{'in':>8}{'out':>8}{'D':>7}{'min(M,D)':>9}"
               f"{'measured':>14}{'formula':>14}")
     lines = [f"{report['description']}: {report['conv_layers']} conv layers", header, "-" * len(header)]
     for r in report["layers"]:
         k = "x".join(map(str, r["kernel"]))
-        lines.append(f"{r['layer']:<28}{r['out_channels']:>6}{r['in_channels']:>6}{k:>6}{r['stride'][0]:>3}"
+        lines.append(f"{r['layer']:<28}{r['out_channels']:>6}{r['in_channels']:>6}{r['groups']:>5}{k:>6}{r['stride'][0]:>3}"
                      f"{'x'.join(map(str, r['input_hw'])):>8}{'x'.join(map(str, r['output_hw'])):>8}"
                      f"{r['filter_dim']:>7}{r['filters_min_md']:>9}{r['measured_mults']:>14,}{r['formula_mults']:>14,}")
     return "\n".join(lines)
@@ -214,7 +214,7 @@ def run(args) -> int:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.json:
-        from minibasis.experiments.trainer import write_json
+        from minibasis.training import write_json
         try:
             write_json(args.json, document)
         except OSError as exc:

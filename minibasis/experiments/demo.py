@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 
 from minibasis import nn, optim
-from minibasis.experiments import options, trainer
+from minibasis.experiments import options, runs
+from minibasis.training import NonFiniteError, Trainer
 
 __all__ = ["DemoCNN", "add_arguments", "run"]
 
@@ -64,7 +65,7 @@ def run(args) -> int:
     for name in ("epochs", "num_train", "num_test"):
         options.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     thresholds = options.parse_thresholds(args.thresholds)
-    folder = trainer.prepare_run_folder(args, "demo")
+    folder = runs.prepare_run_folder(args, "demo")
     log = folder.log
     started = time.perf_counter()
     log(f"minibasis demo: output folder {folder.path}")
@@ -83,7 +84,7 @@ def run(args) -> int:
 
     log(f"training DemoCNN ({model.num_parameters():,} parameters) for {args.epochs} epochs "
         f"on {backend.current()}")
-    history = trainer.Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
+    history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
                               eval_fn=test_accuracy, folder=folder, seed=args.seed,
                               progress=not args.quiet).fit()
     baseline = test_accuracy(model)["test_acc"]

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import time
 
-from minibasis.experiments.errors import UserError
+from minibasis.experiments.errors import UserError, first_line
 from minibasis.compress import compress
-from minibasis.experiments import options, trainer
+from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
+from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,  # noqa: F401
+                                fine_tune, freeze_all_but, non_conv_parameters, recalibrate_batch_norm)
 
 __all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
            "non_conv_parameters", "freeze_all_but", "recalibrate_batch_norm"]
@@ -37,7 +39,7 @@ def add_arguments(parser) -> None:
     options.add_model_arguments(parser, model="resnet_cifar", depth=20, checkpoint="auto")
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     group = parser.add_argument_group("compression")
-    group.add_argument("--threshold", type=float, default=0.9, help="energy threshold t (default: 0.9)")
+    group.add_argument("--threshold", type=float, default=None, help="energy threshold t (default: 0.9)")
     group.add_argument("--target-mult-ratio", type=float, default=None,
                        help="instead of --threshold: the largest t of --thresholds whose measured conv "
                             "multiplications are at most this fraction of the original (e.g. 0.5)")
@@ -69,114 +71,35 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=128)
 
 
-# ---------------------------------------------------------------------------
-# What each step trains
-# ---------------------------------------------------------------------------
-def coefficient_parameters(model) -> list:
-    """The 1×1 coefficients (M×Q) of every ``BasisConv2d``."""
-    from minibasis.nn import BasisConv2d
-    return [m.coeffs for m in model.modules() if isinstance(m, BasisConv2d)]
-
-
-def conv_weight_parameters(model) -> list:
-    """The weights (not biases) of every ordinary ``Conv2d``."""
-    from minibasis.nn import Conv2d
-    return [m.weight for m in model.modules() if isinstance(m, Conv2d)]
-
-
-def non_conv_parameters(model) -> list:
-    """Every parameter except ``Conv2d`` weights (the basis is a buffer, never a parameter)."""
-    frozen = {id(p) for p in conv_weight_parameters(model)}
-    return [p for p in model.parameters() if id(p) not in frozen]
-
-
-def freeze_all_but(model, params: list) -> list:
-    """``requires_grad`` only on ``params``; returns them."""
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
-def recalibrate_batch_norm(model, images, *, batch_size: int = 256, transform=None) -> int:
-    """Re-estimate every BatchNorm's running statistics from ``images`` (N, C, H, W); returns the count.
-
-    Forward passes in train mode under ``no_grad``, no parameter changes. Each BatchNorm's
-    running mean and variance become the plain average, over the batches, of the batch mean
-    and unbiased batch variance (PyTorch's ``momentum=None``): batch k (from 0) enters with
-    momentum 1/(k+1), so the first batch overwrites the old statistics and no trace of them
-    stays. Why: compressing the convs shifts every activation, so the stored statistics no
-    longer fit and the network scores far below what its weights allow. The model's
-    train/eval mode and each layer's momentum are restored afterwards.
-    """
-    from minibasis import backend
-    from minibasis.autograd import Tensor, no_grad
-    from minibasis.nn import BatchNorm1d, BatchNorm2d
-
-    if batch_size < 1:
-        raise ValueError(f"recalibrate_batch_norm: batch_size must be ≥ 1, got {batch_size}")
-    norms = [m for m in model.modules() if isinstance(m, (BatchNorm1d, BatchNorm2d)) and m.track_running_stats]
-    if not norms or len(images) == 0:
-        return 0
-    was_training, momenta = model.training, [m.momentum for m in norms]
-    model.train()
-    try:
-        with no_grad():
-            for k, start in enumerate(range(0, len(images), batch_size)):
-                for m in norms:
-                    m.momentum = 1.0 / (k + 1)
-                batch = images[start:start + batch_size]
-                batch = transform(batch) if transform is not None else batch
-                model(Tensor(backend.asarray(batch)))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    return len(images)
-
-
-def fine_tune(model, loader, *, step1_params: list, epochs1: int = 15, lr1: float = 0.1, lr1_step: int = 5,
-              epochs2: int = 10, lr2: float = 5e-4, momentum: float = 0.9, weight_decay: float = 1e-4,
-              eval_fn=None, folder=None, seed: int = 0, detect_anomaly: bool = False, progress: bool = True,
-              resume: bool = False, extra_meta: dict | None = None, on_step_end=None) -> list[dict]:
-    """The paper's two steps on ``model``; returns the metrics rows of every epoch.
-
-    Step 1 (stage ``step1``) trains ``step1_params`` only (the coefficients of a compressed
-    model) with SGD at ``lr1``, divided by 10 every ``lr1_step`` epochs; step 2 (stage
-    ``step2``) trains :func:`non_conv_parameters` at ``lr2``. Everything else is frozen
-    (``requires_grad`` False). ``on_step_end(stage, model)`` runs after each step. With a
-    ``folder``, each step checkpoints every epoch and ``resume`` continues from there. On
-    return ``Conv2d`` weights stay frozen and every other parameter requires a gradient.
-    """
-    from minibasis import optim
-    from minibasis.experiments import trainer
-
-    common = dict(eval_fn=eval_fn, folder=folder, seed=seed, detect_anomaly=detect_anomaly, progress=progress,
-                  extra_meta=extra_meta)
-    freeze_all_but(model, step1_params)
-    optimizer1 = optim.SGD(step1_params, lr=lr1, momentum=momentum, weight_decay=weight_decay)
-    scheduler1 = optim.StepLR(optimizer1, step_size=lr1_step, gamma=0.1)
-    history = list(trainer.Trainer(model, optimizer1, loader, epochs=epochs1, scheduler=scheduler1,
-                                   stage="step1", **common).fit(resume=resume))
-    if on_step_end is not None:
-        on_step_end("step1", model)
-
-    step2_params = freeze_all_but(model, non_conv_parameters(model))
-    optimizer2 = optim.SGD(step2_params, lr=lr2, momentum=momentum, weight_decay=weight_decay)
-    history += trainer.Trainer(model, optimizer2, loader, epochs=epochs2, stage="step2", **common).fit(resume=resume)
-    if on_step_end is not None:
-        on_step_end("step2", model)
-    return history
+def _check_settings(args) -> None:
+    """Every option on its own and against the others, before anything is loaded."""
+    for option in ("epochs1", "epochs2", "lr1_step"):
+        options.check_positive(f"--{option.replace('_', '-')}", getattr(args, option), allow_zero=option != "lr1_step")
+    options.check_positive("--train-subset", args.train_subset)
+    options.check_positive("--limit", args.limit)
+    options.check_positive("--recalibrate-bn", args.recalibrate_bn, allow_zero=True)
+    default_grid = ",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS)
+    if args.baseline:
+        given = [o for o, v in (("--threshold", args.threshold), ("--target-mult-ratio", args.target_mult_ratio))
+                 if v is not None] + (["--replace-all"] if args.replace_all else [])
+        if given:
+            raise UserError(f"--baseline fine-tunes the uncompressed original; {', '.join(given)} would be ignored")
+    if args.target_mult_ratio is not None:
+        if args.threshold is not None:
+            raise UserError("give --threshold or --target-mult-ratio, not both")
+        options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
+        options.parse_thresholds(args.thresholds)
+    else:
+        if args.thresholds != default_grid:
+            raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
+        options.check_threshold("--threshold", args.threshold)
 
 
 def choose_threshold(model, args, log) -> float:
-    """``--threshold``, or the largest grid t whose measured conv-mult ratio ≤ ``--target-mult-ratio``."""
+    """``--threshold`` (default 0.9), or the largest grid t whose measured conv-mult ratio ≤
+    ``--target-mult-ratio``; a :class:`UserError` when no t of the grid gets there."""
     if args.target_mult_ratio is None:
-        if not 0.0 < args.threshold <= 1.0:
-            raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
-        return args.threshold
-    if not 0.0 < args.target_mult_ratio <= 1.0:
-        raise UserError(f"--target-mult-ratio must be in (0, 1], got {args.target_mult_ratio}")
+        return 0.9 if args.threshold is None else args.threshold
     grid = sorted(options.parse_thresholds(args.thresholds), reverse=True)
     for t in grid:
         _, report = compress(model, energy_threshold=t, skip_unprofitable=not args.replace_all)
@@ -184,7 +107,7 @@ def choose_threshold(model, args, log) -> float:
         if report.mult_ratio <= args.target_mult_ratio:
             return t
     raise UserError(f"no threshold in {grid} brings the conv multiplications to "
-                            f"{args.target_mult_ratio:g} of the original or less; add smaller thresholds")
+                    f"{args.target_mult_ratio:g} of the original or less; add smaller thresholds")
 
 
 def run(args) -> int:
@@ -192,36 +115,38 @@ def run(args) -> int:
     from minibasis.experiments import plots
 
     options.check_common(args)
-    for option in ("epochs1", "epochs2", "lr1_step"):
-        options.check_positive(f"--{option.replace('_', '-')}", getattr(args, option), allow_zero=option != "lr1_step")
-    options.check_positive("--train-subset", args.train_subset)
-    options.check_positive("--limit", args.limit)
-    options.check_positive("--recalibrate-bn", args.recalibrate_bn, allow_zero=True)
-    model, checkpoint = options.build_model_with_weights(args)
+    _check_settings(args)
+    loaded = options.load_verb_model(args, "finetune")
+    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     if not args.baseline:
-        options.require_convs(model, f"the model {options.describe_model(args)}")
-    trainer.check_resume(args, "finetune")
+        options.require_convs(model, f"the model {name}")
+    # Chosen before any data is read: an unreachable --target-mult-ratio costs no data loading.
+    search_log = []
+    threshold = None if args.baseline else choose_threshold(model, args, search_log.append)
     (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
-    folder = trainer.prepare_run_folder(args, "finetune")
+    folder = runs.prepare_run_folder(args, "finetune")
     log = folder.log
     started = time.perf_counter()
-    name = options.describe_model(args)
-    log(f"minibasis finetune: {name} from {checkpoint or 'random initialization'}; {len(y_train)} training and "
+    log(f"minibasis finetune: {name} from {spec.checkpoint or 'random initialization'}; {len(y_train)} training and "
         f"{len(y_test)} test images ({args.dataset}); on {backend.current()}; output folder {folder.path}")
+    if note := options.data_note(args.dataset, args.data):
+        log(note)
+    for line in search_log:
+        log(line)
+    if args.resume and not any(folder.path.glob("checkpoint-*.npz")):
+        log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
     manual_seed(args.seed)
-    test_transform = options.eval_transform(args.normalize)
-    test_metrics = options.test_metrics_for(x_test, y_test, args.normalize)
+    test_transform = options.eval_transform(normalize)
+    test_metrics = options.test_metrics_for(x_test, y_test, normalize)
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
     compression = None
     if args.baseline:
-        threshold = None
         tuned = model
         step1_params = conv_weight_parameters(tuned)
         log("baseline: fine-tuning the uncompressed original (step 1: conv weights; step 2: non-conv parameters)")
     else:
-        threshold = choose_threshold(model, args, log)
         tuned, report = compress(model, energy_threshold=threshold, skip_unprofitable=not args.replace_all)
         compression = report.to_dict()
         log(f"compressed at t = {threshold:g}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
@@ -240,7 +165,7 @@ def run(args) -> int:
             f"step): test accuracy {100 * recalibrated_acc:.2f}%")
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=options.train_transform(args.normalize, augment=not args.no_augment))
+                             transform=options.train_transform(normalize, augment=not args.no_augment))
     log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
         f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")
@@ -249,15 +174,17 @@ def run(args) -> int:
                             lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
                             weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
                             detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
-                            extra_meta={"architecture": options.architecture_of(args),
-                                        "basisconv": options.basis_layout(tuned)})
-    except trainer.NonFiniteError as exc:
+                            extra_meta=options.checkpoint_meta(tuned))
+    except NonFiniteError as exc:
         raise options.user_error_for_non_finite(exc) from None
+    except CheckpointError as exc:
+        raise UserError(first_line(exc)) from None
     after_acc = test_metrics(tuned)["test_acc"]
-    options.save_model_file(folder.file("model.npz"), tuned, options.architecture_of(args))
-    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None, "baseline": args.baseline,
-               "threshold": threshold, "dataset": args.dataset, "train_images": int(len(y_train)),
-               "test_images": int(len(y_test)), "augment": not args.no_augment,
+    options.save_model_file(folder.file("model.npz"), tuned, normalize,
+                            loaded.dataset or args.dataset)
+    results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
+               "baseline": args.baseline, "threshold": threshold, "dataset": args.dataset, "normalize": normalize,
+               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
                "epochs1": args.epochs1, "lr1": args.lr1, "lr1_step": args.lr1_step, "epochs2": args.epochs2,
                "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
                "batch_size": args.batch_size, "seed": args.seed, "device": backend.current(),
@@ -275,6 +202,7 @@ def run(args) -> int:
     log(f"test accuracy: original {100 * original_acc:.2f}%, "
         f"{'baseline start' if args.baseline else 'compressed'} {100 * before_acc:.2f}%, "
         f"after fine-tuning {100 * after_acc:.2f}%")
+    log(f"learnable parameters {results['learnable_params']:,}, stored values {results['stored_values']:,}")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
         + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
     return 0

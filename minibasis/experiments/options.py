@@ -9,16 +9,20 @@ architecture, CuPy missing) becomes a one-line :class:`minibasis.experiments.err
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import re
 from pathlib import Path
 
 import numpy as np
 
 from minibasis import backend
+from minibasis.checks import energy_threshold, non_negative_int, positive_int
 from minibasis.experiments.errors import UserError, first_line
 
-__all__ = ["add_common_arguments", "select_device", "check_positive", "add_model_arguments", "build_model",
-           "build_model_with_weights", "load_weights", "add_data_arguments", "load_dataset", "load_training_data",
+__all__ = ["add_common_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments", "ModelSpec",
+           "model_spec", "load_model_for", "LoadedModel", "load_verb_model", "describe", "normalization_for", "classes_for", "save_model_file",
+           "checkpoint_meta", "add_data_arguments", "load_dataset", "load_training_data",
            "eval_transform", "train_transform", "test_metrics_for",
            "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
 
@@ -40,6 +44,8 @@ def add_common_arguments(parser, *, batch_size: int = 128, seed: int = 0) -> Non
     group.add_argument("--batch-size", type=int, default=batch_size, help=f"mini-batch size (default: {batch_size})")
     group.add_argument("--output", type=Path, default=None,
                        help="folder for results, logs, checkpoints and plots (default: runs/<verb>-<timestamp>)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output (its files are deleted first)")
     group.add_argument("--quiet", action="store_true", help="no progress lines, only results")
 
 
@@ -52,10 +58,29 @@ def select_device(name: str) -> None:
 
 
 def check_positive(option: str, value, allow_zero: bool = False):
-    """``value`` unchanged, or a one-line :class:`UserError` when it is not positive."""
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise UserError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
+    """``value`` unchanged (None too), or a one-line :class:`UserError` when it is not a positive
+    (``allow_zero``: non-negative) integer — :mod:`minibasis.checks`' rule and message; a float
+    option (``--basis-fraction``) must be > 0 (≥ 0)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, float):
+            if not (value >= 0 if allow_zero else value > 0):   # also refuses NaN
+                raise ValueError(f"{option} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+            return value
+        return (non_negative_int if allow_zero else positive_int)(option, value)
+    except ValueError as exc:
+        raise UserError(first_line(exc)) from None
+
+
+def check_threshold(option: str, value):
+    """``value`` (None too) as an energy threshold in (0, 1] (:func:`minibasis.checks.energy_threshold`)."""
+    if value is None:
+        return None
+    try:
+        return energy_threshold(value, option)
+    except ValueError as exc:
+        raise UserError(first_line(exc)) from None
 
 
 def check_common(args) -> None:
@@ -68,10 +93,10 @@ def check_common(args) -> None:
 def parse_thresholds(text: str) -> list[float]:
     """``"1.0,0.95,0.9"`` → ``[1.0, 0.95, 0.9]``, each in (0, 1]."""
     try:
-        values = [float(part) for part in str(text).split(",") if part.strip()]
+        values = [energy_threshold(float(part)) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}") from None
-    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        values = []
+    if not values:
         raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}")
     return values
 
@@ -98,51 +123,105 @@ def pretrained_checkpoint(model: str, depth: int | None) -> Path | None:
 
 def add_model_arguments(parser, *, model: str = "resnet_cifar", depth: int | None = 56,
                         checkpoint: str | None = "auto", num_classes: int = 10) -> None:
-    """``--model``, ``--depth``, ``--num-classes`` and (unless ``checkpoint`` is False) ``--checkpoint``."""
+    """``--model``, ``--depth``, ``--num-classes`` and (unless ``checkpoint`` is False) ``--checkpoint``.
+
+    The options default to None, so that :func:`model_spec` can tell what the user said from
+    what the verb assumes: with a model file, the file's architecture and class count win over
+    the verb's defaults, and an explicit option that contradicts the file is refused."""
     from minibasis.models import model_names
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=model,
-                       help=f"zoo model (default: {model}); one of {', '.join(model_names())}")
-    group.add_argument("--depth", type=int, default=depth,
-                       help=f"depth of resnet_cifar (20, 32, 44, 56, 110, 1202) (default: {depth})")
-    group.add_argument("--num-classes", type=int, default=num_classes, help=f"classes (default: {num_classes})")
+    group.add_argument("--model", default=None,
+                       help=f"zoo model (default: the model file's, else {model}); one of {', '.join(model_names())}")
+    group.add_argument("--depth", type=int, default=None,
+                       help="depth of resnet_cifar (20, 32, 44, 56, 110, 1202) or densenet_bc (default: the model "
+                            f"file's, else {depth})")
+    group.add_argument("--num-classes", type=int, default=None,
+                       help=f"classes (default: the model file's, else {num_classes})")
     if checkpoint is not False:
         group.add_argument("--checkpoint", default=checkpoint,
-                           help="weights: a PyTorch checkpoint (.th/.pt/.pth, read without torch) or a minibasis "
-                                ".npz; 'auto' (default) picks the shared pretrained "
-                                "models/akamaster/resnet<depth>-*.th; 'none' keeps the random init")
+                           help="weights: a model file (minibasis .npz, which records its architecture and input "
+                                "normalization) or a PyTorch checkpoint (.th/.pt/.pth, read without torch); 'auto' "
+                                "(default) picks the shared pretrained models/akamaster/resnet<depth>-*.th; 'none' "
+                                "keeps the random init")
+    parser.set_defaults(_model_defaults={"model": model, "depth": depth, "num_classes": num_classes})
 
 
-def build_model(args):
-    """The zoo model named by ``--model`` (``--depth`` for resnet_cifar, ``--num-classes``)."""
-    from minibasis.models import MODELS, get_model
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What to build or load: ``model`` and ``kwargs`` as the user gave them (None/absent when not),
+    the verb's defaults, and the resolved ``checkpoint`` path (None: random initialization)."""
 
-    if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}; known models: {', '.join(MODELS)}")
-    kwargs = {"num_classes": check_positive("--num-classes", args.num_classes)}
-    if args.model == "resnet_cifar":
-        kwargs["depth"] = args.depth
+    model: str | None
+    kwargs: dict
+    defaults: dict
+    checkpoint: Path | None
+
+    @property
+    def zoo_name(self) -> str:
+        return self.model or self.defaults["model"]
+
+    def build_kwargs(self) -> dict:
+        """Constructor arguments for a model built without a file: the verb's defaults where
+        the constructor takes them, overridden by what the user gave."""
+        from minibasis.models import canonical_architecture
+
+        kwargs = {"num_classes": self.defaults["num_classes"]}
+        if self.defaults.get("depth") is not None and _takes(self.zoo_name, "depth"):
+            _, fixed = canonical_architecture(self.zoo_name)
+            if "depth" not in fixed:
+                kwargs["depth"] = self.defaults["depth"]
+        return {**kwargs, **self.kwargs}
+
+
+def _takes(name: str, argument: str) -> bool:
+    from minibasis.models import canonical_architecture
     try:
-        return get_model(args.model, **kwargs)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"cannot build model {args.model!r}: {first_line(exc)}") from None
+        canonical_architecture(name, **{argument: 1})
+    except ValueError:
+        return False
+    return True
 
 
-def describe_model(args) -> str:
-    return f"resnet{args.depth}" if args.model == "resnet_cifar" else args.model
+def model_spec(args) -> ModelSpec:
+    """``--model/--depth/--num-classes/--checkpoint`` checked against each other (no file read yet)."""
+    from minibasis.models import MODELS, canonical_architecture
+
+    defaults = getattr(args, "_model_defaults", {"model": "resnet_cifar", "depth": None, "num_classes": 10})
+    name = args.model
+    if name is not None and name not in MODELS:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    kwargs = {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = check_positive("--num-classes", args.num_classes)
+    zoo = name or defaults["model"]
+    if args.depth is not None:
+        check_positive("--depth", args.depth)
+        _, fixed = canonical_architecture(zoo)
+        if "depth" in fixed:
+            if fixed["depth"] != args.depth:
+                raise UserError(f"--model {zoo} is depth {fixed['depth']}, but --depth {args.depth} was given; "
+                                f"give one of them (e.g. --model resnet_cifar --depth {args.depth})")
+        elif not _takes(zoo, "depth"):
+            raise UserError(f"--depth does not apply to --model {zoo} (it applies to resnet_cifar and densenet_bc)")
+        else:
+            kwargs["depth"] = args.depth
+    spec = ModelSpec(model=name, kwargs=kwargs, defaults=defaults, checkpoint=None)
+    return dataclasses.replace(spec, checkpoint=resolve_checkpoint(args, spec))
 
 
-def resolve_checkpoint(args) -> Path | None:
+def resolve_checkpoint(args, spec: ModelSpec) -> Path | None:
     """``--checkpoint`` as a path (``auto`` → the shared pretrained file; ``none`` → None)."""
     value = getattr(args, "checkpoint", None)
     if value is None or str(value).lower() == "none":
         return None
     if str(value) == "auto":
-        found = pretrained_checkpoint(args.model, getattr(args, "depth", None))
+        depth = spec.build_kwargs().get("depth")
+        found = pretrained_checkpoint(spec.zoo_name, depth)
         if found is None:
             where = default_shared() / "models" / "akamaster"
-            raise UserError(f"no --checkpoint given and no pretrained {describe_model(args)} in {where} "
+            label = f"resnet{depth}" if spec.zoo_name == "resnet_cifar" else spec.zoo_name
+            raise UserError(f"no --checkpoint given and no pretrained {label} in {where} "
                             "(set MINIBASIS_SHARED or pass --checkpoint PATH)")
         return found
     path = Path(value)
@@ -151,57 +230,82 @@ def resolve_checkpoint(args) -> Path | None:
     return path
 
 
-def build_model_with_weights(args) -> tuple:
-    """``(model, checkpoint)``: :func:`build_model` with ``--checkpoint`` loaded into it
-    (:func:`resolve_checkpoint`; ``checkpoint`` is None when the model keeps its random init)."""
-    model = build_model(args)
-    checkpoint = resolve_checkpoint(args)
-    if checkpoint is not None:
-        load_weights(model, checkpoint, describe_model(args))
-    return model, checkpoint
+def _cli_wording(message: str) -> str:
+    """load_model speaks of keyword arguments (``depth=20``); the command line of options (``--depth 20``)."""
+    message = re.sub(r"\bpass (\w+)=(\S+?) or leave \1 out",
+                     lambda m: f"pass --{m.group(1).replace('_', '-')} {m.group(2)} or leave --"
+                               f"{m.group(1).replace('_', '-')} out", message)
+    message = re.sub(r"\barchitecture='(\w+)' was given", r"--model \1 was given", message)
+    return re.sub(r"\b(depth|num_classes)=(\S+?) was given",
+                  lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)} was given", message)
 
 
-def read_state(path: Path) -> tuple[dict, dict]:
-    """(name → array, BasisConv layout) from a PyTorch checkpoint, a minibasis ``.npz`` state,
-    model file (:func:`save_model_file`) or training checkpoint."""
-    from minibasis import io
-    from minibasis.experiments.trainer import checkpoint_read_errors
+def load_model_for(spec: ModelSpec):
+    """``(model, metadata)``: the model file through :func:`minibasis.load_model` (its architecture,
+    class count and normalization unless the user said otherwise, contradictions refused), or the
+    zoo model with its random initialization (``metadata`` None)."""
+    from minibasis import ModelFileError, load_model
+    from minibasis.models import get_model
 
-    path = Path(path)
-    layout: dict = {}
-    with checkpoint_read_errors(path):
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"PK\x03\x04" and path.suffix == ".npz":
-            state = io.load(path)
-            if isinstance(state, dict) and state.get("format") == MODEL_FILE_FORMAT:
-                layout = state.get("basisconv") or {}
-                state = state["state_dict"]
-            elif isinstance(state, dict) and isinstance(state.get("model"), dict):
-                layout = (state.get("meta") or {}).get("basisconv") or {}
-                state = state["model"]  # a training checkpoint: the model part
-        else:
-            state = io.load_torch_checkpoint(path)
-    if not isinstance(state, dict) or not state:
-        raise UserError(f"checkpoint {path} holds no model weights")
-    if not isinstance(layout, dict):
-        raise UserError(f"checkpoint {path} has a malformed BasisConv layout")
-    return state, layout
+    if spec.checkpoint is None:
+        try:
+            return get_model(spec.zoo_name, **spec.build_kwargs()), None
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"cannot build model {spec.zoo_name!r}: {first_line(exc)}") from None
+    try:
+        try:
+            return load_model(spec.checkpoint, architecture=spec.model, **spec.kwargs)
+        except ModelFileError as exc:
+            if spec.model is None and "does not record its architecture" in str(exc):
+                return load_model(spec.checkpoint, architecture=spec.zoo_name, **spec.build_kwargs())
+            raise
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {spec.checkpoint} does not exist") from None
+    except ModelFileError as exc:
+        raise UserError(_cli_wording(first_line(exc))) from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {spec.checkpoint} is not readable: {first_line(exc)}") from None
 
 
-def load_weights(model, path: Path, description: str = "") -> None:
-    """Load ``path`` into ``model``; a checkpoint for another architecture is a one-line UserError.
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A verb's model and what the options and the model file say about it."""
 
-    A file saved from a compressed or random-basis model carries its BasisConv layout: the
-    matching ``Conv2d`` layers of ``model`` are replaced first, so the weights fit.
-    """
-    from minibasis.experiments.trainer import load_model_state
+    spec: ModelSpec
+    model: object
+    metadata: object          # minibasis.ModelMetadata, or None for a randomly initialized model
+    normalize: str            # the input normalization to use ("imagenet", "cifar10", "none")
+    name: str                 # "resnet20", "table3_cnn", ...
 
-    state, layout = read_state(path)
-    if layout:
-        apply_basis_layout(model, layout, source=f"checkpoint {path}")
-    label = description or type(model).__name__
-    load_model_state(model, state, source=f"checkpoint {path}", model_name=label)
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the model file says the model was trained on, if it says."""
+        return getattr(self.metadata, "dataset", None)
+
+
+def load_verb_model(args, verb: str, *, check_classes: bool = True) -> LoadedModel:
+    """Everything a verb checks about its model before it reads data: the model options
+    (:func:`model_spec`), the run folder (:func:`runs.check_run_folder`), the model file
+    (:func:`load_model_for`), the normalization (:func:`normalization_for`) and, with
+    ``check_classes``, that the model has an output for every class of ``--dataset``."""
+    from minibasis.experiments import runs
+
+    spec = model_spec(args)
+    runs.check_run_folder(args, verb)
+    model, metadata = load_model_for(spec)
+    if check_classes:
+        classes_for(args, model, metadata, args.dataset)
+    return LoadedModel(spec=spec, model=model, metadata=metadata, normalize=normalization_for(args, metadata),
+                       name=describe(model))
+
+
+def describe(model) -> str:
+    """``resnet20`` for resnet_cifar(depth=20), else the zoo name (from ``model.architecture``)."""
+    record = getattr(model, "architecture", None) or {"name": type(model).__name__, "kwargs": {}}
+    depth = record["kwargs"].get("depth")
+    if record["name"] == "resnet_cifar" and depth is not None:
+        return f"resnet{depth}"
+    return record["name"]
 
 
 # ---------------------------------------------------------------------------
@@ -218,9 +322,10 @@ def add_data_arguments(parser, *, dataset: str = "cifar10", normalize: str = "im
     group.add_argument("--data", type=Path, default=None,
                        help="folder holding the dataset files (default: <shared>/data, where <shared> is "
                             "$MINIBASIS_SHARED or ../shared beside the repository)")
-    group.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=normalize,
-                       help="per-channel input normalization; the shared akamaster ResNets were trained with "
-                            f"ImageNet statistics (default: {normalize})")
+    group.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=None,
+                       help="per-channel input normalization (default: what the model file records; else "
+                            f"{normalize}); the shared akamaster ResNets were trained with ImageNet statistics")
+    parser.set_defaults(_normalize_default=normalize)
 
 
 def load_dataset(name: str, root, *, num_train: int | None = None, num_test: int | None = None, seed: int = 0):
@@ -254,6 +359,23 @@ def load_dataset(name: str, root, *, num_train: int | None = None, num_test: int
     return (x_train, y_train), (x_test, y_test)
 
 
+#: Said once whenever a verb evaluates on the shared CIFAR-10 (docs/models.md has the details).
+SHARED_CIFAR10_NOTE = ("note: the shared CIFAR-10 images are JPEG re-encodings of the originals; PyTorch gets "
+                       "81.03 % with the shared ResNet-20 weights on them, 91.73 % on the original pixels")
+
+
+def data_note(dataset: str, root) -> str | None:
+    """:data:`SHARED_CIFAR10_NOTE` when ``dataset`` is read from the shared data folder, else None."""
+    if dataset != "cifar10":
+        return None
+    root = Path(root) if root is not None else default_data_dir()
+    try:
+        shared = root.resolve() == default_data_dir().resolve()
+    except OSError:
+        return None
+    return SHARED_CIFAR10_NOTE if shared else None
+
+
 def load_training_data(args):
     """:func:`load_dataset` for a training verb: ``--dataset`` from ``--data``, a random
     ``--train-subset`` of the training images (:func:`take_subset`) and the first ``--limit``
@@ -266,12 +388,37 @@ def load_training_data(args):
 
 
 def _statistics(normalize: str):
-    from minibasis import data
-    table = {"imagenet": (data.IMAGENET_MEAN, data.IMAGENET_STD), "cifar10": (data.CIFAR10_MEAN, data.CIFAR10_STD),
-             "none": None}
-    if normalize not in table:
-        raise UserError(f"unknown normalization {normalize!r}; expected one of {', '.join(table)}")
-    return table[normalize]
+    from minibasis.data import NORMALIZATIONS
+    if normalize == "none":
+        return None
+    if normalize not in NORMALIZATIONS:
+        raise UserError(f"unknown normalization {normalize!r}; expected one of {', '.join(NORMALIZATIONS)}, none")
+    return NORMALIZATIONS[normalize]
+
+
+def normalization_for(args, metadata) -> str:
+    """``--normalize``, else what the model file records, else the verb's default; an explicit
+    option that contradicts the file is refused, naming both."""
+    recorded = getattr(metadata, "normalization", None)
+    given = getattr(args, "normalize", None)
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--normalize {given} was given, but the model file records normalization {recorded!r}; "
+                        f"leave --normalize out to use it")
+    chosen = given or recorded or getattr(args, "_normalize_default", "imagenet")
+    if metadata is not None and given is None and recorded is None:
+        import sys
+        print(f"note: the model file does not record its input normalization; using --normalize {chosen} "
+              "(pass --normalize to choose)", file=sys.stderr)
+    return chosen
+
+
+def classes_for(args, model, metadata, dataset: str) -> int:
+    """The model's class count, refused when the dataset has more classes than it outputs."""
+    classes = getattr(metadata, "num_classes", None) or model.architecture["kwargs"].get("num_classes")
+    needed = DATASETS[dataset][1]
+    if classes is not None and classes < needed:
+        raise UserError(f"--dataset {dataset} has {needed} classes, but the model outputs {classes}")
+    return classes
 
 
 def eval_transform(normalize: str = "cifar10"):
@@ -294,7 +441,7 @@ def test_metrics_for(x_test: np.ndarray, y_test: np.ndarray, normalize: str):
     """``metrics(model) -> {"test_acc": float, "test_loss": float}`` on the uint8 images
     ``x_test`` (N, C, H, W) with labels ``y_test`` (N,), through :func:`eval_transform`, in
     batches of 256 without a progress line: the ``eval_fn`` the training verbs give the Trainer."""
-    from minibasis.experiments.common import evaluate
+    from minibasis.training import evaluate
     transform = eval_transform(normalize)
 
     def metrics(model) -> dict:
@@ -313,62 +460,22 @@ def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed:
 
 
 # ---------------------------------------------------------------------------
-# Model files that remember their BasisConv layers
+# Model files
 # ---------------------------------------------------------------------------
-MODEL_FILE_FORMAT = "minibasis-model/1"
+def save_model_file(path: Path, model, normalize: str, dataset: str | None) -> None:
+    """:func:`minibasis.save_model` with the normalization and dataset the model was used with."""
+    from minibasis import save_model
+    try:
+        save_model(model, path, normalization=normalize, dataset=dataset)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def basis_layout(model) -> dict:
-    """Module path → how each ``BasisConv2d`` is built (Q, BN, basis bias), to rebuild the model."""
-    from minibasis.nn import BasisConv2d
-    return {path: {"num_basis": m.num_basis, "bn": m.bn is not None, "basis_bias": m.basis_bias is not None,
-                   "energy": m.energy}
-            for path, m in model.named_modules() if isinstance(m, BasisConv2d)}
-
-
-def replace_module(model, path: str, new) -> None:
-    """Put ``new`` at ``path`` (keeping its place among its siblings)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path]
-    if name not in parent._modules:
-        raise KeyError(path)
-    parent._modules[name] = new
-
-
-def apply_basis_layout(model, layout: dict, source: str) -> None:
-    """Replace the ``Conv2d`` at each path of ``layout`` by a ``BasisConv2d`` of that shape."""
-    from minibasis.nn import BasisConv2d, Conv2d
-
-    modules = dict(model.named_modules())
-    for path, spec in layout.items():
-        conv = modules.get(path)
-        if not isinstance(conv, Conv2d):
-            found = type(conv).__name__ if conv is not None else "nothing"
-            raise UserError(f"{source} has a BasisConv2d at {path!r}, where the model has {found} "
-                            "(another architecture?)")
-        try:
-            layer = BasisConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, int(spec["num_basis"]),
-                                stride=conv.stride, padding=conv.padding, bias=conv.bias is not None,
-                                bn=bool(spec.get("bn", False)), basis_bias=bool(spec.get("basis_bias", False)))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise UserError(f"{source}: BasisConv2d at {path!r} does not fit the model: {exc}") from None
-        replace_module(model, path, layer)
-
-
-def save_model_file(path: Path, model, architecture: dict) -> None:
-    """The model's weights plus what rebuilds it (zoo name, depth, BasisConv layout), via ``io.save``.
-    Under mpirun only rank 0 writes (every rank holds the same weights)."""
-    from minibasis import distributed, io
-
-    if not distributed.is_main_process():
-        return
-    io.save({"format": MODEL_FILE_FORMAT, "architecture": dict(architecture), "basisconv": basis_layout(model),
-             "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
-
-
-def architecture_of(args) -> dict:
-    return {"model": args.model, "depth": args.depth if args.model == "resnet_cifar" else None,
-            "num_classes": args.num_classes}
+def checkpoint_meta(model) -> dict:
+    """What a training checkpoint records so that ``load_model`` can rebuild the model from it."""
+    from minibasis.model_files import basis_layout
+    record = model.architecture
+    return {"architecture": {"model": record["name"], **record["kwargs"]}, "basisconv": basis_layout(model)}
 
 
 def require_convs(model, description: str) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 import time
 
-from minibasis.experiments.errors import UserError
-from minibasis.experiments import options, trainer
+from minibasis.experiments.errors import UserError, first_line
+from minibasis.experiments import options, runs
+from minibasis.measure import stored_values
+from minibasis.training import CheckpointError, NonFiniteError, Trainer
 
 __all__ = ["add_arguments", "run", "use_random_bases", "conv_learnable_parameters"]
 
@@ -70,7 +72,7 @@ def use_random_bases(model, num_basis: int | None = None, fraction: float = 1.0,
         has_bias = conv.bias is not None
         layer = BasisConv2d.random(conv.in_channels, conv.out_channels, conv.kernel_size, q, stride=conv.stride,
                                    padding=conv.padding, bias=has_bias, bn=True, basis_bias=has_bias, seed=seed + i)
-        options.replace_module(model, path, layer)
+        model.set_submodule(path, layer)
         layers.append({"name": path, "M": conv.out_channels, "C": conv.in_channels, "k": [kh, kw], "D": dim, "Q": q})
     return layers
 
@@ -101,48 +103,64 @@ def run(args) -> int:
     options.check_positive("--limit", args.limit)
     options.check_positive("--num-basis", args.num_basis)
     options.check_positive("--basis-fraction", args.basis_fraction)
+    if args.basis != "random":
+        ignored = [o for o, v in (("--num-basis", args.num_basis), ("--basis-seed", args.basis_seed))
+                   if v is not None] + (["--basis-fraction"] if args.basis_fraction != 1.0 else [])
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only with "
+                            "--basis random")
+    elif args.num_basis is not None and args.basis_fraction != 1.0:
+        raise UserError("give --num-basis or --basis-fraction, not both")
+    spec = options.model_spec(args)
+    normalize = options.normalization_for(args, None)
+    runs.check_run_folder(args, "train")
     manual_seed(args.seed)
-    model = options.build_model(args)
-    name = options.describe_model(args)
+    model, _ = options.load_model_for(spec)
+    options.classes_for(args, model, None, args.dataset)
+    name = options.describe(model)
     layers = None
     if args.basis == "random":
         seed = args.seed if args.basis_seed is None else args.basis_seed
         layers = use_random_bases(model, args.num_basis, args.basis_fraction, seed)
         name += " (random bases)"
-    trainer.check_resume(args, "train")
     (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
-    folder = trainer.prepare_run_folder(args, "train")
+    folder = runs.prepare_run_folder(args, "train")
     log = folder.log
     started = time.perf_counter()
     conv_params = conv_learnable_parameters(model)
     total_params = model.num_parameters(learnable_only=True)
     log(f"minibasis train: {name}, {len(y_train)} training and {len(y_test)} test images ({args.dataset}), "
         f"on {backend.current()}; output folder {folder.path}")
-    log(f"learnable parameters: {total_params:,} in all, {conv_params:,} in the convolution layers"
+    log(f"learnable parameters: {total_params:,} in all, {conv_params:,} in the convolution layers; "
+        f"stored values (parameters + buffers, fixed bases included): {stored_values(model):,}"
         + ("" if layers is None else f"; Q per layer {[layer['Q'] for layer in layers]}"))
 
-    test_metrics = options.test_metrics_for(x_test, y_test, args.normalize)
+    test_metrics = options.test_metrics_for(x_test, y_test, normalize)
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=options.train_transform(args.normalize, augment=not args.no_augment))
+                             transform=options.train_transform(normalize, augment=not args.no_augment))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = optim.StepLR(optimizer, step_size=args.lr_step, gamma=args.gamma)
-    meta = {"architecture": options.architecture_of(args), "basisconv": options.basis_layout(model)}
+    if args.resume and not folder.file("checkpoint-train.npz").exists():
+        log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
     try:
-        history = trainer.Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
-                                  eval_fn=test_metrics, folder=folder, seed=args.seed,
-                                  detect_anomaly=args.detect_anomaly, progress=not args.quiet,
-                                  extra_meta=meta).fit(resume=args.resume)
-    except trainer.NonFiniteError as exc:
+        history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
+                          eval_fn=test_metrics, folder=folder, seed=args.seed,
+                          detect_anomaly=args.detect_anomaly, progress=not args.quiet,
+                          extra_meta=options.checkpoint_meta(model)).fit(resume=args.resume)
+    except NonFiniteError as exc:
         raise options.user_error_for_non_finite(exc) from None
+    except CheckpointError as exc:
+        raise UserError(first_line(exc)) from None
     final = test_metrics(model)
-    options.save_model_file(folder.file("model.npz"), model, options.architecture_of(args))
+    options.save_model_file(folder.file("model.npz"), model, normalize, args.dataset)
     results = {"model": name, "basis": args.basis, "random_basis_layers": layers, "dataset": args.dataset,
                "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
                "epochs": args.epochs, "lr": args.lr, "lr_step": args.lr_step, "gamma": args.gamma,
                "momentum": args.momentum, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
                "seed": args.seed, "device": backend.current(),
-               "learnable_params": total_params, "conv_learnable_params": conv_params,
+               "normalize": normalize, "learnable_params": total_params, "conv_learnable_params": conv_params,
+               "stored_values": stored_values(model),
                "test_acc": final["test_acc"], "test_loss": final["test_loss"], "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)

@@ -1,0 +1,131 @@
+"""Run folders of the verbs: where a run lives, what ``config.json`` records, resume and overwrite.
+
+Rules (checked by :func:`check_run_folder` before any data is loaded, so a usage error leaves
+nothing behind):
+
+* ``--output DIR`` that already holds a run (``config.json``, ``log.txt`` or a checkpoint) is
+  refused unless ``--resume`` (continue it) or ``--overwrite`` (delete that run's files first);
+* ``--resume`` needs ``--output``, a run of the same verb there, started with the same
+  settings (except those in :data:`RESUME_MAY_DIFFER`); a run folder whose run never reached
+  its first checkpoint is started from the beginning, and the log says so;
+* ``config.json`` records the options, the command line (``argv``), the minibasis version and
+  the git commit of the source tree when there is one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+from pathlib import Path
+
+from minibasis.experiments.errors import UserError, first_line
+from minibasis.training import RunFolder, read_json
+
+__all__ = ["RESUME_MAY_DIFFER", "default_output", "config_from_args", "check_run_folder", "prepare_run_folder",
+           "holds_a_run", "git_commit"]
+
+# Settings a resumed run may change: where the run lives, how chatty it is, how it is
+# evaluated, anomaly checks, and (``train``) the number of epochs, to extend a run: the
+# schedule does not depend on it, so the parameters still equal an uninterrupted run's. A
+# different device continues the run too, equal to rounding rather than bit for bit.
+RESUME_MAY_DIFFER = frozenset({"resume", "overwrite", "output", "device", "quiet", "verb", "limit",
+                               "detect_anomaly", "epochs", "argv", "minibasis_version", "git_commit"})
+
+# What a verb writes into its run folder (``--overwrite`` deletes these, and nothing else).
+RUN_FILES = ("config.json", "log.txt", "checkpoint-*.npz", "metrics-*.json", "metrics-*.csv", "results.json",
+             "results.csv", "model.npz", "report.json", "sweep.json", "sweep.csv", "eval.json", "*.png")
+
+
+def default_output(verb: str) -> Path:
+    """``runs/<verb>-<YYYYmmdd-HHMMSS>`` under the current directory."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{verb}-{stamp}"
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree minibasis runs from, or None (not a git checkout, no git)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def config_from_args(args, verb: str) -> dict:
+    """The command line as a JSON-able dict (what ``config.json`` records)."""
+    import minibasis
+
+    config = {"verb": verb, "argv": list(getattr(args, "_argv", None) or []),
+              "minibasis_version": minibasis.__version__, "git_commit": git_commit()}
+    for key, value in sorted(vars(args).items()):
+        if key.startswith("_"):
+            continue
+        config[key] = str(value) if isinstance(value, Path) else value
+    return config
+
+
+def holds_a_run(folder: Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / "config.json").exists() or (folder / "log.txt").exists()
+                                or any(folder.glob("checkpoint-*.npz")))
+
+
+def _read_config(folder: Path) -> dict | None:
+    try:
+        return read_json(Path(folder) / "config.json")
+    except ValueError as exc:
+        raise UserError(first_line(exc)) from None
+
+
+def _check_same_settings(saved: dict | None, current: dict, folder: Path) -> None:
+    if saved is None:
+        raise UserError(f"--resume: {folder} holds no config.json; it is not a run folder of this command")
+    if saved.get("verb") != current.get("verb"):
+        raise UserError(f"--resume: {folder} is a '{saved.get('verb')}' run, not a '{current.get('verb')}' run")
+    differ = [k for k in sorted(set(saved) | set(current))
+              if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k)]
+    if differ:
+        details = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} then, {current.get(k)!r} now" for k in differ[:4])
+        raise UserError(f"--resume: the run in {folder} was started with other settings ({details}); "
+                        "resume with the same options")
+
+
+def check_run_folder(args, verb: str) -> None:
+    """A :class:`UserError` unless ``--output`` may be used as asked; no side effects, so verbs
+    call it before loading data."""
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
+    if resume and overwrite:
+        raise UserError("give --resume (continue the run) or --overwrite (replace it), not both")
+    if resume:
+        if args.output is None:
+            raise UserError("--resume needs --output DIR: the folder of the run to continue")
+        folder = Path(args.output)
+        _check_same_settings(_read_config(folder), config_from_args(args, verb), folder)
+        return
+    if args.output is not None and holds_a_run(Path(args.output)) and not overwrite:
+        hint = " --resume to continue it," if hasattr(args, "resume") else ""
+        raise UserError(f"--output {args.output} already holds a run; pass{hint} --overwrite to replace it, "
+                        "or choose another --output")
+
+
+def prepare_run_folder(args, verb: str) -> RunFolder:
+    """Create (or, with ``--resume``, reopen) the run folder and record ``config.json``."""
+    check_run_folder(args, verb)
+    if args.output is None:
+        args.output = default_output(verb)
+    folder_path = Path(args.output)
+    if getattr(args, "overwrite", False) and folder_path.is_dir():
+        for pattern in RUN_FILES:
+            for old in folder_path.glob(pattern):
+                if old.is_file():
+                    old.unlink()
+    try:
+        folder = RunFolder(folder_path, quiet=getattr(args, "quiet_log", False))
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder {folder_path}: {exc.strerror or exc}") from None
+    if not getattr(args, "resume", False):
+        folder.write_config(config_from_args(args, verb))
+    return folder

@@ -1,0 +1,107 @@
+"""``minibasis.summary(model, input_shape)``: per layer, output shape, values and measured multiplications.
+
+One pass of :func:`minibasis.measure.profile` (a zero input, eval mode, no graph) with forward
+hooks on every layer for the output shapes and a counter around it for the multiplications of
+every op (BatchNorm and linear layers too, not only the convolutions profile reports). A layer
+is a module without children, or a Conv2d / BasisConv2d as a whole (its basis stage, optional
+BatchNorm and 1×1 stage are one row). Counts are per image.
+
+Usage::
+
+    print(minibasis.summary(model, (1, 3, 32, 32)))
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from minibasis.counting import count_mults
+from minibasis.measure import Profile, check_input_shape, conv_layers, learnable_values, profile, stored_values
+from minibasis.nn import Module
+
+__all__ = ["summary", "Summary", "SummaryRow"]
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One layer: output shape (None if it never ran), parameters, stored values, measured mults per image."""
+
+    path: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    learnable: int
+    stored: int
+    mults: int
+    Q: int | None = None
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row["output_shape"] = None if self.output_shape is None else list(self.output_shape)
+        return row
+
+
+@dataclass(frozen=True)
+class Summary(Profile):
+    """A profile of every layer: rows in module order (:class:`SummaryRow`) and whole-model totals
+    (``learnable``, ``stored``, ``mults``, ``conv_mults``); ``to_dict``/``to_json`` as :class:`Profile`'s."""
+
+    def table(self) -> str:
+        from minibasis.verify.report import format_table
+
+        cells = [(r.path or "(model)", r.type + ("" if r.Q is None else f"(Q={r.Q})"),
+                  "-" if r.output_shape is None else "x".join(map(str, r.output_shape)),
+                  f"{r.learnable:,}", f"{r.stored:,}", f"{r.mults:,}") for r in self.rows]
+        t = self.totals
+        lines = [f"summary on input {self.input_shape}; multiplications measured per image", ""]
+        lines += format_table(("layer", "type", "output", "learnable", "stored", "mults"), cells, left=(0, 1))
+        lines += ["", f"learnable parameters: {t['learnable']:,}   stored values: {t['stored']:,}",
+                  f"multiplications per image: {t['mults']:,} (convolutions {t['conv_mults']:,})"]
+        unlisted = t["mults"] - sum(r.mults for r in self.rows)
+        if unlisted:
+            lines.append(f"  of which in no listed layer (ops in a parent's forward): {unlisted:,}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def _layers(model: Module) -> list[tuple[str, Module]]:
+    """Leaf modules and conv layers (as units), in module order."""
+    units = {id(module) for _, module in conv_layers(model)}
+    found: list[tuple[str, Module]] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(parent + ".") for parent, m in found if id(m) in units):
+            continue  # inside a conv layer: part of its row
+        if id(module) in units or not any(True for _ in module.children()):
+            found.append((path, module))
+    return found
+
+
+def summary(model: Module, input_shape=(1, 3, 32, 32)) -> Summary:
+    """Per layer of ``model``: output shape for ``input_shape`` (N, C, H, W), learnable parameters,
+    stored values (parameters + persistent buffers) and measured multiplications per image."""
+    if not isinstance(model, Module):
+        raise TypeError(f"summary needs a minibasis.nn.Module, got {type(model).__name__}")
+    shape = check_input_shape(input_shape)
+    layers = _layers(model)
+    outputs: dict[int, tuple] = {}
+
+    def record(module, args, output):
+        outputs.setdefault(id(module), tuple(getattr(output, "shape", ())))  # returns None: output kept
+
+    handles = [module.register_forward_hook(record) for _, module in layers]
+    try:
+        with count_mults() as counter:
+            prof = profile(model, shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_layer = counter.forward.by_layer
+    batch = shape[0]
+    num_basis = {r.path: r.Q for r in prof.rows}
+    rows = [SummaryRow(path=path, type=type(module).__name__, output_shape=outputs.get(id(module)),
+                       learnable=learnable_values(module), stored=stored_values(module),
+                       mults=sum(n for key, n in by_layer.items() if key == path or key.startswith(path + "."))
+                       // batch, Q=num_basis.get(path))
+            for path, module in layers]
+    totals = {"learnable": prof.totals["model_learnable"], "stored": prof.totals["model_stored"],
+              "mults": prof.totals["model_mults"], "conv_mults": prof.totals["model_conv_mults"]}
+    return Summary(rows=rows, input_shape=shape, totals=totals)

@@ -1,0 +1,110 @@
+"""The paper's two-step fine-tuning (section 4.3) and BatchNorm re-estimation after compression.
+
+Step 1 trains only the BasisConv2d coefficients; step 2 every non-convolutional parameter
+(coefficients, BatchNorm, fully connected layers, biases). The basis filters are buffers and
+the weights of convolutions kept as they are stay frozen throughout.
+"""
+from __future__ import annotations
+
+from minibasis import backend
+from minibasis.autograd import Tensor, no_grad
+from minibasis.checks import positive_int
+from minibasis.nn import BasisConv2d, BatchNorm1d, BatchNorm2d, Conv2d
+from minibasis.training.trainer import Trainer
+
+__all__ = ["fine_tune", "recalibrate_batch_norm", "coefficient_parameters", "conv_weight_parameters",
+           "non_conv_parameters", "freeze_all_but"]
+
+
+def coefficient_parameters(model) -> list:
+    """The 1×1 coefficients (M×Q) of every ``BasisConv2d``."""
+    return [m.coeffs for m in model.modules() if isinstance(m, BasisConv2d)]
+
+
+def conv_weight_parameters(model) -> list:
+    """The weights (not biases) of every ordinary ``Conv2d``."""
+    return [m.weight for m in model.modules() if isinstance(m, Conv2d)]
+
+
+def non_conv_parameters(model) -> list:
+    """Every parameter except ``Conv2d`` weights (the basis is a buffer, never a parameter)."""
+    frozen = {id(p) for p in conv_weight_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def freeze_all_but(model, params: list) -> list:
+    """``requires_grad`` only on ``params``; returns them."""
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def recalibrate_batch_norm(model, images, *, batch_size: int = 256, transform=None) -> int:
+    """Re-estimate every BatchNorm's running statistics from ``images`` (N, C, H, W); returns the count.
+
+    Forward passes in train mode under ``no_grad``, no parameter changes. Each BatchNorm's
+    running mean and variance become the plain average, over the batches, of the batch mean
+    and unbiased batch variance (PyTorch's ``momentum=None``): batch k (from 0) enters with
+    momentum 1/(k+1), so the first batch overwrites the old statistics and no trace of them
+    stays. Why: compressing the convs shifts every activation, so the stored statistics no
+    longer fit and the network scores far below what its weights allow. The model's
+    train/eval mode and each layer's momentum are restored afterwards.
+    """
+    positive_int("batch_size", batch_size)
+    norms = [m for m in model.modules() if isinstance(m, (BatchNorm1d, BatchNorm2d)) and m.track_running_stats]
+    if not norms or len(images) == 0:
+        return 0
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    model.train()
+    try:
+        with no_grad():
+            for k, start in enumerate(range(0, len(images), batch_size)):
+                for m in norms:
+                    m.momentum = 1.0 / (k + 1)
+                batch = images[start:start + batch_size]
+                batch = transform(batch) if transform is not None else batch
+                model(Tensor(backend.asarray(batch)))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(images)
+
+
+def fine_tune(model, loader, *, step1_params: list | None = None, epochs1: int = 15, lr1: float = 0.1, lr1_step: int = 5,
+              epochs2: int = 10, lr2: float = 5e-4, momentum: float = 0.9, weight_decay: float = 1e-4,
+              eval_fn=None, folder=None, seed: int = 0, detect_anomaly: bool = False, progress: bool = True,
+              resume: bool = False, extra_meta: dict | None = None, on_step_end=None) -> list[dict]:
+    """The paper's two steps on ``model``; returns the metrics rows of every epoch.
+
+    Step 1 (stage ``step1``) trains ``step1_params`` only (default: the coefficients of a
+    compressed model, :func:`coefficient_parameters`) with SGD at ``lr1``, divided by 10 every ``lr1_step`` epochs; step 2 (stage
+    ``step2``) trains :func:`non_conv_parameters` at ``lr2``. Everything else is frozen
+    (``requires_grad`` False). ``on_step_end(stage, model)`` runs after each step. With a
+    ``folder``, each step checkpoints every epoch and ``resume`` continues from there. On
+    return ``Conv2d`` weights stay frozen and every other parameter requires a gradient.
+    """
+    from minibasis import optim
+
+    if step1_params is None:
+        step1_params = coefficient_parameters(model)
+        if not step1_params:
+            raise ValueError("fine_tune: the model has no BasisConv2d coefficients to train in step 1 "
+                             "(compress it first, or pass step1_params, e.g. conv_weight_parameters(model))")
+    common = dict(eval_fn=eval_fn, folder=folder, seed=seed, detect_anomaly=detect_anomaly, progress=progress,
+                  extra_meta=extra_meta)
+    freeze_all_but(model, step1_params)
+    optimizer1 = optim.SGD(step1_params, lr=lr1, momentum=momentum, weight_decay=weight_decay)
+    scheduler1 = optim.StepLR(optimizer1, step_size=lr1_step, gamma=0.1)
+    history = list(Trainer(model, optimizer1, loader, epochs=epochs1, scheduler=scheduler1,
+                                   stage="step1", **common).fit(resume=resume))
+    if on_step_end is not None:
+        on_step_end("step1", model)
+
+    step2_params = freeze_all_but(model, non_conv_parameters(model))
+    optimizer2 = optim.SGD(step2_params, lr=lr2, momentum=momentum, weight_decay=weight_decay)
+    history += Trainer(model, optimizer2, loader, epochs=epochs2, stage="step2", **common).fit(resume=resume)
+    if on_step_end is not None:
+        on_step_end("step2", model)
+    return history
