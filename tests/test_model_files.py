@@ -196,7 +196,7 @@ def test_akamaster_checkpoint_loads_with_nothing_restated(akamaster_dir, cifar10
 
 def test_akamaster_checkpoint_of_another_depth_names_the_right_one(akamaster_dir):
     path = _akamaster(akamaster_dir, 56)
-    with pytest.raises(ModelFileError, match=r"depth=20 was given.*depth=56.*pass depth=56"):
+    with pytest.raises(ModelFileError, match=r"depth=20 was given.*depth 56.*pass depth=56"):
         minibasis.load_model(path, architecture="resnet_cifar", depth=20)
     with pytest.raises(ModelFileError, match=r"depth=20 was given.*depth=56"):
         minibasis.load_model(path, architecture="resnet20")
