@@ -16,6 +16,8 @@ from minibasis import formulas, nn
 from minibasis import functions as F
 from minibasis.functions import conv as conv_module
 
+from test_conv_paths import spy_paths
+
 
 
 def torch_conv(x, w, gy, stride, padding, dilation, groups, bias=None):
@@ -239,14 +241,7 @@ def test_formulas_groups_and_dilation():
 def test_depthwise_same_conv_runs_by_shifted_products(monkeypatch, kernel, chunk):
     """A "same" depthwise conv needs no column buffer: per offset one product over the channel-first
     input (forward, input gradient) and one im2col row (weight gradient); results and counts as PyTorch's."""
-    used = []
-    for name in ("_depthwise_same", "_depthwise_same_weight_grad", "im2col"):
-        original = getattr(conv_module, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            used.append(_name)
-            return _original(*args, **kwargs)
-        monkeypatch.setattr(conv_module, name, spy)
+    used = spy_paths(monkeypatch, ("_depthwise_same", "_depthwise_same_weight_grad", "im2col"))
     monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", chunk)
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((3, 6, 5, 7)), rng.standard_normal((6, 1) + kernel)

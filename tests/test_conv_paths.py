@@ -61,10 +61,10 @@ def restore_settings():
     conv_module.IM2COL_BUDGET_BYTES, conv_module.CHUNK_TARGET_BYTES, conv_module.KN2ROW_CHANNEL_RATIO = saved
 
 
-def spy_paths(monkeypatch):
-    """Record which algorithm each conv2d call ran."""
+def spy_paths(monkeypatch, names=("_kn2row_forward", "_im2col_same", "_col2im_same")):
+    """Record which of the conv module's functions ``names`` each conv2d call ran."""
     used = []
-    for name in ("_kn2row_forward", "_im2col_same", "_col2im_same"):
+    for name in names:
         original = getattr(conv_module, name)
 
         def wrapper(*args, _original=original, _name=name, **kwargs):

@@ -36,8 +36,8 @@ from minibasis import backend
 from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.checks import positive_int, positive_pair
-from minibasis.functions.conv import check_padding, resolve_padding
-from minibasis.nn.layers import BatchNorm2d, Conv2d
+from minibasis.functions.conv import resolve_padding
+from minibasis.nn.layers import BatchNorm2d, Conv2d, conv_geometry
 from minibasis.nn.module import Module, Parameter
 
 __all__ = ["BasisConv2d"]
@@ -104,10 +104,7 @@ class BasisConv2d(Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        self.kernel_size = positive_pair("kernel_size", kernel_size)
-        self.stride = positive_pair("stride", stride)
-        self.padding = check_padding(padding)
-        self.dilation = positive_pair("dilation", dilation)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(kernel_size, stride, padding, dilation)
         resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)  # "same" with stride > 1
         q = positive_int("num_basis", num_basis)
         self.num_basis = q

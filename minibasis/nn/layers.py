@@ -23,6 +23,13 @@ def uniform_parameter(shape: tuple, bound: float) -> Parameter:
     return Parameter(backend.random_uniform(-bound, bound, shape))
 
 
+def conv_geometry(kernel_size, stride, padding, dilation) -> tuple:
+    """The checked (kernel_size, stride, padding, dilation) of a conv layer (Conv2d and BasisConv2d alike):
+    pairs of ints, padding a pair or "same"/"valid" as given."""
+    return (positive_pair("kernel_size", kernel_size), positive_pair("stride", stride), check_padding(padding),
+            positive_pair("dilation", dilation))
+
+
 class Conv2d(Module):
     """weight (out_channels, in_channels / groups, kh, kw), bias (out_channels,).
 
@@ -37,10 +44,7 @@ class Conv2d(Module):
         super().__init__()
         self.in_channels = positive_int("in_channels", in_channels)
         self.out_channels = positive_int("out_channels", out_channels)
-        self.kernel_size = positive_pair("kernel_size", kernel_size)
-        self.stride = positive_pair("stride", stride)
-        self.padding = check_padding(padding)
-        self.dilation = positive_pair("dilation", dilation)
+        self.kernel_size, self.stride, self.padding, self.dilation = conv_geometry(kernel_size, stride, padding, dilation)
         self.groups = positive_int("groups", groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: groups={groups} must divide in_channels ({in_channels}) and "
