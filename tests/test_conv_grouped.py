@@ -19,7 +19,6 @@ from minibasis.functions import conv as conv_module
 from test_conv_paths import spy_paths
 
 
-
 def torch_conv(x, w, gy, stride, padding, dilation, groups, bias=None):
     """PyTorch's forward and (input, weight, bias) gradients in float64."""
     torch = pytest.importorskip("torch")
