@@ -8,12 +8,13 @@ Layers (dependencies point down only)::
     nn                       minibasis.nn, minibasis.optim, minibasis.data, minibasis.io
     functions                minibasis.functions
     autograd + counting      minibasis.autograd, minibasis.counting
-    backend                  minibasis.backend
+    backend                  minibasis.backend, minibasis.parallel (worker threads for the chunk loops)
 """
 from minibasis import backend
 from minibasis.autograd import Function, Tensor, gradcheck, no_grad, tensor
 from minibasis.backend import manual_seed, to_numpy, use
 from minibasis.counting import count_mults
+from minibasis.parallel import get_num_threads, set_num_threads
 from minibasis import functions, nn, optim
 
 __version__ = "0.1.0"
@@ -41,5 +42,5 @@ def __getattr__(name):
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
+           "count_mults", "set_num_threads", "get_num_threads", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
            "save_model", "load_model", "ModelMetadata", "ModelFileError"]

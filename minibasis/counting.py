@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import defaultdict
 from typing import Iterator
 
@@ -126,9 +127,16 @@ class MultCounter(MultTally):
         return "\n".join(lines)
 
 
+_record_lock = threading.Lock()
+
+
 def _dispatch(primitive: str, mults: int) -> None:
-    for counter in _counters:
-        counter.record(primitive, mults)
+    # Worker threads (minibasis.parallel) record too: ``+=`` on the tallies is not atomic. The op,
+    # layer and phase stacks are module-wide, not per thread, so a worker's products land on the
+    # scope of the caller that waits for it.
+    with _record_lock:
+        for counter in _counters:
+            counter.record(primitive, mults)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from minibasis import backend
+from minibasis import backend, parallel
 from minibasis.autograd import Function, Tensor
 from minibasis.checks import ArgumentTypeError, non_negative_pair, positive_int, positive_pair
 
@@ -334,10 +334,24 @@ def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple, di
     return out[:, :, top:top + h, left:left + w] if any(pads) else out
 
 
-def _chunk_size(n: int, per_sample_bytes: int) -> int:
-    """Images per chunk: about CHUNK_TARGET_BYTES of columns, never over IM2COL_BUDGET_BYTES (but ≥ 1)."""
-    target = min(CHUNK_TARGET_BYTES, IM2COL_BUDGET_BYTES)
-    return max(1, min(n, target // max(per_sample_bytes, 1)))
+def _chunk_size(n: int, per_sample_bytes: int, workers: int = 1) -> int:
+    """Images per chunk: about CHUNK_TARGET_BYTES of columns, never over IM2COL_BUDGET_BYTES (but ≥ 1).
+
+    ``workers`` chunks are alive at once on worker threads (:mod:`minibasis.parallel`),
+    so each gets 1/workers of both (the columns alive stay within the budget), and
+    the chunk count is rounded up to a multiple of ``workers`` (equal shares).
+    """
+    target = min(CHUNK_TARGET_BYTES, IM2COL_BUDGET_BYTES) // workers
+    step = max(1, min(n, target // max(per_sample_bytes, 1)))
+    if workers > 1:
+        chunks = -(-n // step)
+        step = -(-n // (-(-chunks // workers) * workers))
+    return step
+
+
+def _chunks(n: int, step: int):
+    """(start, stop) of each chunk of ``step`` images out of ``n``."""
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
 def _uses_kn2row(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
@@ -454,6 +468,35 @@ class Conv2dFunction(Function):
     def _depthwise_shifts(self, m: int, c: int) -> bool:
         return _uses_depthwise_shifts(m, c, self.kernel, self.stride, self.padding, self.dilation, self.groups)
 
+    def _chunk_backward(self, gy, gx, start: int, stop: int):
+        """Images [start, stop) of an im2col conv's backward: writes gx's slice, returns the weight-gradient part."""
+        g, m, c = self.groups, gy.shape[1], self.x_shape[1]
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        gy_g = _channels_first(gy[start:stop]).reshape(g, m // g, -1)  # (g, M/g, n·P)
+        part = None
+        if need_w:
+            col = im2col(self.x[start:stop], *self._geometry())
+            part = backend.matmul(gy_g, col.reshape(g, -1, col.shape[1]).transpose(0, 2, 1))
+            del col  # free before the column gradient is built: one chunk buffer at a time
+        if need_x:
+            col_grad = _group_matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
+            gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
+        return part
+
+    def _depthwise_chunk_backward(self, gy, gx, start: int, stop: int):
+        """Images [start, stop) of a "same" depthwise conv's backward (see :meth:`_chunk_backward`)."""
+        c = self.x_shape[1]
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        chunk_shape = (stop - start,) + tuple(self.x_shape[1:])
+        gy_t = _channels_first(gy[start:stop])
+        part = None
+        if need_w:
+            part = _depthwise_same_weight_grad(chunk_shape, gy_t, _channels_first(self.x[start:stop]), self.kernel)
+        if need_x:
+            total = _depthwise_same(chunk_shape, self.wg.reshape(c, *self.kernel), gy_t, adjoint=True)
+            gx[start:stop] = total.reshape(c, stop - start, *self.x_shape[2:]).transpose(1, 0, 2, 3)
+        return part
+
     def forward(self, x, weight, bias=None):
         n, c, h, w = x.shape
         m, _, kh, kw = weight.shape
@@ -470,23 +513,27 @@ class Conv2dFunction(Function):
             y = _group_matmul(wg, im2col(x, *self._geometry()).reshape(n, g, c // g, h * w)).reshape(n, m, ho, wo)
         else:
             # Backward always works on columns (chunks sized for them), whichever forward ran.
-            self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize)
+            self.workers = workers = parallel.workers_for(x, weight)
+            self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize, workers)
             y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
+            step = self.step
             if _uses_kn2row(m, c, kernel, self.stride, self.padding, self.dilation, g):
-                step = _chunk_size(n, kh * kw * m * ho * wo * x.dtype.itemsize)
-                for start in range(0, n, step):
-                    _kn2row_forward(x[start:start + step], weight, y[start:start + step])
+                step = _chunk_size(n, kh * kw * m * ho * wo * x.dtype.itemsize, workers)
+
+                def chunk_forward(start, stop):
+                    _kn2row_forward(x[start:stop], weight, y[start:stop])
             elif self._depthwise_shifts(m, c):
                 taps = weight.reshape(c, kh, kw)
-                for start in range(0, n, self.step):
-                    chunk = x[start:start + self.step]
-                    out = _depthwise_same(chunk.shape, taps, _channels_first(chunk), adjoint=False)
-                    y[start:start + self.step] = out.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
+
+                def chunk_forward(start, stop):
+                    out = _depthwise_same(y[start:stop].shape, taps, _channels_first(x[start:stop]), adjoint=False)
+                    y[start:stop] = out.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
             else:
-                for start in range(0, n, self.step):
-                    col = im2col(x[start:start + self.step], *self._geometry())
+                def chunk_forward(start, stop):
+                    col = im2col(x[start:stop], *self._geometry())
                     product = _group_matmul(wg, col.reshape(g, -1, col.shape[1]))  # (g, M/g, n·P)
-                    y[start:start + self.step] = product.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
+                    y[start:stop] = product.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
+            parallel.run_chunks(chunk_forward, _chunks(n, step), workers)
         if bias is not None:
             y += bias.reshape(1, m, 1, 1)
         return y
@@ -505,38 +552,18 @@ class Conv2dFunction(Function):
                 gw = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)  # inner dimension P
             if need_x:
                 gx = _group_matmul(self.wg.transpose(0, 2, 1), gy4).reshape(self.x_shape)
-        elif self._depthwise_shifts(m, c):
-            xp = backend.get_array_module(gy)
-            gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
-            taps = self.wg.reshape(c, *self.kernel) if need_x else None
-            for start in range(0, n, self.step):
-                stop = min(n, start + self.step)
-                chunk_shape = (stop - start,) + tuple(self.x_shape[1:])
-                gy_t = _channels_first(gy[start:stop])
-                if need_w:
-                    part = _depthwise_same_weight_grad(chunk_shape, gy_t, _channels_first(self.x[start:stop]), self.kernel)
-                    gw = part if gw is None else gw + part
-                if need_x:
-                    total = _depthwise_same(chunk_shape, taps, gy_t, adjoint=True)
-                    gx[start:stop] = total.reshape(c, stop - start, *self.x_shape[2:]).transpose(1, 0, 2, 3)
         else:
             xp = backend.get_array_module(gy)
             gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
-            for start in range(0, n, self.step):
-                stop = min(n, start + self.step)
-                gy_g = _channels_first(gy[start:stop]).reshape(g, m // g, -1)  # (g, M/g, n·P)
-                if need_w:
-                    col = im2col(self.x[start:stop], *self._geometry())
-                    part = backend.matmul(gy_g, col.reshape(g, -1, col.shape[1]).transpose(0, 2, 1))
-                    if gw is None:
-                        gw = part
-                    else:
-                        gw += part
-                    del col  # free before the column gradient is built: one chunk buffer at a time
-                if need_x:
-                    col_grad = _group_matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
-                    gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
-                    del col_grad  # not alive while the next chunk's columns are built
+            chunk_backward = self._depthwise_chunk_backward if self._depthwise_shifts(m, c) else self._chunk_backward
+            for part in parallel.map_chunks(functools.partial(chunk_backward, gy, gx), _chunks(n, self.step),
+                                            self.workers):
+                if part is None:
+                    continue
+                if gw is None:  # summed in chunk order: the same result on every run, whatever the threads
+                    gw = part
+                else:
+                    gw += part
         if gw is not None:
             gw = gw.reshape(m, c // g, *self.kernel)
         if need_b:
