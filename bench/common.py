@@ -23,7 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
-                    "OPENBLAS_L2_SIZE")
+                    "OPENBLAS_L2_SIZE", "MINIBASIS_NUM_THREADS")
 
 
 def make_parser(name: str, description: str, repeats: int = 5) -> argparse.ArgumentParser:
@@ -37,6 +37,9 @@ def make_parser(name: str, description: str, repeats: int = 5) -> argparse.Argum
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--max-load", type=float, default=None,
                         help="refuse to run when the 1-minute load average exceeds this (default: only warn)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="minibasis engine threads for the conv's chunks (sets $MINIBASIS_NUM_THREADS, "
+                             "inherited by worker processes; default: the environment's, else 1)")
     return parser
 
 
@@ -102,6 +105,8 @@ def check_machine(args) -> dict:
     """Refuse inside a test run; warn loudly (or refuse, with --max-load) on a busy machine."""
     if "PYTEST_CURRENT_TEST" in os.environ or "pytest" in sys.modules:
         sys.exit("refusing to benchmark inside a test session: timings beside tests mean nothing")
+    if getattr(args, "threads", None) is not None:  # before minibasis reads it (this process and the workers it spawns)
+        os.environ["MINIBASIS_NUM_THREADS"] = str(args.threads)
     env = environment()
     load = env["load_average"][0]
     busy = load > 0.5 * (env["cpu_count"] or 1)
@@ -222,6 +227,7 @@ def describe_environment(env: dict) -> str:
                  f"{blas.get('num_threads')} threads" if blas else
                  f"threads from environment: {env.get('thread_variables') or 'not set'}")
     end = env.get("load_average_end")
-    return (f"{env.get('processor')}, {env.get('cpu_count')} cores; BLAS: {blas_text}; "
+    engine = env.get("thread_variables", {}).get("MINIBASIS_NUM_THREADS", "1")
+    return (f"{env.get('processor')}, {env.get('cpu_count')} cores; BLAS: {blas_text}; minibasis threads {engine}; "
             f"torch {env.get('torch')} ({env.get('torch_threads')} threads); load average "
             f"{env['load_average'][0]:.2f} at start" + (f", {end[0]:.2f} at end" if end else ""))
