@@ -84,6 +84,15 @@ class BackendUnderTest:
             pytest.skip(f"host memory only ({what}); on cupy, bench/gpu.py measures the device memory pool")
 
 
+@pytest.fixture
+def serial_engine():
+    """The serial chunk loop, for tests that count a conv's chunks or buffers (minibasis.set_num_threads)."""
+    import minibasis
+    previous = minibasis.set_num_threads(1)
+    yield
+    minibasis.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def on_backend(pytestconfig) -> BackendUnderTest:
     """The backend the engine tests run on (selected before each of them): ``name``, ``xp``,

@@ -158,7 +158,7 @@ def test_measured_mults_equal_formula(c, m, kh, kw, stride, padding, h, w, n, q_
     assert counted_basis.by_op.get("conv2d") == counted_basis.conv
 
 
-def test_coefficient_stage_builds_no_column_buffer(monkeypatch):
+def test_coefficient_stage_builds_no_column_buffer(monkeypatch, serial_engine):
     # The 1×1 stage must go through conv2d's pointwise path (a view, not an im2col copy).
     from minibasis.functions import conv as conv_module
 

@@ -140,7 +140,7 @@ def test_depthwise_counts_are_one_filter_per_channel():
     assert x.grad.dtype == np.float32
 
 
-def test_grouped_conv_is_one_batched_gemm_per_chunk(monkeypatch):
+def test_grouped_conv_is_one_batched_gemm_per_chunk(monkeypatch, serial_engine):
     """No loop over groups: each chunk makes one matmul, on (g, ...) stacked operands."""
     from minibasis import backend
     calls = []
@@ -161,7 +161,7 @@ def test_grouped_conv_is_one_batched_gemm_per_chunk(monkeypatch):
 
 @pytest.mark.parametrize("geometry", [dict(padding=1, dilation=1, groups=4), dict(padding=2, dilation=2, groups=2),
                                       dict(padding="same", dilation=(1, 2), groups=8)])
-def test_chunked_equals_unchunked_and_columns_stay_within_budget(monkeypatch, geometry):
+def test_chunked_equals_unchunked_and_columns_stay_within_budget(monkeypatch, serial_engine, geometry):
     rng = np.random.default_rng(3)
     x, w = rng.standard_normal((7, 8, 6, 7)), rng.standard_normal((8, 8 // geometry["groups"], 3, 3))
     gy = None

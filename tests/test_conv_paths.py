@@ -100,7 +100,7 @@ def test_same_convs_on_every_path_match_the_reference(n, c, m, h, w, kh, kw, chu
 
 
 @pytest.mark.parametrize("m, c, expected", [(2, 8, "_kn2row_forward"), (8, 8, "_im2col_same"), (16, 8, "_im2col_same")])
-def test_kn2row_runs_for_few_output_channels_only(monkeypatch, m, c, expected):
+def test_kn2row_runs_for_few_output_channels_only(monkeypatch, serial_engine, m, c, expected):
     used = spy_paths(monkeypatch)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, c, 6, 6)), rng.standard_normal((m, c, 3, 3))

@@ -11,7 +11,9 @@ geometries come from hypothesis and a list of each path the conv takes (im2col
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -220,7 +222,6 @@ def test_an_error_in_a_chunk_propagates_and_lifts_the_blas_limit(monkeypatch):
 
 
 def test_map_chunks_yields_in_chunk_order_whatever_finishes_first():
-    import time
     chunks = [(i, 0.02 if i % 3 == 0 else 0.0) for i in range(10)]
 
     def work(index, delay):
@@ -241,7 +242,7 @@ def test_device_arrays_and_nested_calls_stay_serial():
 
 
 def test_set_num_threads_returns_the_previous_count_and_rejects_bad_values():
-    assert mb.set_num_threads(2) == 1
+    assert mb.set_num_threads(2) == 1  # the fixture made it serial
     assert mb.get_num_threads() == 2
     assert mb.set_num_threads(1) == 2
     with pytest.raises(ValueError, match="num_threads"):
@@ -253,10 +254,18 @@ def test_set_num_threads_returns_the_previous_count_and_rejects_bad_values():
     assert mb.get_num_threads() == 1
 
 
-@pytest.mark.parametrize("value, expected", [("2", 2), (" 1 ", 1), ("", 1)])
+@pytest.mark.parametrize("value, expected", [("2", 2), (" 1 ", 1), ("3", 3)])
 def test_the_environment_variable_sets_the_initial_count(monkeypatch, value, expected):
     monkeypatch.setattr(parallel, "_num_threads", None)
     monkeypatch.setenv(parallel.ENV_VARIABLE, value)
+    assert parallel.get_num_threads() == expected
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (16, 2)])
+def test_without_the_variable_the_default_is_two_threads_where_two_cpus_are_usable(monkeypatch, cpus, expected):
+    monkeypatch.setattr(parallel, "_num_threads", None)
+    monkeypatch.delenv(parallel.ENV_VARIABLE, raising=False)
+    monkeypatch.setattr(parallel, "_usable_cpus", lambda: cpus)
     assert parallel.get_num_threads() == expected
 
 
@@ -267,3 +276,30 @@ def test_a_bad_environment_variable_is_named_in_the_error(monkeypatch, value):
     with pytest.raises(ValueError, match=parallel.ENV_VARIABLE):
         parallel.get_num_threads()
     monkeypatch.delenv(parallel.ENV_VARIABLE)  # before the fixture's teardown reads it
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_threaded_convs_with_its_own_pool():
+    """The child inherits the parent's pool object but not its threads: it must not wait on them."""
+    x, w, gy, geometry = case(8, 3, 4, 3)
+    conv_module.CHUNK_TARGET_BYTES = per_image_columns(x, w, geometry)
+    parent, _ = run_conv(x, w, gy, 2, **geometry)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the threaded conv finishes and agrees
+        code = 1
+        try:
+            child, _ = run_conv(x, w, gy, 2, **geometry)
+            code = 0 if all(np.array_equal(a, b) for a, b in zip(child, parent)) else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's threaded conv hung")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
