@@ -159,20 +159,25 @@ def test_grouped_conv_is_one_batched_gemm_per_chunk(monkeypatch, serial_engine):
     assert len(calls) == 3 and all(a[0] == 3 and b[0] == 3 for a, b in calls)
 
 
-@pytest.mark.parametrize("geometry", [dict(padding=1, dilation=1, groups=4), dict(padding=2, dilation=2, groups=2),
-                                      dict(padding="same", dilation=(1, 2), groups=8)])
-def test_chunked_equals_unchunked_and_columns_stay_within_budget(monkeypatch, serial_engine, geometry):
-    rng = np.random.default_rng(3)
-    x, w = rng.standard_normal((7, 8, 6, 7)), rng.standard_normal((8, 8 // geometry["groups"], 3, 3))
-    gy = None
-    sizes = []
-    original = conv_module.im2col
+def spy_column_sizes(monkeypatch) -> list[int]:
+    """The bytes of every column buffer conv2d builds from now on (im2col spied), in call order."""
+    sizes, original = [], conv_module.im2col
 
     def spy(*args, **kwargs):
         col = original(*args, **kwargs)
         sizes.append(col.nbytes)
         return col
     monkeypatch.setattr(conv_module, "im2col", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("geometry", [dict(padding=1, dilation=1, groups=4), dict(padding=2, dilation=2, groups=2),
+                                      dict(padding="same", dilation=(1, 2), groups=8)])
+def test_chunked_equals_unchunked_and_columns_stay_within_budget(monkeypatch, serial_engine, geometry):
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((7, 8, 6, 7)), rng.standard_normal((8, 8 // geometry["groups"], 3, 3))
+    gy = None
+    sizes = spy_column_sizes(monkeypatch)
     monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", 10 ** 9)
     whole, whole_count = ours(x, w, gy, 1, **geometry)
     per_image = max(sizes) // 7

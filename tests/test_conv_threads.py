@@ -24,6 +24,7 @@ import minibasis as mb
 from minibasis import backend, nn, parallel
 from minibasis import functions as F
 from minibasis.functions import conv as conv_module
+from test_conv_grouped import spy_column_sizes
 
 
 @pytest.fixture(autouse=True)
@@ -173,28 +174,20 @@ def test_threaded_counts_land_on_their_layer_and_phase():
     assert counter.backward.conv_by_layer() == {"0": first, "1": 2 * second}
 
 
-def test_threads_keep_the_columns_within_the_budget():
+def test_threads_keep_the_columns_within_the_budget(monkeypatch):
     """Two chunks are alive at once: each gets half the budget, so together they stay within it."""
-    x, w, gy, geometry = case(16, 8, 4, 3, size=16)
+    x, w, gy, geometry = case(16, 8, 8, 3, size=16)  # M = C: im2col forward (not kn2row) and backward
     whole_columns = 16 * per_image_columns(x, w, geometry)
     budget = whole_columns // 8
     conv_module.IM2COL_BUDGET_BYTES = budget
-    sizes = []
-    original = conv_module.im2col
-
-    def spy(*args, **kwargs):
-        col = original(*args, **kwargs)
-        sizes.append(col.nbytes)
-        return col
-    conv_module.im2col = spy
+    sizes = spy_column_sizes(monkeypatch)
+    tracemalloc.start()
     try:
-        tracemalloc.start()
         run_conv(x, w, gy, 2, **geometry)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-        conv_module.im2col = original
-    assert max(sizes) <= budget // 2
+    assert len(sizes) == 2 * 16 and max(sizes) <= budget // 2  # 16 chunks of 1 image, forward and backward
     assert peak < whole_columns / 2, f"peak {peak} bytes; the whole column buffer is {whole_columns}"
 
 
