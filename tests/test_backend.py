@@ -126,7 +126,8 @@ def _train_step_and_eval(backend_name: str):
     return loss.item(), grads, state, mb.to_numpy(logits), counter.as_dict()
 
 
-def test_small_cnn_step_is_identical_on_strict_and_numpy():
+def test_small_cnn_step_is_identical_on_strict_and_numpy(serial_engine):
+    # strict arrays always take the serial chunk loop; bitwise equality needs the same chunks on numpy
     reference = _train_step_and_eval("numpy")
     strict_run = _train_step_and_eval("strict")
     mb.use("numpy")

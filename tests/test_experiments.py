@@ -238,9 +238,10 @@ def test_anomaly_mode_names_the_module_whose_backward_breaks():
 # device hygiene
 # ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_commands_run_on_a_strict_device_backend_and_match_numpy(tmp_path):
+def test_commands_run_on_a_strict_device_backend_and_match_numpy(tmp_path, serial_engine):
     """The "strict" stand-in refuses every silent host/device mix-up as CuPy would; its results
-    equal NumPy's bit for bit, so training, resume, fine-tuning and the sweep must agree."""
+    equal NumPy's bit for bit, so training, resume, fine-tuning and the sweep must agree (NumPy on the
+    serial chunk loop, which strict arrays always take)."""
     from minibasis import io
 
     def train(epochs, device, folder, *extra):
