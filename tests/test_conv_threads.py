@@ -33,6 +33,7 @@ def serial_afterwards(monkeypatch):
     previous = mb.set_num_threads(1)
     monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", conv_module.CHUNK_TARGET_BYTES)
     monkeypatch.setattr(conv_module, "IM2COL_BUDGET_BYTES", conv_module.IM2COL_BUDGET_BYTES)
+    monkeypatch.setattr(conv_module, "PARALLEL_MIN_BYTES", 0)  # the small convs here are threaded too
     yield
     mb.set_num_threads(previous)
 
@@ -131,6 +132,21 @@ def test_the_chunks_really_run_on_two_threads(monkeypatch):
     assert len(threads_seen) == 2
     threads_seen.clear()
     run_conv(x, w, gy, 1, **geometry)
+    assert threads_seen == {threading.get_ident()}
+
+
+def test_a_conv_below_the_size_threshold_stays_serial(monkeypatch):
+    threads_seen = set()
+    original = conv_module.im2col
+
+    def spy(*args, **kwargs):
+        threads_seen.add(threading.get_ident())
+        return original(*args, **kwargs)
+    monkeypatch.setattr(conv_module, "im2col", spy)
+    x, w, gy, geometry = case(32, 4, 6, 3, padding=2)
+    conv_module.CHUNK_TARGET_BYTES = per_image_columns(x, w, geometry)
+    conv_module.PARALLEL_MIN_BYTES = 32 * per_image_columns(x, w, geometry) + 1  # one byte more than the batch's
+    run_conv(x, w, gy, 2, **geometry)
     assert threads_seen == {threading.get_ident()}
 
 

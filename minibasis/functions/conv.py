@@ -50,7 +50,11 @@ GEMM reads them; backward rebuilds a chunk's columns from x rather than keeping
 the whole batch's (rebuilding from cache is cheaper than a round trip through
 memory, and training memory stays small). ``IM2COL_BUDGET_BYTES`` caps the
 chunk (a hard memory bound); both settings change speed and memory, never
-results beyond float rounding of the order of summation.
+results beyond float rounding of the order of summation. With
+``minibasis.set_num_threads(n)`` (default 2 on a 2-core machine) the chunks of a
+conv with at least ``PARALLEL_MIN_BYTES`` of columns run on n threads
+(:mod:`minibasis.parallel`), each chunk with 1/n of the target and budget and the
+weight-gradient parts summed in chunk order; a smaller conv stays serial.
 
 Multiplications recorded (all under op ``conv2d``, which counts as convolution):
 
@@ -72,12 +76,14 @@ from minibasis.checks import ArgumentTypeError, non_negative_pair, positive_int,
 
 __all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "check_padding", "resolve_padding",
            "set_im2col_budget",
-           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO"]
+           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO", "PARALLEL_MIN_BYTES"]
 
 #: Largest column buffer built at once (bytes): a hard cap on im2col memory.
 IM2COL_BUDGET_BYTES = 256 * 2 ** 20
 #: Preferred column-buffer size of one chunk (bytes), small enough to stay in cache.
 CHUNK_TARGET_BYTES = 8 * 2 ** 20
+#: Convs with fewer column bytes over the whole batch run their chunks serially (minibasis.parallel).
+PARALLEL_MIN_BYTES = 2 ** 20
 #: Forward by kn2row when a "same" conv has M < KN2ROW_CHANNEL_RATIO · C (measured crossover).
 KN2ROW_CHANNEL_RATIO = 0.75
 
@@ -513,8 +519,10 @@ class Conv2dFunction(Function):
             y = _group_matmul(wg, im2col(x, *self._geometry()).reshape(n, g, c // g, h * w)).reshape(n, m, ho, wo)
         else:
             # Backward always works on columns (chunks sized for them), whichever forward ran.
-            self.workers = workers = parallel.workers_for(x, weight)
-            self.step = _chunk_size(n, c * kh * kw * ho * wo * x.dtype.itemsize, workers)
+            per_image = c * kh * kw * ho * wo * x.dtype.itemsize
+            # a small conv stays serial: a thread handoff per chunk would cost more than it saves
+            self.workers = workers = parallel.workers_for(x, weight) if n * per_image >= PARALLEL_MIN_BYTES else 1
+            self.step = _chunk_size(n, per_image, workers)
             y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
             step = self.step
             if _uses_kn2row(m, c, kernel, self.stride, self.padding, self.dilation, g):
