@@ -3,16 +3,17 @@
 A convolution goes through its batch in chunks (``minibasis.functions.conv``);
 the chunks are independent, and NumPy releases the GIL in its copies, ufuncs and
 BLAS calls, so with ``set_num_threads(n)`` (n > 1) :func:`map_chunks` runs them on
-n worker threads: the calling thread and n − 1 helpers. For the duration of such a section the BLAS is limited to ONE
-thread (through ``threadpoolctl``), so each worker's GEMM is single-threaded and
-the cores are never oversubscribed; outside it the BLAS keeps its own setting.
+n worker threads: the calling thread and n − 1 helpers. For the duration of such
+a section the BLAS is limited to ONE thread (through ``threadpoolctl``, ~13 µs a
+section), so each worker's GEMM is single-threaded and the cores are never
+oversubscribed; outside it the BLAS keeps its own setting.
 
 Results come back in chunk order (never completion order), so whatever the
 caller accumulates, it accumulates in the same order as the serial loop: the
 results are identical run to run. n chunks are in flight at once, so n chunks'
 buffers are alive at a time; the conv sizes its chunks for that (see
-``minibasis.functions.conv``). Device arrays (CuPy, the
-strict test backend) always take the serial path.
+``minibasis.functions.conv``). Device arrays (CuPy, the strict test backend)
+always take the serial path.
 
 The default is ``$MINIBASIS_NUM_THREADS``, else 2 where the process may run on
 at least 2 CPUs (else 1): measured on the 2-core machine (bench/README.md, issue

@@ -77,6 +77,17 @@ def per_image_columns(x, w, geometry) -> int:
     return c * k * k * ho * ho * x.dtype.itemsize
 
 
+def spy_threads(monkeypatch) -> set[int]:
+    """The ids of the threads that build im2col columns from now on."""
+    seen, original = set(), conv_module.im2col
+
+    def spy(*args, **kwargs):
+        seen.add(threading.get_ident())
+        return original(*args, **kwargs)
+    monkeypatch.setattr(conv_module, "im2col", spy)
+    return seen
+
+
 PATHS = {  # name: (n, c, m, k, groups, stride, padding, dilation, size)
     "same 3x3 (shifted runs)": (9, 4, 6, 3, 1, 1, 1, 1, 9),
     "kn2row (M < 0.75 C)": (9, 8, 2, 3, 1, 1, 1, 1, 9),
@@ -119,13 +130,7 @@ def test_threaded_equals_serial_on_drawn_geometries(n, c_per_group, m_per_group,
 
 def test_the_chunks_really_run_on_two_threads(monkeypatch):
     """Guards the equality tests against passing vacuously on a serial path."""
-    threads_seen = set()
-    original = conv_module.im2col
-
-    def spy(*args, **kwargs):
-        threads_seen.add(threading.get_ident())
-        return original(*args, **kwargs)
-    monkeypatch.setattr(conv_module, "im2col", spy)
+    threads_seen = spy_threads(monkeypatch)
     x, w, gy, geometry = case(32, 4, 6, 3, padding=2)
     conv_module.CHUNK_TARGET_BYTES = per_image_columns(x, w, geometry)  # one image per chunk: 32 chunks
     run_conv(x, w, gy, 2, **geometry)
@@ -136,13 +141,7 @@ def test_the_chunks_really_run_on_two_threads(monkeypatch):
 
 
 def test_a_conv_below_the_size_threshold_stays_serial(monkeypatch):
-    threads_seen = set()
-    original = conv_module.im2col
-
-    def spy(*args, **kwargs):
-        threads_seen.add(threading.get_ident())
-        return original(*args, **kwargs)
-    monkeypatch.setattr(conv_module, "im2col", spy)
+    threads_seen = spy_threads(monkeypatch)
     x, w, gy, geometry = case(32, 4, 6, 3, padding=2)
     conv_module.CHUNK_TARGET_BYTES = per_image_columns(x, w, geometry)
     conv_module.PARALLEL_MIN_BYTES = 32 * per_image_columns(x, w, geometry) + 1  # one byte more than the batch's
