@@ -59,7 +59,8 @@ def summary_row(label: str, history) -> dict:
             "stages": " + ".join(f"{stage} {count}" for stage, count in history.stages),
             "epochs": history.epochs, "final_test_acc": history.final_test_acc,
             "best_test_acc": None if best is None else best[1], "best_epoch": None if best is None else best[0],
-            "learnable_params": results.get("learnable_params"), "stored_values": results.get("stored_values"),
+            "learnable_params": results.get("learnable_params"),
+            "conv_learnable_params": results.get("conv_learnable_params"), "stored_values": results.get("stored_values"),
             "conv_mults": compression.get("conv_mults_after"),
             "hours": round(history.seconds / 3600, 3),
             "median_images_per_s": statistics.median(speeds) if speeds else None}
@@ -74,11 +75,11 @@ def _count(value) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    header = ["run", "epochs", "stages", "final test", "best test (epoch)", "learnable", "stored", "conv mults",
+    header = ["run", "epochs", "stages", "final test", "best test (epoch)", "learnable", "conv learnable", "stored", "conv mults",
               "hours", "images/s", "finished"]
     body = [[r["run"], str(r["epochs"]), r["stages"], _percent(r["final_test_acc"]),
              "-" if r["best_test_acc"] is None else f"{_percent(r['best_test_acc'])} ({r['best_epoch']})",
-             _count(r["learnable_params"]), _count(r["stored_values"]), _count(r["conv_mults"]),
+             _count(r["learnable_params"]), _count(r["conv_learnable_params"]), _count(r["stored_values"]), _count(r["conv_mults"]),
              f"{r['hours']:.2f}", "-" if r["median_images_per_s"] is None else f"{r['median_images_per_s']:.0f}",
              "yes" if r["finished"] else "no"] for r in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
