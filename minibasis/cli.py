@@ -22,6 +22,7 @@ VERBS = {
     "finetune": ("finetune", "the paper's two-step fine-tuning of a compressed network"),
     "train": ("train", "train a zoo model from scratch, optionally with fixed random bases"),
     "eval": ("evaluate", "evaluate a model and checkpoint on a test set"),
+    "compare": ("compare", "several runs' test accuracy per epoch side by side, with reference lines"),
     "verify": ("verify", "check the paper's formulas and the exactness of t = 1 against what executes"),
 }
 

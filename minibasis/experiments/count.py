@@ -14,6 +14,10 @@ For each model (one 32×32 image, eval mode, no graph):
   from the input size that reached it. GFLOPs in the paper's sense are conv
   multiplications / 10⁹.
 
+A MODEL may also be a model file (a minibasis ``model.npz`` or a PyTorch ``.th``/``.pth``):
+it is counted as the file describes it — compressed and random-basis models with their BasisConv
+layout — e.g. ``minibasis count docs/results/table3-basis/model.npz``.
+
 For the paper's four CIFAR-100 nets (alexnet, vgg16, resnet110 with 1×1-conv
 shortcuts, densenet190) the paper's Table 1 parameters and Table 2 filters and
 GFLOPs are printed beside the measurements; docs/models.md explains which of
@@ -90,6 +94,31 @@ def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> di
     }
 
 
+def _is_model_file(name: str) -> bool:
+    from pathlib import Path
+
+    return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt") or Path(name).is_file()
+
+
+def _load_file(path: str):
+    """(model, description, config) of a model file; UserError when it cannot be read."""
+    from pathlib import Path
+
+    import minibasis
+    from minibasis.training import CheckpointError
+
+    if not Path(path).is_file():
+        raise UserError(f"model file {path} does not exist (MODEL is a zoo name or a model file)")
+    try:
+        model, metadata = minibasis.load_model(path)
+    except (CheckpointError, ValueError, TypeError, OSError) as exc:
+        raise UserError(f"cannot read the model file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    architecture = metadata.architecture or {}
+    label = Path(path).name if Path(path).parent.name in ("", ".") else f"{Path(path).parent.name}/{Path(path).name}"
+    return model, label, {"num_classes": metadata.num_classes, "file": str(path),
+                                    "architecture": architecture.get("name")}
+
+
 def model_config(name: str, num_classes: int | None, depth: int | None, shortcut: str | None) -> dict[str, Any]:
     """Constructor keyword arguments for ``name``: the paper's configuration for its four nets
     (CIFAR-100; bearpaw's 1×1-conv shortcuts for ResNet-110), CIFAR-10 otherwise, overridden
@@ -133,7 +162,7 @@ def format_table(reports: list[dict]) -> str:
     for r in reports:
         paper = r.get("paper") or {}
         lines.append(
-            f"{r['description']:<24}{r['config']['num_classes']:>8}{r['params']:>13,}"
+            f"{r['description']:<24}{r['config'].get('num_classes') or '-':>8}{r['params']:>13,}"
             f"{format(paper['params'], ',') if 'params' in paper else '-':>13}{r['stored_values']:>13,}"
             f"{r['filters']:>12,}{r['filters_min_md']:>11,}{format(paper['filters'], ',') if paper else '-':>8}"
             f"{r['conv_mults_measured']:>21,}{r['conv_mults_formula']:>15,}{r['gflops']:>9.3f}"
@@ -157,8 +186,8 @@ def format_layers(report: dict) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="model names (table3_cnn, alexnet, vgg16, vgg16_bn, resnet20/32/44/56/110/1202, "
-                             "resnet_cifar --depth D, densenet190, densenet_bc --depth D), or 'paper' for the "
-                             "paper's four nets")
+                             "resnet_cifar --depth D, densenet190, densenet_bc --depth D), 'paper' for the "
+                             "paper's four nets, or model files (model.npz, .th/.pth)")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="output classes (default: 100 for the paper's CIFAR-100 nets alexnet, vgg16, "
                              "resnet110, densenet190; 10 otherwise)")
@@ -174,24 +203,34 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from minibasis.models import get_model
 
+    files = [name for name in args.models if name != "paper" and _is_model_file(name)]
     names = []
     for name in args.models:
-        names.extend(PAPER_NAMES if name == "paper" else [name])
+        names.extend(PAPER_NAMES if name == "paper" else [] if name in files else [name])
+    if files and (args.num_classes is not None or args.depth is not None or args.shortcut is not None):
+        raise UserError("--num-classes, --depth and --shortcut do not apply to model files (the file decides): "
+                        + ", ".join(files))
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num-classes must be ≥ 1, got {args.num_classes}")
     if args.depth is not None and not any(name in _DEPTH_NAMES for name in names):
         raise UserError(f"--depth applies to {' and '.join(_DEPTH_NAMES)}, not to {', '.join(names)}")
     if args.shortcut is not None and not any(name in _RESNET_NAMES for name in names):
         raise UserError(f"--shortcut applies to the CIFAR ResNets, not to {', '.join(names)}")
+    builds = []
+    for name in args.models:  # every name and file checked before anything is counted
+        if name in files:
+            builds.append((name,) + _load_file(name))
+            continue
+        for zoo_name in PAPER_NAMES if name == "paper" else [name]:
+            config = model_config(zoo_name, args.num_classes, args.depth, args.shortcut)
+            try:
+                model = get_model(zoo_name, **config)
+            except (ValueError, TypeError) as exc:
+                raise UserError(f"cannot build {zoo_name} with {config}: {exc}") from None
+            builds.append((zoo_name, model, _describe(zoo_name, config), config))
     reports = []
-    for name in names:
-        config = model_config(name, args.num_classes, args.depth, args.shortcut)
-        try:
-            model = get_model(name, **config)
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"cannot build {name} with {config}: {exc}") from None
-        report = {"model": name, "description": _describe(name, config), "config": config,
-                  **count_model(model)}
+    for name, model, description, config in builds:
+        report = {"model": name, "description": description, "config": config, **count_model(model)}
         report["paper"] = _paper_figures(name, config)
         if report["conv_mults_measured"] != report["conv_mults_formula"]:
             print(f"warning: {name}: measured conv mults {report['conv_mults_measured']:,} differ from the "

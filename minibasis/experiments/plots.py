@@ -175,8 +175,10 @@ def plot_training_curves(path: Path, history: Sequence[dict], title: str = "trai
     return save_plot(path, _curves, history, title, references, figsize=(10, 4.2))
 
 
-def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: str):
+def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: str, boundaries: Sequence[float]):
     ax = fig.subplots()
+    for x in boundaries:  # stage changes (fine-tuning's step 1 → step 2)
+        ax.axvline(x, color="gray", ls=":", lw=0.8)
     for label, points in curves.items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
     for i, (label, value) in enumerate(references.items()):
@@ -190,6 +192,9 @@ def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: st
 
 
 def plot_accuracy_curves(path: Path, curves: dict[str, Sequence[tuple[float, float]]],
-                         references: dict[str, float] | None = None, title: str = "", xlabel: str = "epoch") -> Path | None:
-    """Several runs' test accuracy per epoch on one axis: label → [(epoch, accuracy), ...]."""
-    return save_plot(path, _accuracy_curves, curves, references or {}, title, xlabel)
+                         references: dict[str, float] | None = None, title: str = "", xlabel: str = "epoch",
+                         boundaries: Sequence[float] = ()) -> Path | None:
+    """Several runs' test accuracy per epoch on one axis: label → [(epoch, accuracy), ...];
+    ``references``: label → accuracy (fraction) drawn as horizontal lines; ``boundaries``: x
+    positions of dotted vertical lines (stage changes)."""
+    return save_plot(path, _accuracy_curves, curves, references or {}, title, xlabel, tuple(boundaries))

@@ -32,7 +32,7 @@ RESUME_MAY_DIFFER = frozenset({"resume", "overwrite", "output", "device", "quiet
 
 # What a verb writes into its run folder (``--overwrite`` deletes these, and nothing else).
 RUN_FILES = ("config.json", "log.txt", "checkpoint-*.npz", "metrics-*.json", "metrics-*.csv", "results.json",
-             "results.csv", "model.npz", "report.json", "sweep.json", "sweep.csv", "eval.json", "*.png")
+             "results.csv", "model.npz", "report.json", "sweep.json", "sweep.csv", "eval.json", "compare.json", "*.png")
 
 
 def default_output(verb: str) -> Path:

@@ -4,6 +4,7 @@
   the non-finite guard (:class:`NonFiniteError`, :class:`AnomalyDetector` on forward hooks);
 * :func:`fine_tune` — the paper's two steps; :func:`recalibrate_batch_norm`;
 * :func:`evaluate` — top-1 accuracy and loss on host arrays (:class:`EvalResult`);
+* :func:`load_run` — a run folder's per-epoch history and results (:class:`RunHistory`);
 * :func:`save_checkpoint` / :func:`load_checkpoint` (:class:`CheckpointError`), :class:`RunFolder`,
   :func:`write_json` / :func:`write_csv`, :class:`ProgressBar`.
 
@@ -16,6 +17,7 @@ from minibasis.training.evaluation import EvalResult, evaluate, to_device_batch
 from minibasis.training.files import RunFolder, read_json, write_csv, write_json
 from minibasis.training.finetune import (coefficient_parameters, conv_weight_parameters, fine_tune, freeze_all_but,
                                          non_conv_parameters, recalibrate_batch_norm)
+from minibasis.training.history import RunHistory, load_run
 from minibasis.training.guard import AnomalyDetector, NonFiniteError
 from minibasis.training.progress import ProgressBar, format_duration
 from minibasis.training.trainer import Trainer, format_row
@@ -25,4 +27,4 @@ __all__ = ["Trainer", "fine_tune", "recalibrate_batch_norm", "evaluate", "EvalRe
            "capture_rng_state", "restore_rng_state", "seed_device_rng", "CHECKPOINT_FORMAT", "RunFolder",
            "write_json", "write_csv", "read_json", "ProgressBar", "format_duration", "format_row",
            "coefficient_parameters", "conv_weight_parameters", "non_conv_parameters", "freeze_all_but",
-           "to_device_batch"]
+           "to_device_batch", "RunHistory", "load_run"]
