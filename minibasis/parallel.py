@@ -71,7 +71,7 @@ def _blas_controller():
 
 
 def set_num_threads(n: int) -> int:
-    """Run the conv's chunks on ``n`` worker threads (1: serial, the default); returns the previous count.
+    """Run the conv's chunks on ``n`` worker threads (1: the serial loop); returns the previous count.
 
     n > 1 needs ``threadpoolctl`` (a dependency). Results equal the serial path's within float
     rounding (the chunks may be sized differently) and are identical run to run;
