@@ -39,7 +39,7 @@ def make_parser(name: str, description: str, repeats: int = 5) -> argparse.Argum
                         help="refuse to run when the 1-minute load average exceeds this (default: only warn)")
     parser.add_argument("--threads", type=int, default=None,
                         help="minibasis engine threads for the conv's chunks (sets $MINIBASIS_NUM_THREADS, "
-                             "inherited by worker processes; default: the environment's, else 1)")
+                             "inherited by worker processes; default: the environment's, else the engine's: 2 on ≥ 2 usable CPUs)")
     return parser
 
 
