@@ -82,6 +82,11 @@ def environment() -> dict:
         "machine": platform.machine(),
         "processor": _cpu_model(),
     }
+    try:  # the count the engine will use (the variable, else its own default), not just the variable
+        from minibasis import parallel
+        env["engine_threads"] = parallel.get_num_threads()
+    except ImportError:
+        env["engine_threads"] = None
     try:
         import torch
         env["torch"] = torch.__version__
@@ -227,7 +232,7 @@ def describe_environment(env: dict) -> str:
                  f"{blas.get('num_threads')} threads" if blas else
                  f"threads from environment: {env.get('thread_variables') or 'not set'}")
     end = env.get("load_average_end")
-    engine = env.get("thread_variables", {}).get("MINIBASIS_NUM_THREADS", "1")
+    engine = env.get("engine_threads") or env.get("thread_variables", {}).get("MINIBASIS_NUM_THREADS", "?")
     return (f"{env.get('processor')}, {env.get('cpu_count')} cores; BLAS: {blas_text}; minibasis threads {engine}; "
             f"torch {env.get('torch')} ({env.get('torch_threads')} threads); load average "
             f"{env['load_average'][0]:.2f} at start" + (f", {end[0]:.2f} at end" if end else ""))
