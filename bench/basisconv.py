@@ -120,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None,
                         help="the ResNet's checkpoint (default: $MINIBASIS_SHARED/models/akamaster/resnet<depth>-*.th)")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--fuse-bn", action="store_true",
+                        help="fold every eval-mode BatchNorm into the conv before it (minibasis.fuse_batch_norm), "
+                             "in the original and in each compressed network: the deployment form")
     parser.add_argument("--thresholds", type=float, nargs="*", default=list(THRESHOLDS))
     args = parser.parse_args(argv)
     env = common.check_machine(args)
@@ -137,6 +140,9 @@ def main(argv=None) -> int:
     model = resnet_cifar(args.depth)
     model.load_state_dict(mbio.load_torch_checkpoint(checkpoint))
     model.eval()
+    # compress the network as trained; fold the BatchNorms of each network afterwards (folding first
+    # would rescale the filters and change the bases the energy threshold picks)
+    original = mb.fuse_batch_norm(model) if args.fuse_bn else model
     images, labels, source = bench_batch(args.batch)
     x = mb.tensor(images)
 
@@ -151,15 +157,17 @@ def main(argv=None) -> int:
             out = net(x)
         return counter, mb.to_numpy(out)
 
-    base_counts, base_out = counted(model)
-    base_conv, base_rest = conv_split(model, evaluate(model), args.repeats, sync)
+    base_counts, base_out = counted(original)
+    base_conv, base_rest = conv_split(original, evaluate(original), args.repeats, sync)
     base_accuracy = None if labels is None else float((base_out.argmax(1) == labels).mean())
     rows = []
     for t in args.thresholds:
         compressed, report = mb.compress(model, energy_threshold=t, input_shape=(1, 3, 32, 32))
         compressed.eval()
+        if args.fuse_bn:
+            compressed = mb.fuse_batch_norm(compressed)
         counts, out = counted(compressed)
-        best = interleaved_best({"original": evaluate(model), "compressed": evaluate(compressed)}, args.repeats, sync)
+        best = interleaved_best({"original": evaluate(original), "compressed": evaluate(compressed)}, args.repeats, sync)
         row = {
             "threshold": t,
             "layers_replaced": sum(1 for layer in report.layers if layer.replaced),
@@ -195,6 +203,7 @@ def main(argv=None) -> int:
               r["top1_accuracy"], r["top1_agreement_with_original"],
               ("met" if r["target_met"] else "MISSED") if r["target_applies"] else "n/a"] for r in rows]
     print(f"\nResNet-{args.depth} (pretrained) evaluation, batch {args.batch} ({source}), device {args.device}, "
+          f"{'BatchNorm folded into the convs, ' if args.fuse_bn else ''}"
           f"best of {args.repeats} interleaved runs; original top-1 on the batch: "
           f"{'-' if base_accuracy is None else f'{base_accuracy:.3f}'}")
     print(common.format_table(["threshold", "replaced", "conv mult ratio", "all mult ratio", "orig ms", "comp ms",
@@ -204,7 +213,7 @@ def main(argv=None) -> int:
                                "conv time/mult", "orig rest ms", "comp rest ms", "rest share (orig)"], split))
     print(common.describe_environment(env))
     common.write_json(args.output, {"benchmark": "basisconv", "device": args.device, "repeats": args.repeats,
-                                    "batch": args.batch, "inputs": source, "original_top1_accuracy": base_accuracy,
+                                    "batch": args.batch, "inputs": source, "fuse_bn": args.fuse_bn, "original_top1_accuracy": base_accuracy,
                                     "checkpoint": str(checkpoint), "environment": env,
                                     "rows": rows})
     return 0
