@@ -1,7 +1,8 @@
 """Worker threads for the engine's chunk loops (NumPy backend only); the one place that owns them.
 
-A convolution goes through its batch in chunks (``minibasis.functions.conv``);
-the chunks are independent, and NumPy releases the GIL in its copies, ufuncs and
+A convolution and a max pool go through their batch in chunks
+(``minibasis.functions.conv``, ``minibasis.functions.pooling``, sized by
+:func:`chunk_step`); the chunks are independent, and NumPy releases the GIL in its copies, ufuncs and
 BLAS calls, so with ``set_num_threads(n)`` (n > 1) :func:`map_chunks` runs them on
 n worker threads: the calling thread and n − 1 helpers. For the duration of such
 a section the BLAS is limited to ONE thread (through ``threadpoolctl``, ~13 µs a
@@ -11,8 +12,7 @@ oversubscribed; outside it the BLAS keeps its own setting.
 Results come back in chunk order (never completion order), so whatever the
 caller accumulates, it accumulates in the same order as the serial loop: the
 results are identical run to run. n chunks are in flight at once, so n chunks'
-buffers are alive at a time; the conv sizes its chunks for that (see
-``minibasis.functions.conv``). Device arrays (CuPy, the strict test backend)
+buffers are alive at a time; :func:`chunk_step` sizes the chunks for that. Device arrays (CuPy, the strict test backend)
 always take the serial path.
 
 The default is ``$MINIBASIS_NUM_THREADS``, else 2 where the process may run on
@@ -33,7 +33,8 @@ from typing import Callable, Iterable, Iterator
 from minibasis import backend
 from minibasis.checks import positive_int
 
-__all__ = ["set_num_threads", "get_num_threads", "workers_for", "map_chunks", "run_chunks", "ENV_VARIABLE"]
+__all__ = ["set_num_threads", "get_num_threads", "workers_for", "chunk_step", "chunk_ranges", "map_chunks", "run_chunks",
+           "ENV_VARIABLE"]
 
 #: Environment variable read for the initial thread count.
 ENV_VARIABLE = "MINIBASIS_NUM_THREADS"
@@ -131,6 +132,25 @@ def _helpers(count: int) -> ThreadPoolExecutor:
             _pool = count, ThreadPoolExecutor(max_workers=count, thread_name_prefix="minibasis",
                                               initializer=setattr, initargs=(_in_worker, "active", True))
         return _pool[1]
+
+
+def chunk_step(n: int, per_item_bytes: int, target_bytes: int, workers: int = 1) -> int:
+    """Items per chunk: about ``target_bytes`` of working data per chunk (but ≥ 1 item).
+
+    ``workers`` chunks are alive at once on worker threads, so each gets 1/workers of
+    the target (the bytes alive stay within it), and the chunk count is rounded up
+    to a multiple of ``workers`` (equal shares).
+    """
+    step = max(1, min(n, (target_bytes // workers) // max(per_item_bytes, 1)))
+    if workers > 1:
+        chunks = -(-n // step)
+        step = -(-n // (-(-chunks // workers) * workers))
+    return step
+
+
+def chunk_ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """(start, stop) of each chunk of ``step`` items out of ``n``."""
+    return [(start, min(n, start + step)) for start in range(0, n, step)]
 
 
 @contextlib.contextmanager

@@ -7,11 +7,14 @@ last NaN), for the common windows (2×2/2, 3×3/2 overlapping, global) and odd o
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import minibasis as mb
+from minibasis import backend
 from minibasis import functions as F
 from minibasis.functions.pooling import pool_output_size
 
@@ -129,3 +132,44 @@ def test_float32_network_shapes_match_pytorch():
         got, got_gx = ours(x, gy, kernel_size=k, stride=s)
         np.testing.assert_array_equal(got, yt.detach().numpy())
         np.testing.assert_allclose(got_gx, xt.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+
+@contextlib.contextmanager
+def pool_chunks(num_bytes, threads):
+    """MAX_POOL_CHUNK_BYTES and the engine threads set for the block; the stage calls counted in the list yielded."""
+    from minibasis.functions import pooling
+    calls, original = [], pooling._max_along
+    saved_bytes, pooling.MAX_POOL_CHUNK_BYTES = pooling.MAX_POOL_CHUNK_BYTES, num_bytes
+    pooling._max_along = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    previous = mb.set_num_threads(threads)
+    try:
+        yield calls
+    finally:
+        mb.set_num_threads(previous)
+        pooling._max_along, pooling.MAX_POOL_CHUNK_BYTES = original, saved_bytes
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=pool_cases(), batch=st.integers(1, 5), threads=st.sampled_from([1, 2]))
+def test_chunks_and_threads_change_no_bit(case, batch, threads):
+    """One image per chunk, on one or two engine threads: output and gradient bitwise those of one piece."""
+    shape, kwargs, nan_fraction, seed = case
+    shape = (batch,) + shape[1:]
+    rng = np.random.default_rng(seed)
+    x = tied_input(rng, shape, nan_fraction)
+    args = (kwargs["kernel_size"], kwargs["stride"], kwargs["padding"], kwargs["ceil_mode"])
+    out_hw = tuple(pool_output_size(s, k, st_, p, kwargs["ceil_mode"]) for s, k, st_, p in zip(shape[2:], *args[:3]))
+    gy = rng.standard_normal(shape[:2] + out_hw)
+    with pool_chunks(2 ** 40, 1) as calls:
+        whole = ours(x, gy, **kwargs)
+    assert len(calls) == 2  # one piece: two stages
+    with pool_chunks(1, threads) as calls:
+        chunked = ours(x, gy, **kwargs)
+    on_host = backend.is_host_array(mb.tensor(x).data)
+    assert len(calls) == 2 * (batch if on_host else 1)  # two stages per image; a device array in one piece
+    for got, want in zip(chunked, whole):
+        np.testing.assert_array_equal(got, want)
+    want, want_gx = loop_max_pool(x, gy, *args)
+    np.testing.assert_array_equal(chunked[0], want)
+    np.testing.assert_allclose(chunked[1], want_gx, rtol=1e-12, atol=1e-12)

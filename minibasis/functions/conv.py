@@ -343,21 +343,10 @@ def col2im(col, x_shape: tuple, kernel: tuple, stride: tuple, padding: tuple, di
 def _chunk_size(n: int, per_sample_bytes: int, workers: int = 1) -> int:
     """Images per chunk: about CHUNK_TARGET_BYTES of columns, never over IM2COL_BUDGET_BYTES (but ≥ 1).
 
-    ``workers`` chunks are alive at once on worker threads (:mod:`minibasis.parallel`),
-    so each gets 1/workers of both (the columns alive stay within the budget), and
-    the chunk count is rounded up to a multiple of ``workers`` (equal shares).
+    With ``workers`` threads each chunk gets 1/workers of both, so the columns alive
+    at once stay within the budget (:func:`minibasis.parallel.chunk_step`).
     """
-    target = min(CHUNK_TARGET_BYTES, IM2COL_BUDGET_BYTES) // workers
-    step = max(1, min(n, target // max(per_sample_bytes, 1)))
-    if workers > 1:
-        chunks = -(-n // step)
-        step = -(-n // (-(-chunks // workers) * workers))
-    return step
-
-
-def _chunks(n: int, step: int):
-    """(start, stop) of each chunk of ``step`` images out of ``n``."""
-    return [(start, min(n, start + step)) for start in range(0, n, step)]
+    return parallel.chunk_step(n, per_sample_bytes, min(CHUNK_TARGET_BYTES, IM2COL_BUDGET_BYTES), workers)
 
 
 def _uses_kn2row(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
@@ -541,7 +530,7 @@ class Conv2dFunction(Function):
                     col = im2col(x[start:stop], *self._geometry())
                     product = _group_matmul(wg, col.reshape(g, -1, col.shape[1]))  # (g, M/g, n·P)
                     y[start:stop] = product.reshape(m, -1, ho, wo).transpose(1, 0, 2, 3)
-            parallel.run_chunks(chunk_forward, _chunks(n, step), workers)
+            parallel.run_chunks(chunk_forward, parallel.chunk_ranges(n, step), workers)
         if bias is not None:
             y += bias.reshape(1, m, 1, 1)
         return y
@@ -564,8 +553,8 @@ class Conv2dFunction(Function):
             xp = backend.get_array_module(gy)
             gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
             chunk_backward = self._depthwise_chunk_backward if self._depthwise_shifts(m, c) else self._chunk_backward
-            for part in parallel.map_chunks(functools.partial(chunk_backward, gy, gx), _chunks(n, self.step),
-                                            self.workers):
+            chunks = parallel.chunk_ranges(n, self.step)
+            for part in parallel.map_chunks(functools.partial(chunk_backward, gy, gx), chunks, self.workers):
                 if part is None:
                     continue
                 if gw is None:  # summed in chunk order: the same result on every run, whatever the threads

@@ -7,12 +7,19 @@ multiplications: max pooling compares, average pooling adds and divides.
 """
 from __future__ import annotations
 
-from minibasis import backend
+from minibasis import backend, parallel
 from minibasis.autograd import Function, Tensor
 from minibasis.checks import non_negative_pair, positive_pair
 from minibasis.functions.basic import keep_where
 
-__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "pool_output_size", "check_flag"]
+__all__ = ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "pool_output_size", "check_flag",
+           "MAX_POOL_CHUNK_BYTES"]
+
+#: Preferred padded-input bytes of one chunk of a max pool on the host (images at a time), small enough
+#: that its ~10 passes (maxima, winning offsets, the gradient's selections) run in cache. Measured
+#: (bench/README.md): the 3×3/2 pool of a (128, 32, 32, 32) float32 batch, forward + backward, 63 ms in
+#: one piece, 30 ms in chunks of 8 images (1 MiB). Device arrays go through in one piece.
+MAX_POOL_CHUNK_BYTES = 2 ** 20
 
 
 def _window_args(name, x, kernel_size, stride, padding):
@@ -115,24 +122,61 @@ class MaxPool2d(_Pool2d):
     row-major order is in the first row whose row maximum equals the window's, at
     that row's first maximum; a NaN window's winner (the last NaN in row-major
     order) is in the last row holding a NaN, at its last NaN.
+
+    On the host the batch goes through in chunks of about ``MAX_POOL_CHUNK_BYTES``
+    of padded input, so each chunk's passes run in cache, on the engine's worker
+    threads (:mod:`minibasis.parallel`) when it is large enough. Every window is
+    computed the same way whatever the chunks: the results are bitwise those of
+    one piece.
     """
 
     def forward(self, x):
         xp = backend.get_array_module(x)
         self._setup(x.shape)
-        padded = self._padded(x, -xp.inf)
+        n, c, h, w = x.shape
+        (ph, pw), (eh, ew) = self.padding, self.extra
         (kh, kw), (sh, sw), (ho, wo) = self.kernel, self.stride, self.out_hw
-        rows, self.column_winner = _max_along(padded, 3, kw, sw, wo)  # (N, C, Hp, Wo)
-        out, self.row_winner = _max_along(rows, 2, kh, sh, ho)  # (N, C, Ho, Wo)
-        self.padded_hw = padded.shape[2:]
-        return out.copy() if self.kernel == (1, 1) else out  # a 1×1 window gives a view of x
+        self.padded_hw = hp, wp = h + 2 * ph + eh, w + 2 * pw + ew
+        out = xp.empty((n, c, ho, wo), dtype=x.dtype)
+        self.column_winner = xp.empty((n, c, hp, wo), _index_dtype(xp, kw)) if kw > 1 else None
+        self.row_winner = xp.empty((n, c, ho, wo), _index_dtype(xp, kh)) if kh > 1 else None
+
+        def chunk_forward(start, stop):
+            padded = self._padded(x[start:stop], -xp.inf)
+            rows = _max_along(padded, 3, kw, sw, wo, winner=_part(self.column_winner, start, stop))  # (n, C, Hp, Wo)
+            _max_along(rows, 2, kh, sh, ho, out=out[start:stop], winner=_part(self.row_winner, start, stop))
+
+        self.chunks, self.workers = _pool_chunks(x, c * hp * wp * x.dtype.itemsize)
+        parallel.run_chunks(chunk_forward, self.chunks, self.workers)
+        return out
 
     def backward(self, gy):
+        xp = backend.get_array_module(gy)
         (kh, kw), (sh, sw) = self.kernel, self.stride
+        n, c = self.x_shape[:2]
         hp, wp = self.padded_hw
-        g_rows = _max_along_backward(gy, self.row_winner, 2, kh, sh, hp)
-        grad = _max_along_backward(g_rows, self.column_winner, 3, kw, sw, wp)
-        return self._unpad(grad.copy() if grad is gy else grad)  # never hand gy back as the gradient
+        grad = xp.empty((n, c, hp, wp), dtype=gy.dtype)
+
+        def chunk_backward(start, stop):
+            g_rows = _max_along_backward(gy[start:stop], _part(self.row_winner, start, stop), 2, kh, sh, hp)
+            _max_along_backward(g_rows, _part(self.column_winner, start, stop), 3, kw, sw, wp, out=grad[start:stop])
+
+        parallel.run_chunks(chunk_backward, self.chunks, self.workers)
+        return self._unpad(grad)
+
+
+def _part(a, start: int, stop: int):
+    """Images [start, stop) of ``a`` (None stays None)."""
+    return None if a is None else a[start:stop]
+
+
+def _pool_chunks(x, per_image_bytes: int):
+    """(chunks, workers) of a max pool over ``x``: host arrays in chunks of about MAX_POOL_CHUNK_BYTES."""
+    n = x.shape[0]
+    if not backend.is_host_array(x):
+        return [(0, n)], 1
+    workers = parallel.workers_for(x) if n * per_image_bytes >= 2 * MAX_POOL_CHUNK_BYTES else 1
+    return parallel.chunk_ranges(n, parallel.chunk_step(n, per_image_bytes, workers * MAX_POOL_CHUNK_BYTES, workers)), workers
 
 
 def _axis_view(a, axis: int, start: int, stride: int, count: int):
@@ -142,22 +186,27 @@ def _axis_view(a, axis: int, start: int, stride: int, count: int):
     return a[tuple(index)]
 
 
-def _max_along(a, axis: int, kernel: int, stride: int, count: int):
-    """1-D max pool of ``a`` along ``axis``: (maxima, winning offset or None when the kernel is 1).
+def _max_along(a, axis: int, kernel: int, stride: int, count: int, out=None, winner=None):
+    """1-D max pool of ``a`` along ``axis``: the maxima (into ``out`` if given, else a new array or, for
+    kernel 1 without ``out``, a view of ``a``), the winning offsets written into ``winner`` (kernel > 1).
 
     Ties go to the first offset; where the maximum is NaN, to the last NaN (PyTorch).
     """
     if kernel == 1:
-        return _axis_view(a, axis, 0, stride, count), None
+        view = _axis_view(a, axis, 0, stride, count)
+        if out is None:
+            return view
+        out[...] = view
+        return out
     xp = backend.get_array_module(a)
     views = [_axis_view(a, axis, i, stride, count) for i in range(kernel)]
-    out = xp.maximum(views[0], views[1])  # maximum propagates NaN
+    out = xp.maximum(views[0], views[1], out=out)  # maximum propagates NaN
     for view in views[2:]:
         xp.maximum(out, view, out=out)
     # winner = the number of offsets before the first maximum = Σ_i [no maximum among 0 … i],
     # branch-free integer passes (a boolean-mask assignment per offset took 10x longer).
-    dtype = _index_dtype(xp, kernel)
-    winner, searching, flag = xp.zeros(out.shape, dtype), xp.ones(out.shape, dtype), xp.empty(out.shape, dtype)
+    searching, flag = xp.ones(out.shape, winner.dtype), xp.empty(out.shape, winner.dtype)
+    winner[...] = 0
     for view in views[:-1]:
         xp.not_equal(view, out, out=flag)
         xp.bitwise_and(searching, flag, out=searching)
@@ -169,24 +218,31 @@ def _max_along(a, axis: int, kernel: int, stride: int, count: int):
     if not backend.is_host_array(out) or bool(is_nan.any()):
         for i, view in enumerate(views):  # ascending: the last NaN is written last
             winner[is_nan & (view != view)] = i
-    return out, winner
+    return out
 
 
-def _max_along_backward(g_out, winner, axis: int, kernel: int, stride: int, size: int):
-    """Gradient of :func:`_max_along` with respect to its input (``size`` long along ``axis``)."""
+def _max_along_backward(g_out, winner, axis: int, kernel: int, stride: int, size: int, out=None):
+    """Gradient of :func:`_max_along` with respect to its input (``size`` long along ``axis``), into ``out``
+    if given (else a new array, or ``g_out`` itself where the stage is the identity)."""
     count = g_out.shape[axis]
-    if kernel == 1 and stride == 1 and size == count:
-        return g_out
     xp = backend.get_array_module(g_out)
-    shape = list(g_out.shape)
-    shape[axis] = size
-    grad = xp.zeros(shape, dtype=g_out.dtype)
+    if kernel == 1 and stride == 1 and size == count:
+        if out is None:
+            return g_out
+        out[...] = g_out
+        return out
+    if out is None:
+        shape = list(g_out.shape)
+        shape[axis] = size
+        out = xp.zeros(shape, dtype=g_out.dtype)
+    else:
+        out[...] = 0
     if kernel == 1:
-        _axis_view(grad, axis, 0, stride, count)[...] = g_out
-        return grad
+        _axis_view(out, axis, 0, stride, count)[...] = g_out
+        return out
     for i in range(kernel):
-        _axis_view(grad, axis, i, stride, count)[...] += keep_where(g_out, xp.equal, winner, i)
-    return grad
+        _axis_view(out, axis, i, stride, count)[...] += keep_where(g_out, xp.equal, winner, i)
+    return out
 
 
 def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False) -> Tensor:
