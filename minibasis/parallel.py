@@ -2,8 +2,8 @@
 
 A convolution and a max pool go through their batch in chunks
 (``minibasis.functions.conv``, ``minibasis.functions.pooling``, sized by
-:func:`chunk_step`); the chunks are independent, and NumPy releases the GIL in its copies, ufuncs and
-BLAS calls, so with ``set_num_threads(n)`` (n > 1) :func:`map_chunks` runs them on
+:func:`chunk_step`); the chunks are independent, and NumPy releases the GIL in
+its copies, ufuncs and BLAS calls, so with ``set_num_threads(n)`` (n > 1) :func:`map_chunks` runs them on
 n worker threads: the calling thread and n − 1 helpers. For the duration of such
 a section the BLAS is limited to ONE thread (through ``threadpoolctl``, ~13 µs a
 section), so each worker's GEMM is single-threaded and the cores are never
@@ -12,8 +12,8 @@ oversubscribed; outside it the BLAS keeps its own setting.
 Results come back in chunk order (never completion order), so whatever the
 caller accumulates, it accumulates in the same order as the serial loop: the
 results are identical run to run. n chunks are in flight at once, so n chunks'
-buffers are alive at a time; :func:`chunk_step` sizes the chunks for that. Device arrays (CuPy, the strict test backend)
-always take the serial path.
+buffers are alive at a time; :func:`chunk_step` sizes the chunks for that.
+Device arrays (CuPy, the strict test backend) always take the serial path.
 
 The default is ``$MINIBASIS_NUM_THREADS``, else 2 where the process may run on
 at least 2 CPUs (else 1): measured on the 2-core machine (bench/README.md, issue
@@ -33,8 +33,8 @@ from typing import Callable, Iterable, Iterator
 from minibasis import backend
 from minibasis.checks import positive_int
 
-__all__ = ["set_num_threads", "get_num_threads", "workers_for", "chunk_step", "chunk_ranges", "map_chunks", "run_chunks",
-           "ENV_VARIABLE"]
+__all__ = ["set_num_threads", "get_num_threads", "workers_for", "chunk_step", "chunk_ranges", "map_chunks",
+           "run_chunks", "ENV_VARIABLE"]
 
 #: Environment variable read for the initial thread count.
 ENV_VARIABLE = "MINIBASIS_NUM_THREADS"

@@ -21,7 +21,8 @@ FINISHED = sorted(p.parent for p in RESULTS.glob("*/model.npz") if (p.parent / "
 
 
 def test_the_committed_runs_are_found():
-    # the Table 3 pair and the ResNet-20 fine-tuning pair at the paper's budgets, at least: a moved folder must not silently empty this file
+    # the Table 3 pair and the ResNet-20 fine-tuning pair at the paper's budgets, at least:
+    # a moved folder must not silently empty this file
     assert {"table3-conv", "table3-basis", "r20-ft-compressed", "r20-ft-baseline"} <= {p.name for p in FINISHED}
 
 

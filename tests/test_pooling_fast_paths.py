@@ -134,7 +134,6 @@ def test_float32_network_shapes_match_pytorch():
         np.testing.assert_allclose(got_gx, xt.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
-
 @contextlib.contextmanager
 def pool_chunks(num_bytes, threads):
     """MAX_POOL_CHUNK_BYTES and the engine threads set for the block; the stage calls counted in the list yielded."""

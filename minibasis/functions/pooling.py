@@ -175,8 +175,10 @@ def _pool_chunks(x, per_image_bytes: int):
     n = x.shape[0]
     if not backend.is_host_array(x):
         return [(0, n)], 1
+    # threads only where each of two workers gets at least a full chunk: a handoff costs more than a small pool
     workers = parallel.workers_for(x) if n * per_image_bytes >= 2 * MAX_POOL_CHUNK_BYTES else 1
-    return parallel.chunk_ranges(n, parallel.chunk_step(n, per_image_bytes, workers * MAX_POOL_CHUNK_BYTES, workers)), workers
+    step = parallel.chunk_step(n, per_image_bytes, workers * MAX_POOL_CHUNK_BYTES, workers)  # each chunk ≈ 1 target
+    return parallel.chunk_ranges(n, step), workers
 
 
 def _axis_view(a, axis: int, start: int, stride: int, count: int):
