@@ -34,7 +34,7 @@ from minibasis.counting import count_mults
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
 __all__ = ["profile", "Profile", "LayerProfile", "conv_layers", "check_input_shape", "stored_values",
-           "learnable_values"]
+           "learnable_values", "input_channels"]
 
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
@@ -54,6 +54,16 @@ def conv_layers(model: Module) -> list[tuple[str, Module]]:
                 continue  # a conv inside a conv-like layer belongs to that layer
             found.append((path, module))
     return found
+
+
+def input_channels(model: Module, default: int = 3) -> int:
+    """``in_channels`` of the first conv layer in module order, ``default`` when there is none.
+
+    Module order is registration order, which is execution order for the zoo's nets and any
+    model built front to back; pass an explicit input shape where it is not.
+    """
+    layers = conv_layers(model)
+    return int(layers[0][1].in_channels) if layers else int(default)
 
 
 def learnable_values(module: Module) -> int:

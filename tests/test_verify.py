@@ -380,7 +380,8 @@ def test_counts_cli_on_the_shared_resnet20(capsys, tmp_path):
 
 
 def shared_file(*parts):
-    path = mb.experiments.common.shared_dir().joinpath(*parts)
+    from minibasis.experiments import common  # imported here: the attribute exists only once imported
+    path = common.shared_dir().joinpath(*parts)
     if not path.exists():
         pytest.skip(f"shared material {path} not present")
     return path
@@ -414,3 +415,30 @@ def test_a_failure_that_does_not_reproduce_is_reported_as_such(monkeypatch):
     report = verify.check_formulas(10, seed=0, use_hypothesis=False)
     assert not report.passed and report.snippet is None
     assert "passed when run again" in report.table()
+
+
+class GrayNet(nn.Module):
+    """One-channel input: conv 1→4 → head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        return self.head(mb.functions.flatten(self.conv(x)))
+
+
+def test_input_channels_come_from_the_first_conv():
+    from minibasis.measure import input_channels
+    assert input_channels(GrayNet()) == 1
+    assert input_channels(SmallNet()) == 3
+    assert input_channels(nn.Linear(5, 2)) == 3 and input_channels(nn.Linear(5, 2), default=7) == 7
+    report = verify.check_counts(GrayNet(), thresholds=(1.0,), input_shape=(1, input_channels(GrayNet()), 8, 8))
+    assert report.passed and report.input_shape == (1, 1, 8, 8)
+
+
+def test_counts_cli_names_an_input_the_model_refuses(capsys):
+    assert main(["verify", "counts", "table3_cnn", "--thresholds", "0.9", "--in-channels", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run on an input of shape (1, 1, 32, 32)" in err and "Traceback" not in err

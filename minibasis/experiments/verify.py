@@ -52,6 +52,8 @@ def add_arguments(parser) -> None:
     counts.add_argument("--thresholds", default="1,0.9",
                         help="comma-separated energy thresholds to compress at (default: 1,0.9)")
     counts.add_argument("--input-size", type=int, default=32, help="input height and width (default: 32)")
+    counts.add_argument("--in-channels", type=int, default=None,
+                        help="input channels (default: the first conv layer's in_channels, else 3)")
 
     for parser_ in (formulas, exactness, counts):
         parser_.add_argument("--json", metavar="PATH", default=None,
@@ -108,10 +110,19 @@ def run(args) -> int:
         result = verify.check_exactness(model, _input_images(args, metadata), dtype=args.dtype,
                                         num_inputs=args.images, seed=args.seed)
     else:
+        from minibasis.measure import input_channels
+
         check_positive("--input-size", args.input_size)
+        if args.in_channels is not None:
+            check_positive("--in-channels", args.in_channels)
+        thresholds = parse_thresholds(args.thresholds)
         model, _ = load_model_argument(args.model, args.seed)
-        result = verify.check_counts(model, parse_thresholds(args.thresholds),
-                                     input_shape=(1, 3, args.input_size, args.input_size))
+        channels = input_channels(model) if args.in_channels is None else args.in_channels
+        shape = (1, channels, args.input_size, args.input_size)
+        try:
+            result = verify.check_counts(model, thresholds, input_shape=shape)
+        except ValueError as exc:  # the model refuses this input (channels, size)
+            raise UserError(f"{args.model} cannot run on an input of shape {shape}: {first_line(exc)}") from None
     print(result.table(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         print(result.to_json())
