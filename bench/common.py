@@ -23,7 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/x.py` from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
-                    "OPENBLAS_L2_SIZE", "MINIBASIS_NUM_THREADS")
+                    "OPENBLAS_L2_SIZE", "MINIBASIS_NUM_THREADS", "MINIBASIS_RETAIN_MEMORY")
 
 
 def make_parser(name: str, description: str, repeats: int = 5) -> argparse.ArgumentParser:
@@ -40,6 +40,9 @@ def make_parser(name: str, description: str, repeats: int = 5) -> argparse.Argum
     parser.add_argument("--threads", type=int, default=None,
                         help="minibasis engine threads for the conv's chunks (sets $MINIBASIS_NUM_THREADS, "
                              "inherited by worker processes; default: the environment's, else the engine's: 2 on ≥ 2 usable CPUs)")
+    parser.add_argument("--retain-memory", choices=("on", "off"), default=None,
+                        help="keep freed host memory for reuse (sets $MINIBASIS_RETAIN_MEMORY, inherited by worker "
+                             "processes; default: the environment's, else on where the C library is glibc)")
     return parser
 
 
@@ -87,6 +90,11 @@ def environment() -> dict:
         env["engine_threads"] = parallel.get_num_threads()
     except ImportError:
         env["engine_threads"] = None
+    try:  # whether freed memory is kept (minibasis.host_memory), as the engine applied it
+        import minibasis
+        env["memory_retention"] = minibasis.get_memory_retention()
+    except (ImportError, AttributeError):
+        env["memory_retention"] = None
     try:
         import torch
         env["torch"] = torch.__version__
@@ -112,6 +120,8 @@ def check_machine(args) -> dict:
         sys.exit("refusing to benchmark inside a test session: timings beside tests mean nothing")
     if getattr(args, "threads", None) is not None:  # before minibasis reads it (this process and the workers it spawns)
         os.environ["MINIBASIS_NUM_THREADS"] = str(args.threads)
+    if getattr(args, "retain_memory", None) is not None:  # read when minibasis is imported
+        os.environ["MINIBASIS_RETAIN_MEMORY"] = "1" if args.retain_memory == "on" else "0"
     env = environment()
     load = env["load_average"][0]
     busy = load > 0.5 * (env["cpu_count"] or 1)
@@ -233,6 +243,8 @@ def describe_environment(env: dict) -> str:
                  f"threads from environment: {env.get('thread_variables') or 'not set'}")
     end = env.get("load_average_end")
     engine = env.get("engine_threads") or env.get("thread_variables", {}).get("MINIBASIS_NUM_THREADS", "?")
-    return (f"{env.get('processor')}, {env.get('cpu_count')} cores; BLAS: {blas_text}; minibasis threads {engine}; "
+    retention = {True: "on", False: "off"}.get(env.get("memory_retention"), "?")
+    return (f"{env.get('processor')}, {env.get('cpu_count')} cores; BLAS: {blas_text}; minibasis threads {engine}, "
+            f"memory retention {retention}; "
             f"torch {env.get('torch')} ({env.get('torch_threads')} threads); load average "
             f"{env['load_average'][0]:.2f} at start" + (f", {end[0]:.2f} at end" if end else ""))

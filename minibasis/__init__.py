@@ -8,16 +8,21 @@ Layers (dependencies point down only)::
     nn                       minibasis.nn, minibasis.optim, minibasis.data, minibasis.io
     functions                minibasis.functions
     autograd + counting      minibasis.autograd, minibasis.counting
-    backend                  minibasis.backend, minibasis.parallel (worker threads for the chunk loops)
+    backend                  minibasis.backend, minibasis.parallel (worker threads for the chunk loops),
+                             minibasis.host_memory (freed memory kept for reuse)
 """
-from minibasis import backend
+from minibasis import backend, host_memory
 from minibasis.autograd import Function, Tensor, gradcheck, no_grad, tensor
 from minibasis.backend import manual_seed, to_numpy, use
 from minibasis.counting import count_mults
+from minibasis.host_memory import get_memory_retention, set_memory_retention
 from minibasis.parallel import get_num_threads, set_num_threads
 from minibasis import functions, nn, optim
 
 __version__ = "0.1.0"
+
+# Freed host memory is kept for reuse unless $MINIBASIS_RETAIN_MEMORY=0 (glibc only; see host_memory).
+host_memory.apply_default()
 
 
 def __getattr__(name):
@@ -42,5 +47,5 @@ def __getattr__(name):
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "set_num_threads", "get_num_threads", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
+           "count_mults", "set_num_threads", "get_num_threads", "set_memory_retention", "get_memory_retention", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
            "save_model", "load_model", "ModelMetadata", "ModelFileError"]

@@ -34,6 +34,7 @@ def serial_afterwards(monkeypatch):
     monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", conv_module.CHUNK_TARGET_BYTES)
     monkeypatch.setattr(conv_module, "IM2COL_BUDGET_BYTES", conv_module.IM2COL_BUDGET_BYTES)
     monkeypatch.setattr(conv_module, "PARALLEL_MIN_BYTES", 0)  # the small convs here are threaded too
+    monkeypatch.setattr(conv_module, "POINTWISE_CHUNK_BYTES", conv_module.POINTWISE_CHUNK_BYTES)
     yield
     mb.set_num_threads(previous)
 
@@ -95,7 +96,8 @@ PATHS = {  # name: (n, c, m, k, groups, stride, padding, dilation, size)
     "grouped strided windows": (7, 6, 4, 3, 2, 2, 1, 1, 9),
     "dilated 5x5": (7, 3, 4, 5, 1, 1, 2, 2, 11),
     "valid 2x2 stride 3": (8, 3, 5, 2, 1, 3, 0, 1, 10),
-    "pointwise (one batched GEMM, unchunked)": (6, 4, 5, 1, 1, 1, 0, 1, 7),
+    "pointwise (one batched GEMM per thread)": (6, 4, 5, 1, 1, 1, 0, 1, 7),
+    "pointwise grouped": (6, 4, 6, 1, 2, 1, 0, 1, 7),
 }
 
 
@@ -147,6 +149,67 @@ def test_a_conv_below_the_size_threshold_stays_serial(monkeypatch):
     conv_module.PARALLEL_MIN_BYTES = 32 * per_image_columns(x, w, geometry) + 1  # one byte more than the batch's
     run_conv(x, w, gy, 2, **geometry)
     assert threads_seen == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 7, 130])
+def test_linear_gives_the_same_bits_on_any_number_of_threads(n, bias, dtype):
+    """Linear runs its rows in blocks of LINEAR_BLOCK_ROWS whatever the threads (130 rows: 3 blocks),
+    so the weight gradient's sum over blocks, and every result, is bit for bit the same."""
+    rng = np.random.default_rng(n)
+    x, w, gy = draw(rng, (n, 5), dtype), draw(rng, (3, 5), dtype), draw(rng, (n, 3), dtype)
+    b = draw(rng, (3,), dtype) if bias else None
+    results = []
+    for threads in (1, 2, 3):
+        mb.set_num_threads(threads)
+        tensors = [mb.tensor(a, requires_grad=True) for a in (x, w) + ((b,) if bias else ())]
+        with mb.count_mults() as counter:
+            y = F.linear(*tensors)
+            y.backward(mb.tensor(gy))
+        results.append(([y.numpy()] + [t.grad.numpy() for t in tensors], counter.as_dict()))
+    mb.set_num_threads(1)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    serial = results[0][0]
+    for want, got in zip([x @ w.T + (b if bias else 0), gy @ w, gy.T @ x] + ([gy.sum(axis=0)] if bias else []), serial):
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, **tolerance)
+    for threaded, count in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(threaded, serial))
+        assert count == results[0][1]
+
+
+def test_a_pointwise_conv_gives_the_same_bits_on_any_number_of_threads():
+    x, w, gy, geometry = case(12, 6, 4, 1, padding=0, dtype=np.float32)
+    conv_module.POINTWISE_CHUNK_BYTES = 5 * (6 + 4) * 9 * 9 * 4  # five images per chunk: 3 chunks
+    results = [run_conv(x, w, gy, threads, **geometry) for threads in (1, 2, 3)]
+    for (got, count) in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(got, results[0][0]))
+        assert count.as_dict() == results[0][1].as_dict()
+    want = np.einsum("mc,nchw->nmhw", w[:, :, 0, 0].astype(np.float64), x)
+    np.testing.assert_allclose(results[0][0][0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_and_pointwise_gemms_never_wake_the_blas_threads_beside_the_engine_threads(monkeypatch):
+    """With two engine threads every GEMM of a Table 3 twin training step (5×5 basis convs, 1×1
+    coefficient convs, linear layers) runs inside a pooled section, where the BLAS is held at one
+    thread: a GEMM outside would wake the BLAS's own threads, which spin beside the engine's."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from minibasis.models import table3_cnn
+    controller = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    seen, original = [], backend.matmul
+
+    def spy(a, b, out=None):
+        seen.append(max(info["num_threads"] for info in controller.info()))
+        return original(a, b, out=out)
+    mb.manual_seed(0)
+    model = table3_cnn(basis=True)
+    x = mb.tensor(np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    monkeypatch.setattr(backend, "matmul", spy)
+    mb.set_num_threads(2)
+    F.cross_entropy(model(x), mb.tensor(np.arange(4))).backward()
+    assert len(seen) >= 3 * 2 + 2  # forward: 3 basis stages, 3 coefficient stages, 2 linear layers (at least)
+    assert set(seen) == {1}, f"BLAS thread counts seen by the step's GEMMs: {sorted(set(seen))}"
 
 
 def test_threaded_results_are_identical_run_to_run():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import Sequence
 
-from minibasis import backend
+from minibasis import backend, parallel
 from minibasis.autograd import Function, Tensor, as_tensor
 from minibasis.autograd.ops import Reshape
 
@@ -53,19 +53,52 @@ def relu(x: Tensor) -> Tensor:
     return ReLU()(x)
 
 
+#: Rows of one block of a linear layer's GEMMs (see :class:`Linear`).
+LINEAR_BLOCK_ROWS = 64
+
+
 class Linear(Function):
-    """y = x Wᵀ + b. Mults: forward N·in·out; backward N·out·in per needed gradient (x, W)."""
+    """y = x Wᵀ + b. Mults: forward N·in·out; backward N·out·in per needed gradient (x, W).
+
+    The rows go in blocks of ``LINEAR_BLOCK_ROWS``; with engine threads
+    (``minibasis.set_num_threads``) the blocks' GEMMs run inside the pooled section,
+    single-threaded: a GEMM outside it would wake the BLAS's own threads, which then
+    spin for a while beside the engine's and slow the conv sections that follow (a
+    Table 3 CNN step at 2 engine threads: 150 → 120 ms, bench/README.md). The weight
+    gradient sums the blocks' parts in block order; the blocks depend on N only, so
+    every result is the same on any number of threads.
+    """
 
     def forward(self, x, weight, bias=None):
         self.x, self.weight = x, weight
-        y = backend.matmul(x, weight.T)
+        self.blocks, self.workers = self._row_blocks(x, weight)
+        y = backend.get_array_module(x).empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+
+        def block_forward(start, stop):
+            backend.matmul(x[start:stop], weight.T, out=y[start:stop])
+        parallel.run_chunks(block_forward, self.blocks, self.workers)
         if bias is not None:
             y += bias
         return y
 
+    @staticmethod
+    def _row_blocks(x, weight) -> tuple[list, int]:
+        return parallel.chunk_ranges(x.shape[0], LINEAR_BLOCK_ROWS), parallel.workers_for(x, weight)
+
     def backward(self, gy):
-        gx = backend.matmul(gy, self.weight) if self.needs_input_grad[0] else None
-        gw = backend.matmul(gy.T, self.x) if self.needs_input_grad[1] else None
+        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        gx = backend.get_array_module(gy).empty(self.x.shape, dtype=gy.dtype) if need_x else None
+        gw = None
+
+        def block_backward(start, stop):
+            if need_x:
+                backend.matmul(gy[start:stop], self.weight, out=gx[start:stop])
+            return backend.matmul(gy[start:stop].T, self.x[start:stop]) if need_w else None
+        for part in parallel.map_chunks(block_backward, self.blocks, self.workers):
+            if part is not None:
+                gw = part if gw is None else gw + part
+        if need_w and gw is None:  # no rows at all
+            gw = backend.get_array_module(gy).zeros(self.weight.shape, dtype=gy.dtype)
         if len(self.needs_input_grad) == 2:
             return gx, gw
         gb = gy.sum(axis=0) if self.needs_input_grad[2] else None

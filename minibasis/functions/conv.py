@@ -76,7 +76,8 @@ from minibasis.checks import ArgumentTypeError, non_negative_pair, positive_int,
 
 __all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "check_padding", "resolve_padding",
            "set_im2col_budget",
-           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO", "PARALLEL_MIN_BYTES"]
+           "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO", "PARALLEL_MIN_BYTES",
+           "POINTWISE_CHUNK_BYTES"]
 
 #: Largest column buffer built at once (bytes): a hard cap on im2col memory.
 IM2COL_BUDGET_BYTES = 256 * 2 ** 20
@@ -84,6 +85,8 @@ IM2COL_BUDGET_BYTES = 256 * 2 ** 20
 CHUNK_TARGET_BYTES = 8 * 2 ** 20
 #: Convs with fewer column bytes over the whole batch run their chunks serially (minibasis.parallel).
 PARALLEL_MIN_BYTES = 2 ** 20
+#: A pointwise (1×1) conv's chunk: about this many bytes of input and output.
+POINTWISE_CHUNK_BYTES = 4 * 2 ** 20
 #: Forward by kn2row when a "same" conv has M < KN2ROW_CHANNEL_RATIO · C (measured crossover).
 KN2ROW_CHANNEL_RATIO = 0.75
 
@@ -424,16 +427,17 @@ def _depthwise_same_weight_grad(x_shape, gy_t, source, kernel):
     return grad
 
 
-def _group_matmul(a, b):
-    """``a @ b`` over stacked groups; an inner dimension of 1 (a depthwise conv's M/g) as a broadcast product.
+def _group_matmul(a, b, out=None):
+    """``a @ b`` over stacked groups (into ``out`` when given); an inner dimension of 1 (a depthwise conv's M/g)
+    as a broadcast product.
 
     NumPy's matmul takes a slow non-BLAS loop for a (…, m, 1) @ (…, 1, n) outer
     product (~25x slower here); the broadcast product multiplies the same m·n pairs
     per group and is counted the same.
     """
     if a.shape[-1] == 1:
-        return backend.mul(a, b)
-    return backend.matmul(a, b)
+        return backend.mul(a, b, out=out)
+    return backend.matmul(a, b, out=out)
 
 
 def _channels_first(a):
@@ -478,6 +482,28 @@ class Conv2dFunction(Function):
             gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
         return part
 
+    def _pointwise_chunks(self, x, weight) -> tuple[int, int]:
+        """(workers, images per chunk) of a pointwise conv: chunks of about POINTWISE_CHUNK_BYTES of input and
+        output whatever the thread count (so the weight gradient's sum, and every result, is the same on any
+        number of threads); serial under PARALLEL_MIN_BYTES."""
+        n, c, h, w = x.shape
+        per_image = (c + weight.shape[0]) * h * w * x.dtype.itemsize  # input and output: no columns
+        workers = parallel.workers_for(x, weight) if n * per_image >= PARALLEL_MIN_BYTES else 1
+        return workers, parallel.chunk_step(n, per_image, POINTWISE_CHUNK_BYTES)
+
+    def _pointwise_chunk_backward(self, gy, gx, start: int, stop: int):
+        """Images [start, stop) of a pointwise conv's backward (see :meth:`_chunk_backward`)."""
+        g, m, c = self.groups, gy.shape[1], self.x_shape[1]
+        p = gy.shape[2] * gy.shape[3]
+        gy4 = gy[start:stop].reshape(stop - start, g, m // g, p)
+        part = None
+        if self.needs_input_grad[1]:
+            x4 = self.x[start:stop].reshape(stop - start, g, c // g, p)
+            part = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)  # inner dimension P
+        if self.needs_input_grad[0]:
+            _group_matmul(self.wg.transpose(0, 2, 1), gy4, out=gx[start:stop].reshape(stop - start, g, c // g, p))
+        return part
+
     def _depthwise_chunk_backward(self, gy, gx, start: int, stop: int):
         """Images [start, stop) of a "same" depthwise conv's backward (see :meth:`_chunk_backward`)."""
         c = self.x_shape[1]
@@ -504,8 +530,17 @@ class Conv2dFunction(Function):
         self.wg = wg if need_x else None
         self.x = x if need_w else None  # backward rebuilds the columns from x
         if _is_pointwise(kernel, self.stride, self.padding):
-            # A batched GEMM on the view: (g, M/g, C/g) @ (N, g, C/g, P) → (N, g, M/g, P), already NCHW.
-            y = _group_matmul(wg, im2col(x, *self._geometry()).reshape(n, g, c // g, h * w)).reshape(n, m, ho, wo)
+            # A batched GEMM on the view: (g, M/g, C/g) @ (n, g, C/g, P) → (n, g, M/g, P), already NCHW,
+            # written into y, chunk by chunk on the engine threads: the per-image GEMMs then run
+            # single-threaded inside the pooled section instead of waking the BLAS's own threads, which
+            # would spin beside the engine's (bench/README.md, issue 13).
+            self.workers, self.step = self._pointwise_chunks(x, weight)
+            y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
+            x4, y4 = im2col(x, *self._geometry()).reshape(n, g, c // g, h * w), y.reshape(n, g, m // g, h * w)
+
+            def chunk_forward(start, stop):
+                _group_matmul(wg, x4[start:stop], out=y4[start:stop])
+            parallel.run_chunks(chunk_forward, parallel.chunk_ranges(n, self.step), self.workers)
         else:
             # Backward always works on columns (chunks sized for them), whichever forward ran.
             per_image = c * kh * kw * ho * wo * x.dtype.itemsize
@@ -538,29 +573,28 @@ class Conv2dFunction(Function):
     def backward(self, gy):
         n, m, ho, wo = gy.shape
         g = self.groups
-        need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
+        need_x = self.needs_input_grad[0]
         need_b = len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
         c = self.x_shape[1]
-        gx = gw = gb = None
+        gw = gb = None
+        xp = backend.get_array_module(gy)
+        gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
         if _is_pointwise(self.kernel, self.stride, self.padding):
-            gy4 = gy.reshape(n, g, m // g, ho * wo)
-            if need_w:
-                x4 = self.x.reshape(n, g, c // g, ho * wo)
-                gw = backend.matmul(gy4, x4.transpose(0, 1, 3, 2)).sum(axis=0)  # inner dimension P
-            if need_x:
-                gx = _group_matmul(self.wg.transpose(0, 2, 1), gy4).reshape(self.x_shape)
+            chunk_backward = self._pointwise_chunk_backward
+        elif self._depthwise_shifts(m, c):
+            chunk_backward = self._depthwise_chunk_backward
         else:
-            xp = backend.get_array_module(gy)
-            gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
-            chunk_backward = self._depthwise_chunk_backward if self._depthwise_shifts(m, c) else self._chunk_backward
-            chunks = parallel.chunk_ranges(n, self.step)
-            for part in parallel.map_chunks(functools.partial(chunk_backward, gy, gx), chunks, self.workers):
-                if part is None:
-                    continue
-                if gw is None:  # summed in chunk order: the same result on every run, whatever the threads
-                    gw = part
-                else:
-                    gw += part
+            chunk_backward = self._chunk_backward
+        chunks = parallel.chunk_ranges(n, self.step)
+        for part in parallel.map_chunks(functools.partial(chunk_backward, gy, gx), chunks, self.workers):
+            if part is None:
+                continue
+            if gw is None:  # summed in chunk order: the same result on every run, whatever the threads
+                gw = part
+            else:
+                gw += part
+        if gw is None and self.needs_input_grad[1]:  # an empty batch
+            gw = xp.zeros((m, c // g) + tuple(self.kernel), dtype=gy.dtype)
         if gw is not None:
             gw = gw.reshape(m, c // g, *self.kernel)
         if need_b:
