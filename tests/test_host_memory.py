@@ -115,6 +115,34 @@ def test_a_resnet_training_step_in_steady_state_faults_no_pages_in():
     assert per_step < 50, f"{per_step} page faults per step"
 
 
+ARENAS = """
+import ctypes, os, sys, threading
+import numpy as np
+import minibasis
+
+def work():
+    for _ in range(4):
+        np.ones(2 ** 20, dtype=np.float32).sum()  # 4 MiB blocks from this thread's arena
+
+threads = [threading.Thread(target=work) for _ in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+sys.stderr.flush()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("setting, arenas", [("1", 1), ("0", 3)])
+def test_threads_allocate_from_one_arena(setting, arenas):
+    """With retention the engine's helper threads reuse the main thread's freed blocks (one arena);
+    glibc's default (the control) gives each new thread an arena of its own."""
+    done = run_python(ARENAS, env={host_memory.ENV_VARIABLE: setting})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("Arena ") == arenas, done.stderr
+
+
 def test_set_memory_retention_returns_the_previous_state_and_checks_its_argument():
     previous = minibasis.set_memory_retention(True)
     try:
