@@ -110,3 +110,28 @@ def test_compare_refuses_a_folder_without_metrics(finished, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds no per-epoch metrics" in err and str(empty) in err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("draw, kwargs, width", [
+    ("_accuracy_curves", dict(curves={"a": [(1, 0.5), (2, 0.6)]}, references={}, xlabel="epoch", boundaries=()), None),
+    ("_curves", dict(history=[{"train_loss": 1.0, "train_acc": 0.5}], references=None), (10, 4.2)),
+])
+def test_a_long_title_is_wrapped_inside_the_figure(draw, kwargs, width):
+    """The figures' titles (run names, budgets) are often longer than a line: none is cut off."""
+    plots = pytest.importorskip("minibasis.experiments.plots")
+    plt = plots.matplotlib_pyplot()
+    title = "ResNet-20, two-step fine-tuning at the paper's budget (15 + 10 epochs, 50,000 images), run 3 of 3"
+    fig = plt.figure(figsize=width) if width else plt.figure()
+    try:
+        getattr(plots, draw)(fig, title=title, **kwargs)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        texts = [t for t in fig.findobj(lambda o: hasattr(o, "get_text") and o.get_text().startswith("ResNet-20"))]
+        assert texts, "the title was not drawn"
+        figure_box = fig.bbox
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= figure_box.x0 and box.x1 <= figure_box.x1, (box, figure_box)
+            assert text.get_text().replace("\n", " ") == title
+    finally:
+        plt.close(fig)

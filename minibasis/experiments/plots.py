@@ -8,6 +8,7 @@ prints :data:`MISSING_MESSAGE` once. Every PNG is rendered in memory and written
 from __future__ import annotations
 
 import io as _stdio
+import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -137,6 +138,11 @@ def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict]) -> Path | None:
     return save_plot(path, _accuracy, rows)
 
 
+def _wrapped(title: str, width: int) -> str:
+    """``title`` broken into lines of at most ``width`` characters, so a long one is not cut off."""
+    return "\n".join(textwrap.wrap(title, width)) if title else title
+
+
 def _curves(fig, history: Sequence[dict], title: str, references: dict | None):
     loss_ax, acc_ax = fig.subplots(1, 2)
     for label, value in (references or {}).items():
@@ -163,7 +169,7 @@ def _curves(fig, history: Sequence[dict], title: str, references: dict | None):
         if stages[i] != stages[i - 1]:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(i + 0.5, color="gray", ls=":")
-    fig.suptitle(title)
+    fig.suptitle(_wrapped(title, 110))
 
 
 def plot_training_curves(path: Path, history: Sequence[dict], title: str = "training",
@@ -188,7 +194,7 @@ def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: st
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(_wrapped(title, 58))
 
 
 def plot_accuracy_curves(path: Path, curves: dict[str, Sequence[tuple[float, float]]],
