@@ -474,11 +474,13 @@ FOLDABLE = frozenset("""Identity Shape Cast Gather Unsqueeze Squeeze Concat Resh
 _NAME_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-def _path_from_weight(name: str, suffix: str = ".weight") -> str | None:
-    if not name.endswith(suffix):
-        return None
-    parts = name[: -len(suffix)].split(".")
-    return ".".join(parts) if parts and all(_NAME_PART.match(p) for p in parts) else None
+def _path_from_weight(name: str) -> str | None:
+    """The layer path an initializer name gives: "layer1.0.conv1.weight" → "layer1.0.conv1"; a dotted
+    name of another kind ("features.0.basis", as minibasis exports a BasisConv) is the path itself."""
+    parts = name.split(".")
+    if parts[-1] == "weight" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts) if all(_NAME_PART.match(p) for p in parts) else None
 
 
 def _path_from_node_name(name: str) -> str | None:
@@ -553,8 +555,8 @@ class _Builder:
         return shapes
 
     # -- modules -------------------------------------------------------------
-    def place(self, module: Module, weight_name: str, node, suffix: str = ".weight") -> str:
-        path = _path_from_weight(weight_name, suffix) or _path_from_node_name(node.name)
+    def place(self, module: Module, weight_name: str, node) -> str:
+        path = _path_from_weight(weight_name) or _path_from_node_name(node.name)
         if path is None or not self._free(path):
             base = (path or node.op_type.lower()).replace(".", "_")
             path, k = base, 1
@@ -717,8 +719,9 @@ def _build_batch_norm(builder, node, attrs):
     if rank not in (2, 4):
         raise Unsupported(f"a rank-{rank} input")
     layer_type = BatchNorm2d if rank == 4 else BatchNorm1d
-    layer = layer_type(scale.shape[0], eps=float(attrs.get("epsilon", 1e-5)),
-                       momentum=1.0 - float(attrs.get("momentum", 0.9)))
+    # ONNX stores float32 attributes: 1e-5 reads back as 9.99999974e-06, so round to 7 digits
+    eps, momentum = (float(f"{v:.7g}") for v in (attrs.get("epsilon", 1e-5), 1.0 - attrs.get("momentum", 0.9)))
+    layer = layer_type(scale.shape[0], eps=eps, momentum=momentum)
     layer.weight.data, layer.bias.data = backend.asarray(scale), backend.asarray(bias)
     layer.running_mean, layer.running_var = backend.asarray(mean), backend.asarray(var)
     path = builder.place(layer, node.input[1], node)
@@ -856,7 +859,7 @@ def load_model(path, input_shape=None, *, max_bytes: int = DEFAULT_MAX_BYTES,
     model.eval()
     with no_grad():  # one dry run: a graph that cannot run at its own input shape fails here, not later
         try:
-            model(Tensor(backend.xp.zeros((1,) + model.input_shape[1:], dtype=backend.default_dtype)))
+            model(Tensor(backend.xp.zeros(model.input_shape, dtype=backend.default_dtype)))
         except (ValueError, TypeError, Unsupported) as error:
             raise ModelFileError(f"{path}: the graph does not run at input shape {model.input_shape}: {error}") \
                 from None
