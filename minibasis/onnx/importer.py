@@ -98,7 +98,7 @@ class OnnxModel(Module):
         for step in self.steps:
             args = [values[name] if name else None for name in step.inputs]
             try:
-                outputs = RUNNERS[step.op](self, step, args)
+                outputs = run_step(self, step, args)
             except Unsupported as error:
                 raise ValueError(f"ONNX node {step.name!r} ({step.op}): {error}") from None
             for name, value in zip(step.outputs, outputs):
@@ -109,6 +109,11 @@ class OnnxModel(Module):
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, opset={self.opset}, steps={len(self.steps)}"
+
+
+def run_step(model, step: Step, args: list) -> list:
+    """The outputs of one step (host scalars as 0-d arrays, so they stay host values)."""
+    return [np.asarray(v) if isinstance(v, np.generic) else v for v in RUNNERS[step.op](model, step, args)]
 
 
 # ---------------------------------------------------------------------------
@@ -634,7 +639,7 @@ class _Builder:
             return False  # of a constant: still cheap at run time, and keeps one code path
         step = BUILDERS.get(node.op_type, _build_plain)(self, node, attrs)
         args = [self.constants[name] if name else None for name in node.input]
-        outputs = RUNNERS[step.op](None, step, args)
+        outputs = run_step(None, step, args)
         if not all(_is_host(v) for v in outputs):
             return False
         self.constants.update(zip(node.output, outputs))
