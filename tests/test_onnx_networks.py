@@ -190,6 +190,10 @@ class ShuffleNetish(tnn.Module):
 
 NETWORKS = {"resnet": ResNetish, "vgg_bn": VGGish, "mobilenet_v2": MobileNetV2ish, "densenet": DenseNetish,
             "se_net": SENet, "googlenet": GoogLeNetish, "shufflenet_v2": ShuffleNetish}
+#: One operator-set version per network, spanning what the exporters write (13–20); 18 moved
+#: ReduceMean's axes and Split's sizes from attributes to inputs.
+OPSETS = {"resnet": 13, "vgg_bn": 14, "mobilenet_v2": 15, "densenet": 16, "se_net": 17, "googlenet": 18,
+          "shufflenet_v2": 20}
 
 
 def torch_network(name):
@@ -210,6 +214,19 @@ def export(net, path, opset):
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}},
                       training=torch.onnx.TrainingMode.PRESERVE)
     return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name → (torch network, path of its ONNX file), each exported once per test module."""
+    folder, cache = tmp_path_factory.mktemp("exported"), {}
+
+    def get(name):
+        if name not in cache:
+            net = torch_network(name)
+            cache[name] = net, export(net, folder / f"{name}.onnx", OPSETS[name])
+        return cache[name]
+    return get
 
 
 def images(n=3, seed=1):
@@ -250,11 +267,9 @@ def torch_conv_facts(net, x):
     return facts
 
 
-@pytest.mark.parametrize("opset", [13, 17])
 @pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_imported_network_matches_pytorch_and_onnxruntime(tmp_path, name, opset):
-    net = torch_network(name)
-    path = export(net, tmp_path / f"{name}.onnx", opset)
+def test_imported_network_matches_pytorch_and_onnxruntime(exported, name):
+    net, path = exported(name)
     model = load_model(path)
     x = images()
     with torch.no_grad():
@@ -274,9 +289,8 @@ def test_imported_network_matches_pytorch_and_onnxruntime(tmp_path, name, opset)
 
 
 @pytest.mark.parametrize("name", ["resnet", "googlenet", "se_net"])
-def test_compressed_import_exports_to_onnxruntime(tmp_path, name):
-    net = torch_network(name)
-    model = load_model(export(net, tmp_path / "in.onnx", 17))
+def test_compressed_import_exports_to_onnxruntime(tmp_path, exported, name):
+    model = load_model(exported(name)[1])
     x = images(seed=2)
     original = run_mb(model, x)
     exact, report = mb.compress(model, 1.0, skip_unprofitable=False, input_shape=(1, 3, SIZE, SIZE))
@@ -294,9 +308,8 @@ def test_compressed_import_exports_to_onnxruntime(tmp_path, name):
         close(run_mb(back, x), ours, ours)
 
 
-def test_fine_tuning_an_imported_network_changes_only_what_each_step_allows(tmp_path):
-    net = torch_network("resnet")
-    model = load_model(export(net, tmp_path / "in.onnx", 17))
+def test_fine_tuning_an_imported_network_changes_only_what_each_step_allows(exported):
+    model = load_model(exported("resnet")[1])
     compressed, report = mb.compress(model, 0.9, skip_unprofitable=False, input_shape=(1, 3, SIZE, SIZE))
     replaced = [row.name for row in report.layers if row.replaced]
     assert replaced
