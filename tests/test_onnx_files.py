@@ -154,3 +154,12 @@ def test_a_basis_conv_is_two_plain_convs_and_a_failed_export_writes_nothing(tmp_
     assert not (tmp_path / "bad.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.onnx"]
     assert model.training  # modes restored
+
+
+def test_import_minibasis_does_not_import_onnx():
+    import subprocess
+    import sys
+    code = ("import sys, minibasis, minibasis.model_files, minibasis.measure; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'minibasis.onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
