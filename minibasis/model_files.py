@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from minibasis import backend
 from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
 from minibasis.serialization import NPZ, CheckpointError, load, load_torch_checkpoint, save, sniff_format
+from minibasis.serialization.safetensors_format import (SAFETENSORS_SUFFIX, is_safetensors, load_safetensors,
+                                                        save_safetensors)
 
 __all__ = ["MODEL_FORMAT", "LEGACY_MODEL_FORMAT", "TRAIN_CHECKPOINT_FORMAT", "ModelFileError", "ModelMetadata",
            "save_model", "load_model", "basis_layout", "apply_basis_layout"]
@@ -55,8 +57,9 @@ class ModelFileError(CheckpointError):
 class ModelMetadata:
     """What a model file says about its model (:func:`load_model` returns it beside the model).
 
-    ``format`` is "minibasis-model-1" (:func:`save_model`), "legacy" (files of earlier verbs,
-    training checkpoints, plain state ``.npz``) or "torch" (PyTorch checkpoints).
+    ``format`` is "minibasis-model-1" (:func:`save_model`, ``.npz`` or ``.safetensors``), "legacy"
+    (files of earlier verbs, training checkpoints, plain state ``.npz`` / ``.safetensors``), "torch"
+    (PyTorch checkpoints) or "onnx" (an ONNX graph, :func:`minibasis.onnx.load_model`).
     ``normalization`` is a key of :data:`minibasis.data.NORMALIZATIONS`, "none" (inputs only
     scaled to [0, 1]) or None (not recorded, or a (mean, std) pair of no known name).
     """
@@ -218,7 +221,8 @@ def save_model(model: Module, path, *, normalization=None, dataset: str | None =
     name, mean, std = _normalization(normalization)
     if not distributed.is_main_process():
         return
-    save({"format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
+    write = save_safetensors if os.fspath(path).endswith(SAFETENSORS_SUFFIX) else save
+    write({"format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
           "num_classes": None if num_classes is None else int(num_classes), "dataset": dataset,
           "normalization": {"name": name, "mean": None if mean is None else list(mean),
                             "std": None if std is None else list(std)},
@@ -246,6 +250,8 @@ class _Contents:
 
 
 def _read(source: str) -> _Contents:
+    if is_safetensors(source):  # the same record as an .npz, or a plain state dict
+        return _from_npz(load_safetensors(source), source)
     if sniff_format(source) == NPZ:
         return _from_npz(load(source), source)
     return _from_torch(load_torch_checkpoint(source), source)
@@ -388,6 +394,18 @@ def _reconcile(contents: _Contents, architecture, kwargs: dict, source: str) -> 
     return file_name, {**file_kwargs, **explicit}
 
 
+def _load_onnx(source: str, architecture, kwargs: dict) -> tuple[Module, ModelMetadata]:
+    """An ONNX graph (:func:`minibasis.onnx.load_model`): the file is its own architecture."""
+    if architecture is not None or kwargs:
+        raise ModelFileError(f"{source}: an ONNX file describes its own network; got architecture={architecture!r} "
+                             f"{_describe_kwargs(kwargs)}")
+    from minibasis.onnx import load_model as load_onnx
+
+    model = load_onnx(source)
+    return model, ModelMetadata(architecture={"name": "onnx", "kwargs": {}}, num_classes=_head_classes(model),
+                                format="onnx", extra={"input_shape": list(model.input_shape)})
+
+
 def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetadata]:
     """Rebuild the model stored at ``path``; returns ``(model in eval mode, ModelMetadata)``.
 
@@ -405,6 +423,8 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
     from minibasis.models import get_model
 
     source = os.fspath(path)
+    if source.endswith(".onnx"):
+        return _load_onnx(source, architecture, kwargs)
     contents = _read(source)
     if not isinstance(contents.state, dict) or not contents.state:
         raise ModelFileError(f"{source} holds no model weights")
