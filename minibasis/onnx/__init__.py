@@ -9,7 +9,7 @@
 
 Nothing here is imported by ``import minibasis``.
 """
-from minibasis.onnx.exporter import save_model, to_onnx
+from minibasis.onnx.exporter import CHECK_TOLERANCE, check_with_onnxruntime, save_model, to_onnx
 from minibasis.onnx.importer import SUPPORTED_OPS, OnnxModel, load_model
 
-__all__ = ["load_model", "save_model", "to_onnx", "OnnxModel", "SUPPORTED_OPS"]
+__all__ = ["load_model", "save_model", "to_onnx", "check_with_onnxruntime", "CHECK_TOLERANCE", "OnnxModel", "SUPPORTED_OPS"]

@@ -32,7 +32,7 @@ from minibasis.model_files import ModelFileError
 from minibasis.nn import Module
 from minibasis.serialization.atomic import atomic_write
 
-__all__ = ["save_model", "to_onnx"]
+__all__ = ["save_model", "to_onnx", "check_with_onnxruntime", "CHECK_TOLERANCE"]
 
 SUPPORTED_OPSETS = range(13, 22)
 
@@ -311,7 +311,48 @@ def to_onnx(model: Module, input_shape, opset: int = 17, fold_batch_norm: bool =
     return proto
 
 
-def save_model(model: Module, path, input_shape, opset: int = 17, fold_batch_norm: bool = False) -> None:
+def check_with_onnxruntime(model: Module, data: bytes, input_shape, batches: int = 3, seed: int = 0) -> float:
+    """Run the serialized graph ``data`` in onnxruntime on ``batches`` random inputs of ``input_shape``
+    and compare with ``model``'s logits; returns the largest difference relative to the logits'
+    scale (max |difference| / max(1, max |logit|)). Raises :class:`ModelFileError` above
+    :data:`CHECK_TOLERANCE` (float32 rounding)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelFileError("checking an export needs onnxruntime: pip install 'minibasis[onnx]'") from None
+    from minibasis.autograd import no_grad
+
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    first = next(iter(model.parameters()), None)
+    dtype = first.dtype if first is not None else backend.default_dtype
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    worst = 0.0
+    try:
+        for _ in range(batches):
+            x = rng.standard_normal(tuple(input_shape)).astype(np.dtype(str(dtype)))
+            with no_grad():
+                ours = backend.to_numpy(model(Tensor(backend.asarray(x))).data)
+            theirs = session.run(None, {"input": x})[0]
+            if theirs.shape != ours.shape:
+                raise ModelFileError(f"export check: onnxruntime returned shape {theirs.shape}, minibasis {ours.shape}")
+            worst = max(worst, float(np.abs(theirs - ours).max()) / max(1.0, float(np.abs(ours).max())))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not worst <= CHECK_TOLERANCE:
+        raise ModelFileError(f"export check: onnxruntime's logits differ from minibasis's by {worst:.3g} "
+                             f"(relative to the logits' scale; allowed {CHECK_TOLERANCE:g}); nothing written")
+    return worst
+
+
+#: Float32 rounding, relative to the logits' scale, allowed between minibasis and onnxruntime.
+CHECK_TOLERANCE = 1e-4
+
+
+def save_model(model: Module, path, input_shape, opset: int = 17, fold_batch_norm: bool = False,
+               check: bool = False) -> float | None:
     """Write ``model`` as an ONNX inference graph at ``path`` (atomically: all or nothing).
 
     Args:
@@ -321,7 +362,15 @@ def save_model(model: Module, path, input_shape, opset: int = 17, fold_batch_nor
         opset: the ONNX operator-set version written (13–21).
         fold_batch_norm: fold each BatchNorm into the conv before it first
             (:func:`minibasis.fuse_batch_norm`; ``model`` itself is not changed).
+        check: before writing, run the graph in onnxruntime on a few random inputs and
+            refuse (:class:`ModelFileError`, no file) unless its logits equal ``model``'s to
+            float32 rounding (:func:`check_with_onnxruntime`).
+
+    Returns the check's largest relative difference (None without ``check``).
     """
     proto = to_onnx(model, input_shape, opset, fold_batch_norm)
+    data = proto.SerializeToString()
+    worst = check_with_onnxruntime(model, data, input_shape) if check else None
     with atomic_write(path) as handle:
-        handle.write(proto.SerializeToString())
+        handle.write(data)
+    return worst
