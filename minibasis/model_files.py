@@ -30,6 +30,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from minibasis import backend
 from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
 from minibasis.serialization import NPZ, CheckpointError, load, load_torch_checkpoint, save, sniff_format
@@ -221,8 +223,10 @@ def save_model(model: Module, path, *, normalization=None, dataset: str | None =
     name, mean, std = _normalization(normalization)
     if not distributed.is_main_process():
         return
+    graph = getattr(model, "graph_bytes", None)  # an imported ONNX network: its graph rebuilds it
     write = save_safetensors if os.fspath(path).endswith(SAFETENSORS_SUFFIX) else save
-    write({"format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
+    write({**({} if graph is None else {"onnx_graph": np.frombuffer(graph, dtype=np.uint8)}),
+           "format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
           "num_classes": None if num_classes is None else int(num_classes), "dataset": dataset,
           "normalization": {"name": name, "mean": None if mean is None else list(mean),
                             "std": None if std is None else list(std)},
@@ -247,6 +251,7 @@ class _Contents:
     normalization: tuple = (None, None, None)
     version: str | None = None
     extra: dict = field(default_factory=dict)
+    graph: bytes | None = None             # an imported ONNX network's graph (minibasis.onnx)
 
 
 def _read(source: str) -> _Contents:
@@ -281,7 +286,8 @@ def _from_npz(content, source: str) -> _Contents:
             return _Contents(state=content["state_dict"], format=MODEL_FORMAT, architecture=architecture,
                              layout=content.get("basis_layout") or {}, num_classes=content.get("num_classes"),
                              dataset=content.get("dataset"), normalization=(name, mean, std),
-                             version=content.get("minibasis_version"), extra=dict(content.get("extra") or {}))
+                             version=content.get("minibasis_version"), extra=dict(content.get("extra") or {}),
+                             graph=None if content.get("onnx_graph") is None else bytes(content["onnx_graph"]))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ModelFileError(f"{source}: malformed {MODEL_FORMAT} file: {exc}") from None
     if kind == LEGACY_MODEL_FORMAT:
@@ -428,11 +434,17 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
     contents = _read(source)
     if not isinstance(contents.state, dict) or not contents.state:
         raise ModelFileError(f"{source} holds no model weights")
-    name, build_kwargs = _reconcile(contents, architecture, kwargs, source)
-    try:
-        model = get_model(name, **build_kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}") from None
+    if contents.graph is not None:  # an imported ONNX network, compressed or fine-tuned here
+        from minibasis.onnx.importer import model_from_bytes
+        name, build_kwargs = "onnx", {}
+        model = model_from_bytes(contents.graph, source, contents.architecture["kwargs"].get("input_shape"))
+    else:
+        name, build_kwargs = _reconcile(contents, architecture, kwargs, source)
+        try:
+            model = get_model(name, **build_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}") \
+                from None
     apply_basis_layout(model, contents.layout, source=source)
     try:
         model.load_state_dict(contents.state)

@@ -163,3 +163,20 @@ def test_import_minibasis_does_not_import_onnx():
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'minibasis.onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_imported_network_compressed_here_round_trips_through_a_model_file(tmp_path):
+    model = models.table3_cnn().eval()
+    save_model(model, tmp_path / "net.onnx", (1, 3, 32, 32))
+    imported, meta = mb.load_model(tmp_path / "net.onnx")  # .onnx files go through minibasis.load_model too
+    assert meta.format == "onnx" and meta.num_classes == 10
+    compressed, report = mb.compress(imported, 0.9, skip_unprofitable=False)
+    assert any(row.replaced for row in report.layers)
+    mb.save_model(compressed, tmp_path / "compressed.npz")
+    back, meta = mb.load_model(tmp_path / "compressed.npz")
+    assert meta.architecture["name"] == "onnx"
+    assert [type(m).__name__ for _, m in back.named_modules()] == [type(m).__name__ for _, m in
+                                                                  compressed.named_modules()]
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with mb.no_grad():
+        np.testing.assert_array_equal(back(mb.tensor(x)).numpy(), compressed.eval()(mb.tensor(x)).numpy())

@@ -39,9 +39,9 @@ from minibasis.autograd import Tensor, no_grad
 from minibasis.autograd.ops import Cast as CastFunction
 from minibasis.model_files import ModelFileError
 from minibasis.nn import BatchNorm1d, BatchNorm2d, Conv2d, Linear, Module
-from minibasis.onnx.reading import DEFAULT_MAX_BYTES, read_model
+from minibasis.onnx.reading import DEFAULT_MAX_BYTES, parse_model, read_model
 
-__all__ = ["load_model", "OnnxModel", "SUPPORTED_OPS"]
+__all__ = ["load_model", "model_from_proto", "OnnxModel", "SUPPORTED_OPS"]
 
 #: The operator types :func:`load_model` runs (default domain, opsets 7–21).
 SUPPORTED_OPS = frozenset("""
@@ -853,19 +853,32 @@ def load_model(path, input_shape=None, *, max_bytes: int = DEFAULT_MAX_BYTES,
     runs, for graphs with anything unsupported (all of it listed, with node counts).
     """
     proto = read_model(path, max_bytes=max_bytes, allow_external_data=allow_external_data)
+    return model_from_proto(proto, input_shape, str(path))
+
+
+def model_from_bytes(data: bytes, source: str, input_shape=None) -> OnnxModel:
+    """The graph embedded in a minibasis model file (``OnnxModel.graph_bytes``), checked as a file is."""
+    return model_from_proto(parse_model(data, source), input_shape, source)
+
+
+def model_from_proto(proto, input_shape=None, source: str = "<graph>") -> OnnxModel:
+    """:func:`load_model` for a checked ``onnx.ModelProto`` (see :mod:`minibasis.onnx.reading`)."""
     builder = _Builder(proto, input_shape)
     builder.check_op_types()
     if not builder.problems:
         builder.build()
     if builder.problems:
         listed = ", ".join(f"{op} ×{count}" for op, count in sorted(builder.problems.items()))
-        raise ModelFileError(f"{path}: unsupported ONNX content (nodes per kind): {listed}")
+        raise ModelFileError(f"{source}: unsupported ONNX content (nodes per kind): {listed}")
     model = builder.finish()
+    # what minibasis.save_model records to rebuild the graph (its layers' weights come from the state_dict)
+    model.architecture = {"name": "onnx", "kwargs": {"input_shape": list(model.input_shape)}}
+    model.graph_bytes = proto.SerializeToString()
     model.eval()
     with no_grad():  # one dry run: a graph that cannot run at its own input shape fails here, not later
         try:
             model(Tensor(backend.xp.zeros(model.input_shape, dtype=backend.default_dtype)))
         except (ValueError, TypeError, Unsupported) as error:
-            raise ModelFileError(f"{path}: the graph does not run at input shape {model.input_shape}: {error}") \
+            raise ModelFileError(f"{source}: the graph does not run at input shape {model.input_shape}: {error}") \
                 from None
     return model

@@ -35,8 +35,6 @@ def _onnx():
 def read_model(path, *, max_bytes: int = DEFAULT_MAX_BYTES, allow_external_data: bool = False):
     """The checked ``onnx.ModelProto`` in the file at ``path`` (external tensors loaded in)."""
     onnx = _onnx()
-    from google.protobuf.message import DecodeError
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file (or not a regular file)")
@@ -44,21 +42,42 @@ def read_model(path, *, max_bytes: int = DEFAULT_MAX_BYTES, allow_external_data:
     if size > max_bytes:
         raise ModelFileError(f"{path}: {size} bytes is over the {max_bytes}-byte limit for a model file")
     data = path.read_bytes()
+    model = _parse(onnx, data, str(path))
+    _load_external_data(model, path, size, max_bytes, allow_external_data)
+    _check(onnx, model, str(path))
+    return model
+
+
+def parse_model(data: bytes, source: str):
+    """The checked ``onnx.ModelProto`` in ``data`` (a graph kept inside a minibasis model file)."""
+    onnx = _onnx()
+    model = _parse(onnx, bytes(data), source)
+    if _external_tensors(model):
+        raise ModelFileError(f"{source}: an embedded ONNX graph may not refer to external data files")
+    _check(onnx, model, source)
+    return model
+
+
+def _parse(onnx, data: bytes, source: str):
+    from google.protobuf.message import DecodeError
+
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError) as error:
-        raise ModelFileError(f"{path}: not an ONNX model, or a truncated one ({error})") from None
+        raise ModelFileError(f"{source}: not an ONNX model, or a truncated one ({error})") from None
     if model.ir_version <= 0 or not model.graph.node or not model.opset_import:
-        raise ModelFileError(f"{path}: not an ONNX model, or a truncated one (no IR version, operator set "
+        raise ModelFileError(f"{source}: not an ONNX model, or a truncated one (no IR version, operator set "
                              "or graph nodes)")
-    _load_external_data(model, path, size, max_bytes, allow_external_data)
+    return model
+
+
+def _check(onnx, model, source: str) -> None:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFileError(f"{path}: not a valid ONNX model: {first}") from None
-    return model
+        raise ModelFileError(f"{source}: not a valid ONNX model: {first}") from None
 
 
 def _external_tensors(model):
