@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # This file is named like the onnx package: take its own folder off the path (Python puts it first)
@@ -29,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from bench import common  # noqa: E402
-from bench.basisconv import CHECKPOINTS, default_checkpoint  # noqa: E402
+from bench.basisconv import CHECKPOINTS, default_checkpoint, interleaved_best  # noqa: E402
 
 THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.7)
 TARGET_SLACK, TARGET_MAX_THRESHOLD, TARGET_BATCH = 1.3, 0.8, 256
@@ -42,19 +41,6 @@ def session(path: Path, threads: int):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def interleaved_best(runs: dict, repeats: int) -> dict:
-    """Best seconds of each run, the calls interleaved so that load drift hits all alike."""
-    for run in runs.values():
-        run()
-    best = {name: float("inf") for name in runs}
-    for _ in range(max(1, repeats)):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main(argv=None) -> int:
@@ -109,7 +95,8 @@ def main(argv=None) -> int:
                 for batch in args.batches:
                     x = rng.standard_normal((batch, 3, 32, 32)).astype(numpy.float32)
                     best = interleaved_best({"original": lambda: original.run(None, {"input": x}),
-                                             "compressed": lambda: candidate.run(None, {"input": x})}, args.repeats)
+                                             "compressed": lambda: candidate.run(None, {"input": x})},
+                                            args.repeats, sync=lambda: None)
                     time_ratio = best["compressed"] / best["original"]
                     mult_ratio = mults / base_mults
                     rows.append({"depth": depth, "threshold": t, "bn_folded": fold, "batch": batch,
