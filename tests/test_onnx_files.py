@@ -180,3 +180,22 @@ def test_an_imported_network_compressed_here_round_trips_through_a_model_file(tm
     x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with mb.no_grad():
         np.testing.assert_array_equal(back(mb.tensor(x)).numpy(), compressed.eval()(mb.tensor(x)).numpy())
+
+
+def test_import_and_export_run_on_a_device_backend(tmp_path):
+    """On the strict stand-in device (arrays that refuse silent conversion to host NumPy, like CuPy's)."""
+    mb.manual_seed(2)
+    model = models.resnet_cifar(20, shortcut="A").eval()
+    save_model(model, tmp_path / "r.onnx", (1, 3, 32, 32))
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    expected = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    mb.use("strict")
+    try:
+        imported = load_model(tmp_path / "r.onnx")
+        y = imported(mb.tensor(x, requires_grad=True))
+        y.sum().backward()  # trainable on the device too
+        np.testing.assert_allclose(mb.to_numpy(y.data), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+        save_model(imported, tmp_path / "again.onnx", (1, 3, 32, 32), fold_batch_norm=True, check=True)
+    finally:
+        mb.use("numpy")
