@@ -344,3 +344,18 @@ def test_dynamo_exporter(tmp_path):
         with torch.no_grad():
             expected = net(torch.tensor(x)).numpy()
         close(run_mb(load_model(path, input_shape=(2, 3, SIZE, SIZE)), x), expected, expected)
+
+
+def test_pytorchs_default_export_with_batch_norm_folded_imports_with_paths_from_node_scopes(tmp_path):
+    net = torch_network("resnet")
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "N"}})  # eval: BN folded into the convs
+    model = load_model(path)
+    convs = {p for p, m in model.named_modules() if isinstance(m, mb.nn.Conv2d)}
+    assert convs == {p for p, m in net.named_modules() if isinstance(m, tnn.Conv2d)}  # "/layer1/layer1.0/conv1/Conv"
+    assert not any(isinstance(m, mb.nn.BatchNorm2d) for m in model.modules())
+    x = images(seed=4)
+    with torch.no_grad():
+        expected = net(torch.tensor(x)).numpy()
+    close(run_mb(model, x), expected, expected)

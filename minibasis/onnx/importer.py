@@ -489,13 +489,18 @@ def _path_from_weight(name: str) -> str | None:
 
 
 def _path_from_node_name(name: str) -> str | None:
-    """PyTorch's exporter names nodes by module scope: "/layer1/layer1.0/conv1/Conv" → "layer1.0.conv1"."""
+    """PyTorch's exporter names nodes by module scope, each scope named within its parent and a
+    container's child repeating the container's name: "/layer1/layer1.0/conv1/Conv" →
+    "layer1.0.conv1", "/layer1/layer1.1/shortcut/shortcut.0/Conv" → "layer1.1.shortcut.0"."""
     parts = [p for p in name.split("/") if p][:-1]
-    path = ""
+    path: list[str] = []
     for part in parts:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    if path and all(_NAME_PART.match(p) for p in path.split(".")):
-        return path
+        if path and part.startswith(path[-1] + "."):
+            path[-1:] = part.split(".")
+        else:
+            path.extend(part.split("."))
+    if path and all(_NAME_PART.match(p) for p in path):
+        return ".".join(path)
     return None
 
 
@@ -516,8 +521,6 @@ class _Builder:
         self.steps: list[Step] = []
         self.problems: Counter = Counter()
         self.layer_of_weight: dict[str, str] = {}
-        self.used_as_parameter: set[str] = set()
-        self.counter = Counter()
 
     # -- shapes --------------------------------------------------------------
     def _input_shape(self, given):
@@ -591,7 +594,6 @@ class _Builder:
     def parameter(self, name: str, who: str):
         if name not in self.constants:
             raise Unsupported(f"{who} with a computed (non-initializer) weight or statistics")
-        self.used_as_parameter.add(name)
         return self.constants[name]
 
     # -- the graph -----------------------------------------------------------
@@ -760,7 +762,6 @@ def _build_matmul(builder, node, attrs):
     weight = builder.constants.get(node.input[1])
     if weight is None or weight.ndim != 2 or node.input[0] in builder.constants:
         return _build_plain(builder, node, attrs)
-    builder.used_as_parameter.add(node.input[1])
     path = builder.place(_linear_layer(builder, node, weight.T, None), node.input[1], node)
     return Step("Linear", node.name, (node.input[0],), tuple(node.output), {}, path)
 
