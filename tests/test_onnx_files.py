@@ -199,3 +199,21 @@ def test_import_and_export_run_on_a_device_backend(tmp_path):
         save_model(imported, tmp_path / "again.onnx", (1, 3, 32, 32), fold_batch_norm=True, check=True)
     finally:
         mb.use("numpy")
+
+
+def test_data_dependent_shapes_are_refused_before_anything_runs(tmp_path):
+    """A reshape whose target shape is computed from the input's values, not its shape."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], keepdims=0),
+             helper.make_node("Cast", ["m"], ["n"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["x", "n"], ["y"]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["d"])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    (tmp_path / "dd.onnx").write_bytes(proto.SerializeToString())
+    with mb.count_mults() as counter, pytest.raises(ModelFileError) as caught:
+        load_model(tmp_path / "dd.onnx")
+    assert "Cast (data-dependent: computed values cast to integers) ×1" in str(caught.value)
+    assert "Reshape (data-dependent: input 1 computed from the data) ×1" in str(caught.value)
+    assert counter.total == 0

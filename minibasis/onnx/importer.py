@@ -609,12 +609,16 @@ class _Builder:
             self.problems["sparse initializers"] += len(self.graph.sparse_initializer)
 
     def build(self):
+        data = set(self.input_names)  # values computed from the input's data (not only from its shape)
         for node in self.graph.node:
             if node.op_type == "Constant":
                 self.constants[node.output[0]] = self._constant(node)
                 continue
             attrs = {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type != "Shape" and any(name in data for name in node.input):
+                data.update(node.output)
             try:
+                _check_static_inputs(node, attrs, data, self.onnx.helper)
                 if node.op_type in FOLDABLE and self._fold(node, attrs):
                     continue
                 self.steps.append(BUILDERS.get(node.op_type, _build_plain)(self, node, attrs))
@@ -653,6 +657,21 @@ class _Builder:
         needed = {name for step in self.steps for name in step.inputs} | set(root.output_names)
         root.constants = {k: v for k, v in self.constants.items() if k in needed}
         return root
+
+
+#: Inputs that set shapes, indices or bounds: they must come from constants or from ``Shape``, never
+#: from the input's data (a data-dependent shape).
+STATIC_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Gather": (1,), "Pad": (1, 2, 3), "Split": (1,),
+                 "Unsqueeze": (1,), "Squeeze": (1,), "ReduceMean": (1,), "Clip": (1, 2), "Dropout": (1, 2)}
+
+
+def _check_static_inputs(node, attrs: dict, data: set, helper) -> None:
+    for i in STATIC_INPUTS.get(node.op_type, ()):
+        if i < len(node.input) and node.input[i] in data:
+            raise Unsupported(f"data-dependent: input {i} computed from the data")
+    if node.op_type == "Cast" and node.input[0] in data and \
+            np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"])).kind != "f":
+        raise Unsupported("data-dependent: computed values cast to integers")
 
 
 def _check_attrs(node, attrs: dict, known: set):
@@ -796,6 +815,9 @@ def _build_pad(builder, node, attrs):
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode != "constant":
         raise Unsupported(f"mode '{mode}'")
+    pads = attrs.get("pads", builder.constants.get(node.input[1]) if len(node.input) > 1 else None)
+    if pads is not None and min(_ints(pads), default=0) < 0:
+        raise Unsupported("negative pads (cropping)")
     return _build_plain(builder, node, attrs)
 
 
