@@ -68,3 +68,20 @@ def test_safetensors_export_and_count_of_an_onnx_file(tmp_path, model_file, caps
     # the ONNX graph (two plain convs per BasisConv) multiplies exactly as the minibasis model does
     assert len(totals) == 2 and totals[0][-5:-3] == totals[1][-5:-3]
     assert "layer3.2.conv2.basis" in out and "layer3.2.conv2.coeffs" in out
+
+
+def test_readme_your_own_network_runs_and_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own network", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    count = next(line for line in commands.splitlines() if line.startswith("minibasis count"))
+    claimed = count.split("measured conv mults ", 1)[1].split()[0]
+    capsys.readouterr()
+    assert main(count.split("#")[0].split()[1:]) == 0
+    row = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("mynet.onnx"))
+    assert row[-4:-2] == [claimed, claimed]  # measured conv mults, formula
