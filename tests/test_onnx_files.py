@@ -116,7 +116,9 @@ def _zoo():
             "vgg16_bn": lambda: models.vgg16(10, batch_norm=True),
             "table3_basis": lambda: models.table3_cnn(basis=True),
             "densenet_bc": lambda: models.densenet_bc(depth=22, growth_rate=4, num_classes=10),
-            "alexnet": lambda: models.alexnet(10)}
+            "alexnet": lambda: models.alexnet(10),
+            "resnet20_B": lambda: models.resnet_cifar(20, shortcut="B"),
+            "mobilenet_v2": lambda: models.get_model("mobilenet_v2", num_classes=10)}
 
 
 @pytest.mark.parametrize("name", sorted(_zoo()))

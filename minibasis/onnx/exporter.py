@@ -20,8 +20,6 @@ keep it write 0 ("copy this dimension") so the file runs at any batch size.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from minibasis import backend

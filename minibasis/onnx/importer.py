@@ -145,10 +145,6 @@ def _axis(axis: int, rank: int) -> int:
 # ---------------------------------------------------------------------------
 # runners: (model, step, args) -> list of outputs
 # ---------------------------------------------------------------------------
-def _call_layer(model, step, args):
-    return [model.get_submodule(step.module)(args[0])]
-
-
 def _run_conv(model, step, args):
     x = args[0]
     extra = step.attrs["extra_pads"]  # (top, bottom, left, right) beyond the layer's symmetric padding
