@@ -1,7 +1,8 @@
 """PyTorch networks of seven families, exported by torch.onnx and imported by minibasis.
 
 For each: logits equal PyTorch's and onnxruntime's (float32 rounding), every conv's measured
-forward multiplications equal M·(C/g)·k²·Ho·Wo and torch's FlopCounterMode count ÷ 2, the
+forward multiplications equal M·(C/g)·k²·Ho·Wo and torch's FlopCounterMode count ÷ 2 (backward:
+the closed form once per gradient; FlopCounterMode overcounts a grouped conv's weight gradient), the
 ``state_dict`` keys equal PyTorch's; compressing at t = 1 and exporting gives the original
 logits in onnxruntime, at t = 0.8 minibasis's compressed logits; fine-tuning the imported
 network changes only what each of the paper's steps allows.
@@ -248,8 +249,10 @@ def close(a, b, scale):
 
 
 def torch_conv_facts(net, x):
-    """path → (M, C/g, k·k, Ho·Wo·N, FlopCounterMode mults) for every torch conv, measured on ``x``."""
+    """path → (M, C/g, k·k, Ho·Wo·N, FlopCounterMode mults, reads the network's input) for every torch
+    conv, measured on ``x``."""
     facts, handles = {}, []
+    source = torch.tensor(x)
     for path, m in net.named_modules():
         if isinstance(m, tnn.Conv2d):
             def hook(module, args, out, path=path):
@@ -258,10 +261,11 @@ def torch_conv_facts(net, x):
                                           module.dilation, module.groups)
                 kh, kw = module.kernel_size
                 facts[path] = (module.out_channels, module.in_channels // module.groups, kh * kw,
-                               out.shape[0] * out.shape[2] * out.shape[3], flops.get_total_flops() // 2)
+                               out.shape[0] * out.shape[2] * out.shape[3], flops.get_total_flops() // 2,
+                               args[0] is source)
             handles.append(m.register_forward_hook(hook))
     with torch.no_grad():
-        net(torch.tensor(x))
+        net(source)
     for h in handles:
         h.remove()
     return facts
@@ -280,12 +284,14 @@ def test_imported_network_matches_pytorch_and_onnxruntime(exported, name):
     torch_keys = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
     assert set(model.state_dict()) == torch_keys
     with mb.count_mults() as counter:
-        run_mb(model, x)
+        model(mb.tensor(x)).sum().backward()
     facts = torch_conv_facts(net, x)
     assert facts
-    for path_, (m, c_per_group, kk, positions, flop_mults) in facts.items():
+    for path_, (m, c_per_group, kk, positions, flop_mults, reads_input) in facts.items():
         formula = m * c_per_group * kk * positions
         assert counter.forward.by_layer[path_] == formula == flop_mults, path_
+        # backward: the weight's gradient, and the input's unless the input is the network's own
+        assert counter.backward.by_layer[path_] == formula * (1 if reads_input else 2), path_
 
 
 @pytest.mark.parametrize("name", ["resnet", "googlenet", "se_net"])
