@@ -768,7 +768,10 @@ def _build_gemm(builder, node, attrs):
     weight = weight if attrs.get("transB", 0) else weight.T
     bias = None
     if len(node.input) > 2 and node.input[2]:
-        bias = np.broadcast_to(builder.parameter(node.input[2], "Gemm"), (1, weight.shape[0])).reshape(-1)
+        bias = builder.parameter(node.input[2], "Gemm")
+        if bias.size not in (1, weight.shape[0]):
+            raise Unsupported(f"a bias of shape {bias.shape} (not one value per output)")
+        bias = np.broadcast_to(bias.reshape(-1), (weight.shape[0],))
     path = builder.place(_linear_layer(builder, node, weight, bias), node.input[1], node)
     return Step("Linear", node.name, (node.input[0],), tuple(node.output), {}, path)
 
