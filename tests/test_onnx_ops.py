@@ -283,3 +283,14 @@ def test_view_shape_arithmetic_runs_at_any_batch_size(tmp_path):
         x = rand(np.random.default_rng(batch), batch, 2, 3)
         assert model(mb.tensor(x)).shape == (batch, 6)
         compare(tmp_path / "v.onnx", x)
+
+
+@FAST
+@given(axis=st.integers(-3, 2), indices=st.lists(st.integers(-3, 2), min_size=1, max_size=4), scalar=st.booleans(),
+       seed=st.integers(0, 9))
+def test_gather_with_constant_indices(tmp_path_factory, axis, indices, scalar, seed):
+    index = np.array(indices[0] if scalar else indices, dtype=np.int64)  # repeats accumulate in backward
+    path = single_node_model(tmp_path_factory.mktemp("gather") / "m.onnx", "Gather", (3, 3, 3), {"axis": axis},
+                             [("i", index)], ["i"])
+    x = rand(np.random.default_rng(seed), 3, 3, 3)
+    gradcheck_input(compare(path, x), x)

@@ -233,7 +233,8 @@ def _run_gather(model, step, args):
     axis = _axis(step.attrs.get("axis", 0), len(data.shape))
     if _is_host(data):
         return [np.take(data, indices, axis=axis)]
-    index = (slice(None),) * axis + (int(indices) if indices.ndim == 0 else indices.astype(np.int64),)
+    chosen = int(indices) if indices.ndim == 0 else backend.asarray(indices.astype(np.int64))  # on the device
+    index = (slice(None),) * axis + (chosen,)
     return [data[index]]
 
 
