@@ -5,12 +5,11 @@ rank 0 had just written, refuse the folder as "already holds a run" and abort bo
 leaving a half folder that blocked the rerun (3 of 9 runs). Here ten runs go into ten fresh
 folders and must all succeed; a run into a finished folder must be refused by every rank with
 one message, exit status 2 and nothing written. Skipped without an MPI launcher and mpi4py
-(``pip install '.[mpi]'``), as in tests/test_distributed.py.
+(``pip install '.[mpi]'``; the ``launcher`` fixture of tests/conftest.py).
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,22 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from minibasis.distributed.launcher import find_launcher, launcher_env, mpirun_command
+from minibasis.distributed.launcher import launcher_env, mpirun_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "tests" / "mpi_scripts" / "fresh_run_folders.py"
 FRESH = 10
 RUN_FILES = ("config.json", "log.txt", "checkpoint-train.npz", "metrics-train.json", "model.npz", "results.json")
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    found = find_launcher()
-    if found is None:
-        pytest.skip("no MPI launcher (mpirun/mpiexec) found beside python or on PATH: pip install '.[mpi]'")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed: pip install '.[mpi]'")
-    return found
 
 
 def _env() -> dict:
