@@ -235,7 +235,7 @@ class Module:
                     yield (f"{path}.{name}" if path else name), b
 
     def num_parameters(self, learnable_only: bool = False) -> int:
-        return sum(p.size for p in self.parameters() if p.requires_grad or not learnable_only)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not learnable_only)
 
     # -- modes ------------------------------------------------------------
     def train(self, mode: bool = True) -> "Module":
