@@ -181,8 +181,10 @@ def test_to_a_backend_moves_the_data_and_brings_the_gradient_back():
     np.testing.assert_array_equal(x.grad.data, [1.0, 10.0, 100.0])
 
 
-def test_item():
+def test_item_tolist_float_int():
     assert mb.tensor(np.array([[2.5]])).item() == 2.5
+    assert float(mb.tensor(np.array([2.5]))) == 2.5 and int(mb.tensor(np.array([[7.0]]))) == 7
+    assert mb.tensor(np.array([[1, 2], [3, 4]])).tolist() == [[1, 2], [3, 4]]
     with pytest.raises(ValueError, match="one element"):
         mb.tensor(np.zeros(3)).item()
 
@@ -357,3 +359,51 @@ def test_dropout2d_gradcheck_with_a_fixed_mask():
         mb.manual_seed(3)  # the same mask on every call
         return F.dropout2d(x, 0.5, training=True)
     assert mb.gradcheck(fn, [np.random.default_rng(0).standard_normal((2, 6, 2, 2))])
+
+
+# ---------------------------------------------------------------------------
+# DataLoader yields Tensors
+# ---------------------------------------------------------------------------
+def test_data_loader_yields_tensors_by_default_and_arrays_on_request():
+    from minibasis.data import DataLoader
+    from minibasis.distributed import ShardedDataLoader
+
+    images = np.random.default_rng(0).standard_normal((10, 3, 4, 4)).astype(np.float32)
+    labels = np.arange(10) % 3
+    tensors = list(DataLoader((images, labels), batch_size=4, shuffle=True, seed=1))
+    arrays = list(DataLoader((images, labels), batch_size=4, shuffle=True, seed=1, as_tensors=False))
+    assert len(tensors) == len(arrays) == 3
+    for (x, y), (xa, ya) in zip(tensors, arrays):
+        assert isinstance(x, mb.Tensor) and isinstance(y, mb.Tensor) and not x.requires_grad
+        assert type(xa) is np.ndarray and type(ya) is np.ndarray
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        np.testing.assert_array_equal(x.data, xa)
+        np.testing.assert_array_equal(y.data, ya)
+        np.testing.assert_array_equal(np.asarray(x), xa)  # NumPy reads a host tensor as PyTorch allows
+    x, y = tensors[0]
+    assert nn.CrossEntropyLoss()(nn.Sequential(nn.Flatten(), nn.Linear(48, 3))(x), y).shape == ()
+    with pytest.raises(TypeError, match="as_tensors must be a bool"):
+        DataLoader((images, labels), batch_size=4, as_tensors="no")
+    sharded = ShardedDataLoader.from_loader(DataLoader((images, labels), batch_size=4, as_tensors=False),
+                                            rank=0, world_size=2)
+    assert sharded.as_tensors is False and type(next(iter(sharded))[0]) is np.ndarray
+    sharded = ShardedDataLoader((images, labels), 4, rank=1, world_size=2)
+    assert isinstance(next(iter(sharded))[0], mb.Tensor)
+
+
+@pytest.mark.parametrize("as_tensors", [True, False])
+def test_trainer_takes_either_kind_of_batch_and_learns_the_same(as_tensors):
+    from minibasis.data import DataLoader, ToFloat, synthetic
+    from minibasis.training import Trainer
+
+    mb.manual_seed(0)
+    (x, y), _ = synthetic(num_train=32, num_test=0, image_size=16, seed=0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 10))
+    loader = DataLoader((x, y), batch_size=16, shuffle=True, seed=0, transform=ToFloat(), as_tensors=as_tensors)
+    history = Trainer(model, mb.optim.SGD(model.parameters(), lr=0.1), loader, epochs=1, progress=False).fit()
+    # the same run on arrays gives the same loss, to the bit
+    mb.manual_seed(0)
+    twin = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 10))
+    loader = DataLoader((x, y), batch_size=16, shuffle=True, seed=0, transform=ToFloat(), as_tensors=not as_tensors)
+    twin_history = Trainer(twin, mb.optim.SGD(twin.parameters(), lr=0.1), loader, epochs=1, progress=False).fit()
+    assert history[0]["train_loss"] == twin_history[0]["train_loss"]

@@ -124,11 +124,30 @@ class Tensor:
         """A host NumPy copy of the data (a copy from the GPU under CuPy)."""
         return backend.to_numpy(self.data)
 
+    def __array__(self, dtype=None, copy=None):
+        """NumPy's view of a host tensor (``numpy.asarray(t)``), as PyTorch allows for CPU
+        tensors; a device tensor refuses (use ``.numpy()``, which copies explicitly)."""
+        if not backend.is_host_array(self.data):
+            raise TypeError(f"a tensor on backend {backend.backend_of(self.data)!r} does not convert "
+                            "implicitly to a NumPy array; use .numpy()")
+        data = self.data if dtype is None else self.data.astype(dtype, copy=False)
+        return data.copy() if copy else data
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
     def item(self):
         """The value of a one-element tensor as a Python number."""
         if self.data.size != 1:
             raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
         return self.data.item()
+
+    def tolist(self):
+        """The values as (nested) Python lists of numbers."""
+        return self.data.tolist()
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph."""
