@@ -3,6 +3,11 @@
 Every differentiable method is gradchecked in float64 (finite differences, independent of
 PyTorch); PyTorch (2.x CPU, optional) is the oracle for values, indices and gradients.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -220,7 +225,7 @@ def test_containers_register_their_modules_under_torch_key_names():
     assert [k for k, _ in ours.named_parameters()] == [k for k, _ in theirs.named_parameters()]
     assert [k for k, _ in ours.named_modules()] == [k for k, _ in theirs.named_modules()]
     # and a torch state dict loads into the minibasis model, which then computes the same
-    ours.load_state_dict({k: v.numpy().astype(np.float32) for k, v in theirs.state_dict().items()})
+    ours.load_state_dict(theirs.state_dict())  # torch tensors load as they are
     ours.eval()
     theirs.eval()
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
@@ -238,6 +243,11 @@ def test_containers_take_part_in_train_eval_and_to():
     assert not model.layers[3].training and not model.heads["cls"].training
     model.to(dtype="float64")
     assert model.heads["box"].weight.dtype == np.float64 and model.layers[0].weight.dtype == np.float64
+    model.to("strict")
+    assert mb.backend.backend_of(model.heads["box"].weight.data) == "strict"
+    model.to("cpu")  # PyTorch's device name for the host
+    assert mb.backend.backend_of(model.heads["box"].weight.data) == "numpy"
+    assert model.layers[0].weight.dtype == np.float64
 
 
 def test_module_list_indexing_like_a_list():
@@ -407,3 +417,21 @@ def test_trainer_takes_either_kind_of_batch_and_learns_the_same(as_tensors):
     loader = DataLoader((x, y), batch_size=16, shuffle=True, seed=0, transform=ToFloat(), as_tensors=not as_tensors)
     twin_history = Trainer(twin, mb.optim.SGD(twin.parameters(), lr=0.1), loader, epochs=1, progress=False).fit()
     assert history[0]["train_loss"] == twin_history[0]["train_loss"]
+
+
+# ---------------------------------------------------------------------------
+# the README's example
+# ---------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_readme_shows_the_pytorch_habits_example_and_what_it_prints():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = (REPO / "examples" / "pytorch_habits.py").read_text(encoding="utf-8")
+    assert code.split('"""', 2)[2].strip() in readme
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "pytorch_habits.py")], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 6
+    assert f"the last `{lines[4]}`" in readme and f"`{lines[5]}`" in readme
