@@ -435,3 +435,29 @@ def test_readme_shows_the_pytorch_habits_example_and_what_it_prints():
     lines = proc.stdout.splitlines()
     assert len(lines) == 6
     assert f"the last `{lines[4]}`" in readme and f"`{lines[5]}`" in readme
+
+
+def test_an_unknown_model_name_says_how_to_register_a_custom_one(tmp_path):
+    from minibasis import models
+
+    with pytest.raises(ValueError, match=r"unknown model 'mynet'.*register_model\('mynet', constructor\)"):
+        models.get_model("mynet")
+
+    class MyNet(nn.Module):
+        def __init__(self, width=3):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, width), nn.Linear(width, 2)])
+
+        def forward(self, x):
+            return self.layers[1](self.layers[0](x))
+
+    models.register_model("mynet_habits", MyNet)
+    try:
+        model = models.get_model("mynet_habits", width=5)
+        mb.save_model(model, tmp_path / "m.npz")
+        loaded, _ = mb.load_model(tmp_path / "m.npz")
+        assert isinstance(loaded, MyNet) and loaded.layers[0].out_features == 5
+        for key, value in model.state_dict().items():
+            np.testing.assert_array_equal(loaded.state_dict()[key], value)
+    finally:
+        models.MODELS.pop("mynet_habits")
