@@ -312,7 +312,7 @@ expected_stored = Q * D + M * Q + (M if bias else 0) + (Q if basis_bias else 0)
 '''
 
 _SNIPPET_TAIL = '''
-learnable = sum(p.size for p in layer.parameters())
+learnable = sum(p.numel() for p in layer.parameters())
 stored = sum(v.size for v in layer.state_dict().values())  # parameters and persistent buffers
 if not weight_grad:
     layer.requires_grad_(False)
