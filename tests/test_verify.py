@@ -257,7 +257,7 @@ def test_snippets_pass_on_the_engine_for_drawn_cases(seed):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         case = layer_formulas.draw_case(rng)
-        for kind in ("conv", "basisconv") if case.basisconv_applies else ("conv",):
+        for kind in ("conv", "basisconv", "linear") if case.basisconv_applies else ("conv", "linear"):
             exec(layer_formulas.snippet(case, kind), {})  # raises AssertionError on any mismatch
 
 
@@ -272,7 +272,7 @@ def test_a_snippet_runs_standalone():
 def test_snippet_rejects_an_unknown_kind():
     case = layer_formulas.draw_case(np.random.default_rng(0))
     with pytest.raises(ValueError, match="kind"):
-        layer_formulas.snippet(case, "linear")
+        layer_formulas.snippet(case, "pool")
 
 
 # -- exactness --------------------------------------------------------------------------------------

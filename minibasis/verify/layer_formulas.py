@@ -57,7 +57,7 @@ from minibasis.functions import conv as conv_module, smallest_chunks
 from minibasis.functions.conv import CONV_PATHS, conv_path, trace_paths
 from minibasis.parallel import set_num_threads
 from minibasis.measure import learnable_values, stored_values as measured_stored_values
-from minibasis.nn import BasisConv2d, Conv2d, Module
+from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
 from minibasis.verify.report import VerifyResult, format_table
 
 __all__ = ["LayerCase", "GeometrySpace", "CaseOutcome", "FormulaReport", "check_formulas", "run_case",
@@ -295,12 +295,13 @@ class Measured:
 
 
 def _measure(layer: Module, case: LayerCase, batch: int, chunked: bool = False) -> Measured:
-    """``layer`` forward and backward on a batch of ``batch`` images of a case's input (its weights
-    frozen first when the case needs no weight gradient); ``chunked``: one image per chunk, on
-    ``CHUNKED_THREADS`` engine threads."""
+    """``layer`` forward and backward on a batch of ``batch`` images of a case's input (flattened for a
+    Linear; its weights frozen first when the case needs no weight gradient); ``chunked``: one image per
+    chunk, on ``CHUNKED_THREADS`` engine threads. Counts: conv mults (all mults for a Linear)."""
     rng = np.random.default_rng(0)
-    x = tensor(rng.standard_normal((batch, case.in_channels, case.height, case.width)).astype(np.float32),
-               requires_grad=case.input_grad)
+    images = rng.standard_normal((batch, case.in_channels, case.height, case.width)).astype(np.float32)
+    flat = isinstance(layer, Linear)
+    x = tensor(images.reshape(batch, -1) if flat else images, requires_grad=case.input_grad)
     if not case.weight_grad:
         layer.requires_grad_(False)
     with contextlib.ExitStack() as stack:
@@ -310,6 +311,8 @@ def _measure(layer: Module, case: LayerCase, batch: int, chunked: bool = False) 
         with trace_paths() as paths, count_mults() as counter:
             y = layer(x)
             y.backward(np.ones(y.shape, np.float32))
+    if flat:
+        return Measured(tuple(y.shape), counter.forward.total, counter.backward.total, paths)
     return Measured(tuple(y.shape), counter.forward.conv, counter.backward.conv, paths)
 
 
@@ -321,7 +324,8 @@ def _batch_comparisons(kind: str, layer: Module, case: LayerCase, forward_formul
     one, whole, chunked = _measure(layer, case, 1), _measure(layer, case, n), _measure(layer, case, n, chunked=True)
     per_image = (one.forward, one.backward)
     comparisons = [
-        Comparison(f"{kind} output shape", whole.shape, (n, case.out_channels) + _output_hw(case)),
+        Comparison(f"{kind} output shape", whole.shape,
+                   (n, case.out_channels) + (() if kind == "linear" else _output_hw(case))),
         Comparison(f"{kind} forward mults", one.forward, forward_formula),
         Comparison(f"{kind} backward mults", one.backward, backward_formula),
         Comparison(f"{kind} mults at batch N = N × batch 1", (whole.forward, whole.backward),
@@ -366,16 +370,31 @@ def _basisconv_comparisons(case: LayerCase) -> tuple[list[Comparison], str]:
     ], path
 
 
+def _linear_comparisons(case: LayerCase) -> tuple[list[Comparison], str]:
+    """A Linear from the case's flattened input (C·H·W features) to M: in·out mults per row, one product
+    of that size per gradient needed in backward; in·out (+out bias) parameters."""
+    fan_in = case.in_channels * case.height * case.width
+    layer = Linear(fan_in, case.out_channels, bias=case.bias)
+    per_row = fan_in * case.out_channels
+    comparisons, _ = _batch_comparisons("linear", layer, case, per_row,
+                                        conv_backward_mults(per_row, case.input_grad, case.weight_grad))
+    params = per_row + (case.out_channels if case.bias else 0)
+    return comparisons + [Comparison("linear learnable params", learnable_values(layer), params)], "linear"
+
+
 def run_case(case: LayerCase) -> CaseOutcome:
     """Run a case's Conv2d (and BasisConv2d where it applies); compare every count with its formula and the
     counts at batch N (in one piece and in N chunks) with N × those at batch 1."""
     comparisons: list[Comparison] = []
     paths: dict[str, str] = {}
-    kinds = [("conv", _conv_comparisons)] + ([("basisconv", _basisconv_comparisons)] if case.basisconv_applies else [])
+    kinds = ([("conv", _conv_comparisons)] + ([("basisconv", _basisconv_comparisons)] if case.basisconv_applies else [])
+             + [("linear", _linear_comparisons)])
     for kind, compare in kinds:
         try:
-            found, paths[kind] = compare(case)
+            found, path = compare(case)
             comparisons += found
+            if kind != "linear":
+                paths[kind] = path
         except Exception as exc:  # an engine error on a valid geometry is a finding, not a crash of verify
             comparisons.append(Comparison(f"{kind} runs", f"{type(exc).__name__}: {exc}", "no error"))
     return CaseOutcome(case, comparisons, paths)
@@ -403,6 +422,15 @@ per_image = formulas.conv_mults(M, C, kernel, Ho, Wo, groups=groups)  # M·(C/g)
 expected_backward = per_image * (int(input_grad) + int(weight_grad))  # weight grad, input grad
 expected_learnable = formulas.learnable_params(M, C // groups, kernel, bias=bias)
 expected_stored = expected_learnable
+flat, out_shape = False, (N, M, Ho, Wo)
+'''
+
+_SNIPPET_LINEAR = '''
+layer = nn.Linear(C * H * W, M, bias=bias)  # on the flattened input
+per_image = C * H * W * M
+expected_backward = per_image * (int(input_grad) + int(weight_grad))  # weight grad, input grad
+expected_learnable = expected_stored = per_image + (M if bias else 0)
+flat, out_shape = True, (N, M)
 '''
 
 _SNIPPET_BASISCONV = '''
@@ -418,6 +446,7 @@ expected_backward = (M * Q * P * (int(weight_grad) + int(intermediate_grad))
 expected_learnable = formulas.learnable_params(M, C, kernel, num_basis=Q, bias=bias,
                                                basis_bias=basis_bias)   # M·Q (+M, +Q)
 expected_stored = Q * D + M * Q + (M if bias else 0) + (Q if basis_bias else 0)
+flat, out_shape = False, (N, M, Ho, Wo)
 '''
 
 _SNIPPET_TAIL = '''
@@ -428,9 +457,10 @@ if not weight_grad:
 
 
 def measure(batch, chunked=False):
-    """(output shape, forward conv mults, backward conv mults); chunked: one image per chunk, 2 threads."""
-    x = mb.tensor(np.random.default_rng(0).standard_normal((batch, C, H, W)).astype(np.float32),
-                  requires_grad=input_grad)
+    """(output shape, forward mults, backward mults) (conv mults but for a Linear); chunked: one image per
+    chunk, on 2 threads."""
+    images = np.random.default_rng(0).standard_normal((batch, C, H, W)).astype(np.float32)
+    x = mb.tensor(images.reshape(batch, -1) if flat else images, requires_grad=input_grad)
     threads = mb.set_num_threads({threads}) if chunked else None
     try:
         with contextlib.ExitStack() as stack:
@@ -442,6 +472,8 @@ def measure(batch, chunked=False):
     finally:
         if threads is not None:
             mb.set_num_threads(threads)
+    if flat:
+        return tuple(y.shape), counter.forward.total, counter.backward.total
     return tuple(y.shape), counter.forward.conv, counter.backward.conv
 
 
@@ -449,7 +481,7 @@ _, forward_1, backward_1 = measure(1)
 shape, forward_n, backward_n = measure(N)
 _, forward_chunks, backward_chunks = measure(N, chunked=True)
 checks = {{
-    "output shape": (shape, (N, M, Ho, Wo)),
+    "output shape": (shape, out_shape),
     "forward mults": (forward_1, per_image),
     "backward mults": (backward_1, expected_backward),
     "mults at batch N = N × batch 1": ((forward_n, backward_n), (N * forward_1, N * backward_1)),
@@ -464,10 +496,11 @@ print("{kind}: every measured count equals its formula, and N × its batch-1 cou
 
 
 def snippet(case: LayerCase, kind: str = "conv", why: str = "") -> str:
-    """A standalone Python program that runs ``case`` for ``kind`` ("conv" or "basisconv") and asserts
-    every count against its closed form (it raises AssertionError where they differ)."""
-    if kind not in ("conv", "basisconv"):
-        raise ValueError(f"kind must be 'conv' or 'basisconv', got {kind!r}")
+    """A standalone Python program that runs ``case`` for ``kind`` ("conv", "basisconv" or "linear") and
+    asserts every count against its closed form (it raises AssertionError where they differ)."""
+    bodies = {"conv": _SNIPPET_CONV, "basisconv": _SNIPPET_BASISCONV, "linear": _SNIPPET_LINEAR}
+    if kind not in bodies:
+        raise ValueError(f"kind must be one of {', '.join(bodies)}, got {kind!r}")
     fields = case.to_dict()
     if case.padding == "same":
         output_size = "Ho, Wo = H, W  # padding='same' (stride 1) keeps the input size, by definition"
@@ -480,8 +513,7 @@ def snippet(case: LayerCase, kind: str = "conv", why: str = "") -> str:
     fields.update(kernel_size=tuple(case.kernel_size), stride=tuple(case.stride), dilation=tuple(case.dilation),
                   padding=repr(case.padding if isinstance(case.padding, str) else tuple(case.padding)),
                   why=f": {why}" if why else "", output_size=output_size)
-    body = _SNIPPET_CONV if kind == "conv" else _SNIPPET_BASISCONV
-    return _SNIPPET_HEAD.format(**fields) + body + _SNIPPET_TAIL.format(kind=kind, threads=CHUNKED_THREADS)
+    return _SNIPPET_HEAD.format(**fields) + bodies[kind] + _SNIPPET_TAIL.format(kind=kind, threads=CHUNKED_THREADS)
 
 
 # -- the whole check -------------------------------------------------------------------------------
