@@ -19,6 +19,7 @@ import minibasis as mb
 from minibasis import backend, formulas, nn, verify
 from minibasis.cli import main
 from minibasis.functions import conv as conv_module
+from minibasis.functions import smallest_chunks
 from minibasis.verify import layer_formulas
 
 
@@ -443,3 +444,18 @@ def test_counts_cli_names_an_input_the_model_refuses(capsys):
     assert main(["verify", "counts", "table3_cnn", "--thresholds", "0.9", "--in-channels", "1"]) == 2
     err = capsys.readouterr().err
     assert "cannot run on an input of shape (1, 1, 32, 32)" in err and "Traceback" not in err
+
+
+def test_counts_at_a_batch_catch_a_slip_in_the_chunk_loops_that_batch_one_misses(monkeypatch):
+    from counting_mutations import SLIPS
+
+    SLIPS["conv forward, strided: chunks after the first uncounted"].plant(monkeypatch.setattr)
+    mb.manual_seed(0)
+    with smallest_chunks():  # 8×8 images: a batch of 3 in 3 chunks (ResNet-20's 32×32 at 128: ~10 chunks)
+        report = verify.check_counts(SmallNet(), thresholds=(), input_shape=(1, 3, 8, 8), batch=3)
+    assert not report.passed
+    rows = {r.path: r for r in report.rows}
+    assert rows["conv0"].passed  # not strided
+    conv1 = rows["conv1"]
+    assert (conv1.mults, conv1.backward_mults) == (conv1.formula_mults, conv1.backward_formula)  # batch 1 is right
+    assert conv1.batch_mults != conv1.mults and "MISMATCH" in report.table()

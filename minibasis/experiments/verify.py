@@ -47,11 +47,15 @@ def add_arguments(parser) -> None:
                                            "mults vs the closed forms",
                             description="Profile the model as it is and compressed at each threshold (one forward "
                                         "and one backward pass) and compare every conv layer's measured "
-                                        "multiplications with the closed forms.")
+                                        "multiplications with the closed forms, at batch 1 and per image at "
+                                        "--batch.")
     _add_model_argument(counts)
     counts.add_argument("--thresholds", default="1,0.9",
                         help="comma-separated energy thresholds to compress at (default: 1,0.9)")
     counts.add_argument("--input-size", type=int, default=32, help="input height and width (default: 32)")
+    counts.add_argument("--batch", type=int, default=128,
+                        help="also measure at this batch size, where the engine runs its multi-chunk, threaded "
+                             "loops: the per-image counts must equal batch 1's (default: 128)")
     counts.add_argument("--in-channels", type=int, default=None,
                         help="input channels (default: the first conv layer's in_channels, else 3)")
 
@@ -113,6 +117,7 @@ def run(args) -> int:
         from minibasis.measure import input_channels
 
         check_positive("--input-size", args.input_size)
+        check_positive("--batch", args.batch)
         if args.in_channels is not None:
             check_positive("--in-channels", args.in_channels)
         thresholds = parse_thresholds(args.thresholds)
@@ -120,7 +125,7 @@ def run(args) -> int:
         channels = input_channels(model) if args.in_channels is None else args.in_channels
         shape = (1, channels, args.input_size, args.input_size)
         try:
-            result = verify.check_counts(model, thresholds, input_shape=shape)
+            result = verify.check_counts(model, thresholds, input_shape=shape, batch=args.batch)
         except ValueError as exc:  # the model refuses this input (channels, size)
             raise UserError(f"{args.model} cannot run on an input of shape {shape}: {first_line(exc)}") from None
     print(result.table(), file=sys.stderr if args.json == "-" else sys.stdout)
