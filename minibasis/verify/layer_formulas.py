@@ -599,7 +599,7 @@ class FormulaReport(VerifyResult):
                  f"groups ≤ {self.space.max_groups}, k ≤ {self.space.max_kernel}, "
                  f"stride ≤ {self.space.max_stride}, "
                  f"padding ≤ {self.space.max_padding} or 'valid' / 'same', dilation ≤ {self.space.max_dilation}; "
-                 "BasisConv where groups = 1", ""]
+                 "BasisConv where groups = 1; a Linear on the flattened input", ""]
         lines += format_table(("check", "cases", "passed", "failed"), rows)
         lines.append("")
         paths = [(path, f"{row['conv']:,}", "-" if path == "grouped" else f"{row['basisconv']:,}")
