@@ -20,10 +20,14 @@ def add_arguments(parser) -> None:
 
     formulas = sub.add_parser("formulas", help="random layer geometries: measured mults and parameters vs the "
                                                "closed forms (hypothesis shrinks a failure)",
-                              description="Draw random Conv2d/BasisConv2d geometries, run them forward and backward, "
-                                          "and compare measured multiplications and parameter counts with the "
-                                          "paper's closed forms.")
-    formulas.add_argument("--cases", type=int, default=200, help="geometries to try (default: 200)")
+                              description="Draw random Conv2d/BasisConv2d geometries, stratified by the conv path "
+                                          "the engine takes, run them forward and backward, and compare measured "
+                                          "multiplications and parameter counts with the paper's closed forms; "
+                                          "at batch N, in one piece and in N chunks, the counts must be N times "
+                                          "batch 1's.")
+    formulas.add_argument("--cases", type=int, default=200,
+                          help="geometries to try, shared out over the conv paths (default: 200; at least 7 to "
+                               "reach every path)")
     formulas.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
     formulas.add_argument("--no-hypothesis", action="store_true",
                           help="draw with NumPy even when hypothesis is installed (no shrinking)")

@@ -1,4 +1,4 @@
-"""``verify formulas``: the paper's closed forms against what a Conv2d and a BasisConv2d execute.
+"""``verify formulas``: the paper's closed forms against what a Conv2d, a BasisConv2d and a Linear execute.
 
 For each drawn layer geometry (:class:`LayerCase`: batch, C, M, groups dividing both,
 odd and even kernels, stride, padding (numbers, "valid" or "same"), dilation, H ≠ W, Q,
@@ -20,7 +20,9 @@ measured convolution multiplications are compared with the closed forms of
   through the basis stage when the input needs a gradient. The basis is fixed: no gradient;
 * parameters: learnable M·(C/g)·kh·kw (+M bias) for the conv, M·Q (+M bias, +Q basis bias)
   for BasisConv (``formulas.learnable_params``); stored values (parameters and buffers)
-  Q·D + M·Q (+M, +Q).
+  Q·D + M·Q (+M, +Q);
+* a Linear from the flattened input (C·H·W features) to M: C·H·W·M per image forward, one
+  product of that size per gradient needed in backward (all its mults, not conv mults).
 
 Every case runs three times: at batch 1 (compared with the closed forms above), and at its
 batch N (2 to 4) both in one piece and in N chunks of one image on 2 engine threads
