@@ -12,5 +12,6 @@ from minibasis.functions.normalization import batch_norm
 from minibasis.functions.pooling import adaptive_avg_pool2d, avg_pool2d, global_avg_pool2d, max_pool2d
 
 __all__ = ["add", "sub", "mul", "div", "matmul", "relu", "linear", "flatten", "concat", "pad", "dropout",
-           "conv2d", "set_im2col_budget", "chunk_sizes", "smallest_chunks", "softmax_cross_entropy", "cross_entropy", "log_softmax", "softmax",
+           "conv2d", "set_im2col_budget", "softmax_cross_entropy", "cross_entropy", "log_softmax", "softmax",
            "batch_norm", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d"]
+__all__ += ["chunk_sizes", "smallest_chunks"]
