@@ -542,10 +542,12 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
     if before == 0:
         raise allocation_module.BudgetError("the model ran no conv multiplications on "
                                             f"input {shape}: there is no budget to meet")
+    grid = None if thresholds is None else sorted((float(t) for t in thresholds), reverse=True)
     least = allocation_module.minimum_mults(layers, other, skip_unprofitable)
     if least / before > target:
         raise allocation_module.BudgetError(
-            f"no allocation brings the conv multiplications to {target:g} of the original or less: the "
+            ("" if grid is None else f"no threshold in {grid}, and ")
+            + f"no allocation brings the conv multiplications to {target:g} of the original or less: the "
             f"fewest reachable are {least:,} of {before:,} ({least / before:.4f}), every compressible conv "
             "at Q = 1")
     by_path = {layer.path: layer for layer in layers}
@@ -573,7 +575,6 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
             return finish(new_model, report, threshold, missed + notes)
         missed.append(f"a plan expected at {expected:,} measured {report.conv_mults_after:,} "
                       f"(ratio {report.mult_ratio:.4f} > {target:g}); the next one was tried")
-    grid = sorted(thresholds, reverse=True) if thresholds is not None else None
     raise allocation_module.BudgetError(
         f"no threshold in {grid} brings the conv multiplications to {target:g} of the original or less; "
         "add smaller thresholds" if grid is not None else
