@@ -12,7 +12,6 @@ and ``finetune`` accepts. ``--evaluate`` adds the test accuracy before and after
 """
 from __future__ import annotations
 
-from minibasis.allocation import ALLOCATIONS
 from minibasis.experiments import options, runs
 from minibasis.experiments.errors import UserError, first_line
 
@@ -24,12 +23,7 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("compression")
     group.add_argument("--threshold", type=float, default=None, help="energy threshold t in (0, 1] (default: 0.9)")
     group.add_argument("--num-basis", type=int, default=None, help="instead of --threshold: Q for every layer")
-    group.add_argument("--target-mult-ratio", type=float, default=None,
-                       help="instead of --threshold: a budget; the measured conv multiplications of the "
-                            "result are at most this fraction of the original's (e.g. 0.45)")
-    group.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
-                       help="with --target-mult-ratio: uniform, the largest t that fits (the paper's), or greedy, "
-                            "Q per layer by energy kept per multiplication (default: uniform)")
+    options.add_budget_arguments(group)
     group.add_argument("--layers", default=None, help="comma-separated module paths of the convs to compress (default: all)")
     group.add_argument("--replace-all", action="store_true",
                        help="replace every selected conv, even where BasisConv needs as many multiplications or more")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 
 from minibasis.experiments.errors import UserError, first_line
-from minibasis.allocation import ALLOCATIONS, BudgetError
+from minibasis.allocation import BudgetError
 from minibasis.compress import compress, copy_module
 from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
@@ -46,12 +46,7 @@ def add_arguments(parser) -> None:
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     group = parser.add_argument_group("compression")
     group.add_argument("--threshold", type=float, default=None, help="energy threshold t (default: 0.9)")
-    group.add_argument("--target-mult-ratio", type=float, default=None,
-                       help="instead of --threshold: a budget; the measured conv multiplications of the "
-                            "compressed network are at most this fraction of the original's (e.g. 0.5)")
-    group.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
-                       help="with --target-mult-ratio: uniform, the largest t of --thresholds that fits (the "
-                            "paper's), or greedy, Q per layer by energy kept per multiplication (default: uniform)")
+    options.add_budget_arguments(group)
     group.add_argument("--thresholds", default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
                        help="grid searched by --allocation uniform (default: the paper's 1.0 ... 0.7)")
     group.add_argument("--replace-all", action="store_true",
