@@ -65,6 +65,7 @@ def test_an_unreachable_budget_is_refused_before_any_data_is_read(trained, tmp_p
     (["finetune", "--distill", "--distill-weight", "0"], "--distill-weight must be in (0, 1]"),
     (["finetune", "--distill", "--temperature", "-1"], "--temperature must be > 0"),
     (["finetune", "--allocation", "greedy"], "give --target-mult-ratio"),
+    (["finetune", "--teacher", "model.npz"], "--teacher applies only with --distill"),
     (["finetune", "--target-mult-ratio", "0.5", "--allocation", "greedy", "--thresholds", "0.9"],
      "--thresholds is the grid of --allocation uniform"),
     (["finetune", "--baseline", "--allocation", "greedy"], "--allocation greedy would be ignored"),
@@ -90,3 +91,23 @@ def test_finetune_greedy_with_distillation_end_to_end(trained, tmp_path):
     assert len(per_epoch) == 2 and per_epoch[0] == per_epoch[1] > 0 and results["teacher_mults"] == sum(per_epoch)
     log = (out / "log.txt").read_text()
     assert "distillation from the original" in log and "greedy allocation" in log
+
+
+def test_a_teacher_file_must_match_the_students_inputs(trained, tmp_path, capsys):
+    from minibasis.models import table3_cnn
+
+    other = tmp_path / "imagenet-normalized.npz"
+    minibasis.save_model(table3_cnn(), other, normalization="imagenet", dataset="synthetic")
+    out = tmp_path / "run"
+    _fails(capsys, ["finetune", "--checkpoint", str(trained), *SYNTH, "--threshold", "0.8", "--distill",
+                    "--teacher", str(other), "--data", str(tmp_path / "no_data"), "--output", str(out)],
+           "expects imagenet input normalization, the student cifar10")
+    _fails(capsys, ["finetune", "--checkpoint", str(trained), *SYNTH, "--threshold", "0.8", "--distill",
+                    "--teacher", str(tmp_path / "missing.npz"), "--output", str(out)], "does not exist")
+    assert not out.exists()
+    # A matching file is taken, and recorded.
+    assert main(["finetune", "--checkpoint", str(trained), *SYNTH, "--threshold", "0.8", "--distill",
+                 "--teacher", str(trained), "--train-subset", "16", "--limit", "16", "--epochs1", "1",
+                 "--epochs2", "0", "--batch-size", "16", "--output", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher"] == str(trained) and results["history"][0]["teacher_mults"] > 0

@@ -17,7 +17,8 @@ coefficients; step 2 its non-convolutional parameters), which is the fair refere
 the data differ from the original training data (the shared CIFAR-10 is JPEG-re-encoded).
 ``--recalibrate-bn N`` re-estimates every BatchNorm's running statistics from N training images
 right after compression, before step 1 (see :func:`recalibrate_batch_norm`). ``--distill`` adds
-distillation from the uncompressed original as loaded (the teacher) to both steps:
+distillation from the uncompressed original as loaded (the teacher; ``--teacher MODEL_FILE`` names
+another, e.g. the original fine-tuned by ``--baseline``) to both steps:
 loss = (1 − w)·CE + w·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) with w = ``--distill-weight``
 and T = ``--temperature`` (:class:`minibasis.training.Distillation`).
 
@@ -59,6 +60,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--distill-weight", type=float, default=None,
                        help="w in (1 - w)·CE + w·T²·KL (default with --distill: 0.5)")
     group.add_argument("--temperature", type=float, default=None, help="T (default with --distill: 4)")
+    group.add_argument("--teacher", default=None, metavar="MODEL_FILE",
+                       help="with --distill: distill from this model file instead of the original as loaded "
+                            "(e.g. the original fine-tuned by --baseline); same classes and input normalization")
     group = parser.add_argument_group("fine-tuning (defaults: the paper's section 4.3)")
     group.add_argument("--epochs1", type=int, default=15, help="step 1 epochs, coefficients only (default: 15)")
     group.add_argument("--lr1", type=float, default=0.1, help="step 1 learning rate (default: 0.1)")
@@ -109,8 +113,8 @@ def _check_settings(args) -> None:
             raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
         options.check_threshold("--threshold", args.threshold)
     if not args.distill:
-        given = [o for o, v in (("--distill-weight", args.distill_weight), ("--temperature", args.temperature))
-                 if v is not None]
+        given = [o for o, v in (("--distill-weight", args.distill_weight), ("--temperature", args.temperature),
+                                ("--teacher", args.teacher)) if v is not None]
         if given:
             raise UserError(f"{', '.join(given)} applies only with --distill")
     else:
@@ -119,6 +123,28 @@ def _check_settings(args) -> None:
         if not 0 < args.distill_weight <= 1:
             raise UserError(f"--distill-weight must be in (0, 1], got {args.distill_weight:g}")
         options.check_positive("--temperature", args.temperature)
+
+
+def load_teacher(args, loaded):
+    """The model to distill from: a copy of the original as loaded, or the ``--teacher`` file,
+    refused when its class count or input normalization differs from the student's."""
+    from minibasis import ModelFileError, load_model
+
+    if args.teacher is None:
+        return copy_module(loaded.model)
+    try:
+        teacher, metadata = load_model(args.teacher)
+    except FileNotFoundError:
+        raise UserError(f"--teacher {args.teacher} does not exist") from None
+    except (ModelFileError, OSError, ValueError) as exc:
+        raise UserError(f"--teacher {args.teacher} is not readable: {first_line(exc)}") from None
+    if metadata.normalization not in (None, loaded.normalize):
+        raise UserError(f"--teacher {args.teacher} expects {metadata.normalization} input normalization, "
+                        f"the student {loaded.normalize}")
+    classes = getattr(loaded.metadata, "num_classes", None)
+    if None not in (metadata.num_classes, classes) and metadata.num_classes != classes:
+        raise UserError(f"--teacher {args.teacher} has {metadata.num_classes} classes, the student {classes}")
+    return teacher
 
 
 def compress_as_asked(model, args):
@@ -155,6 +181,8 @@ def run(args) -> int:
         options.require_convs(model, f"the model {name}")
     # Compressed before any data is read: an unreachable --target-mult-ratio costs no data loading.
     compressed = None if args.baseline else compress_as_asked(model, args)
+    # The teacher: separate from the student (under --baseline the original itself is trained).
+    teacher = load_teacher(args, loaded) if args.distill else None
     (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
     folder = runs.prepare_run_folder(args, "finetune")
     log = folder.log
@@ -172,8 +200,6 @@ def run(args) -> int:
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
     compression = threshold = None
-    # The teacher: the original as loaded, a separate copy (under --baseline the original itself is trained).
-    teacher = copy_module(model) if args.distill else None
     if args.baseline:
         tuned = model
         step1_params = conv_weight_parameters(tuned)
@@ -205,7 +231,7 @@ def run(args) -> int:
         f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")
     if teacher is not None:
-        log(f"distillation from the original: loss = (1 - {args.distill_weight:g})·CE + {args.distill_weight:g}·"
+        log(f"distillation from {args.teacher or 'the original'}: loss = (1 - {args.distill_weight:g})·CE + {args.distill_weight:g}·"
             f"{args.temperature:g}²·KL(softmax(teacher/{args.temperature:g}) ‖ softmax(student/{args.temperature:g}))")
     try:
         history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
@@ -226,6 +252,7 @@ def run(args) -> int:
                "baseline": args.baseline, "threshold": threshold, "target_mult_ratio": args.target_mult_ratio,
                "allocation": None if args.baseline or args.target_mult_ratio is None else args.allocation,
                "distill": args.distill, "distill_weight": args.distill_weight, "temperature": args.temperature,
+               "teacher": None if not args.distill else args.teacher or "the original",
                "teacher_mults": sum(row.get("teacher_mults", 0) for row in history) if args.distill else None,
                "dataset": args.dataset, "normalize": normalize,
                "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
