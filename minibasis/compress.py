@@ -30,9 +30,10 @@ from fractions import Fraction
 from minibasis import allocation as allocation_module, basis as basis_math, formulas
 from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
 from minibasis.measure import check_input_shape, profile
+from minibasis.allocation import BudgetError
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
-__all__ = ["compress", "copy_module", "CompressionReport", "LayerReport"]
+__all__ = ["compress", "copy_module", "CompressionReport", "LayerReport", "BudgetError"]
 
 
 def copy_module(module: Module) -> Module:
@@ -386,7 +387,8 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
             whole-model conv multiplications, *measured* on ``input_shape``, are at most R times
             the original's. Exactly one of ``energy_threshold``, ``num_basis`` and
             ``target_mult_ratio`` is given. A budget that even Q = 1 in every layer misses raises
-            :class:`~minibasis.allocation.BudgetError` before any model is built; a budget the
+            :class:`~minibasis.allocation.BudgetError` (also ``minibasis.compress.BudgetError``)
+            from the cost measurements alone, before the compressed model is built; a budget the
             original already meets (R = 1) replaces nothing.
         allocation: how a budget is spent (:mod:`minibasis.allocation`). ``"uniform"``, the
             paper's: one threshold t for every layer, the largest whose measured ratio fits.
@@ -423,18 +425,22 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
         return _compress_to_budget(model, selected, shape, float(target_mult_ratio), allocation, thresholds,
                                    bool(skip_unprofitable))
 
+    new_model, report = _build(model, selected, shape, _same_for_all(energy_threshold, num_basis, skip_unprofitable))
+    report.energy_threshold = None if energy_threshold is None else float(energy_threshold)
+    report.num_basis = None if num_basis is None else int(num_basis)
+    report.skip_unprofitable = bool(skip_unprofitable)
+    return new_model, report
+
+
+def _same_for_all(energy_threshold, num_basis, skip_unprofitable: bool):
+    """The ``decide`` of :func:`_build` for one threshold or one Q in every layer."""
     def decide(path, conv):
         try:
             candidate = BasisConv2d.from_conv(conv, energy_threshold=energy_threshold, num_basis=num_basis)
         except ValueError as exc:
             raise ValueError(f"layer {path!r} (weight {tuple(conv.weight.shape)}): {exc}") from exc
         return candidate, _unprofitable_reason(candidate) if skip_unprofitable else None
-
-    new_model, report = _build(model, selected, shape, decide)
-    report.energy_threshold = None if energy_threshold is None else float(energy_threshold)
-    report.num_basis = None if num_basis is None else int(num_basis)
-    report.skip_unprofitable = bool(skip_unprofitable)
-    return new_model, report
+    return decide
 
 
 def _unprofitable_reason(candidate: BasisConv2d) -> str | None:
@@ -540,12 +546,12 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
         return finish(new_model, report)
     layers, other, before = _measure_costs(model, selected, shape)
     if before == 0:
-        raise allocation_module.BudgetError("the model ran no conv multiplications on "
+        raise BudgetError("the model ran no conv multiplications on "
                                             f"input {shape}: there is no budget to meet")
     grid = None if thresholds is None else sorted((float(t) for t in thresholds), reverse=True)
     least = allocation_module.minimum_mults(layers, other, skip_unprofitable)
     if least / before > target:
-        raise allocation_module.BudgetError(
+        raise BudgetError(
             ("" if grid is None else f"no threshold in {grid}, and ")
             + f"no allocation brings the conv multiplications to {target:g} of the original or less: the "
             f"fewest reachable are {least:,} of {before:,} ({least / before:.4f}), every compressible conv "
@@ -561,13 +567,15 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
         def decide(path, conv):
             q = plan[path]
             if q is None:
-                reason = (f"kept as a conv: the {allocation} allocation met the budget without it"
+                reason = ("kept as a conv: the greedy allocation met the budget without it"
                           if by_path[path].basis_mults(1) < by_path[path].conv_mults
                           else "unprofitable at every Q")
                 return None, reason
             return BasisConv2d.from_conv(conv, num_basis=q), None
 
-        new_model, report = _build(model, selected, shape, decide)
+        # Uniform builds exactly what compress(energy_threshold=t) builds (the plan predicted it).
+        decider = _same_for_all(threshold, None, skip_unprofitable) if allocation == "uniform" else decide
+        new_model, report = _build(model, selected, shape, decider)
         expected = allocation_module.plan_mults(layers, plan, other)
         if report.mult_ratio <= target:
             notes = [f"{allocation} allocation under a budget of {target:g}: expected {expected:,} conv "
@@ -575,7 +583,7 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
             return finish(new_model, report, threshold, missed + notes)
         missed.append(f"a plan expected at {expected:,} measured {report.conv_mults_after:,} "
                       f"(ratio {report.mult_ratio:.4f} > {target:g}); the next one was tried")
-    raise allocation_module.BudgetError(
+    raise BudgetError(
         f"no threshold in {grid} brings the conv multiplications to {target:g} of the original or less; "
         "add smaller thresholds" if grid is not None else
         f"no {allocation} plan measured within a budget of {target:g}")
