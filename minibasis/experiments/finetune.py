@@ -227,8 +227,8 @@ def run(args) -> int:
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=options.train_transform(normalize, augment=not args.no_augment))
-    log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
-        f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
+    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
+        f"/10 every {args.lr1_step}; step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")
     if teacher is not None:
         log(f"distillation from {args.teacher or 'the original'}: loss = (1 - {args.distill_weight:g})·CE + {args.distill_weight:g}·"
