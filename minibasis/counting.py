@@ -26,7 +26,7 @@ from typing import Iterator
 
 from minibasis import backend
 
-__all__ = ["count_mults", "MultCounter", "UNCOUNTED"]
+__all__ = ["count_mults", "count_apart", "MultCounter", "UNCOUNTED"]
 
 #: What is deliberately not counted (documented, so a reader knows what "total" means).
 UNCOUNTED = ("add", "subtract", "divide", "exp", "log", "sqrt", "maximum/comparison (relu, max-pool)",
@@ -151,6 +151,22 @@ def count_mults() -> Iterator[MultCounter]:
         _counters.remove(counter)
         if not _counters:
             backend.set_mult_recorder(None)
+
+
+@contextlib.contextmanager
+def count_apart() -> Iterator[MultCounter]:
+    """Count the block's multiplications in a counter of their own, hidden from every counter
+    already active: e.g. a distillation teacher's forward pass inside a student's training step,
+    whose products must not appear in the student's counts."""
+    outer = list(_counters)
+    _counters.clear()
+    try:
+        with count_mults() as counter:
+            yield counter
+    finally:
+        _counters[:] = outer
+        if outer:
+            backend.set_mult_recorder(_dispatch)
 
 
 def active() -> bool:

@@ -1,4 +1,7 @@
-"""``minibasis compress``: compress a trained model's convolutions at one energy threshold.
+"""``minibasis compress``: compress a trained model's convolutions at one energy threshold, or
+under a measured multiplication budget (``--target-mult-ratio R --allocation uniform|greedy``:
+uniform takes the largest t whose measured ratio fits, greedy chooses Q per layer; see
+:func:`minibasis.compress`).
 
 Prints the per-layer report of :func:`minibasis.compress` (M, C, k, D, Q, retained energy,
 conv multiplications per image measured before and after, the formula ratio Q/M + Q/D,
@@ -20,6 +23,7 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("compression")
     group.add_argument("--threshold", type=float, default=None, help="energy threshold t in (0, 1] (default: 0.9)")
     group.add_argument("--num-basis", type=int, default=None, help="instead of --threshold: Q for every layer")
+    options.add_budget_arguments(group)
     group.add_argument("--layers", default=None, help="comma-separated module paths of the convs to compress (default: all)")
     group.add_argument("--replace-all", action="store_true",
                        help="replace every selected conv, even where BasisConv needs as many multiplications or more")
@@ -29,18 +33,26 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=256)
 
 
-def _settings(args) -> tuple[float | None, int | None, list[str] | None]:
-    """(threshold, num_basis, layers) from the options, every contradiction refused."""
+def _settings(args) -> dict:
+    """The keyword arguments of :func:`minibasis.compress` from the options, every contradiction refused."""
     options.check_positive("--limit", args.limit)
     if args.limit is not None and not args.evaluate:
         raise UserError("--limit applies only with --evaluate (without it no test image is used)")
-    if args.threshold is not None and args.num_basis is not None:
-        raise UserError("give --threshold or --num-basis, not both")
-    threshold = options.check_threshold("--threshold", 0.9 if args.threshold is None and args.num_basis is None
-                                        else args.threshold)
-    options.check_positive("--num-basis", args.num_basis)
+    given = [o for o, v in (("--threshold", args.threshold), ("--num-basis", args.num_basis),
+                            ("--target-mult-ratio", args.target_mult_ratio)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"give one of {', '.join(given)}, not both")
+    if args.allocation != "uniform" and args.target_mult_ratio is None:
+        raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
-    return threshold, args.num_basis, layers
+    settings = {"skip_unprofitable": not args.replace_all, "layers": layers}
+    if args.target_mult_ratio is not None:
+        options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
+        return {**settings, "target_mult_ratio": args.target_mult_ratio, "allocation": args.allocation}
+    if args.num_basis is not None:
+        return {**settings, "num_basis": options.check_positive("--num-basis", args.num_basis)}
+    return {**settings, "energy_threshold": options.check_threshold("--threshold", 0.9 if args.threshold is None
+                                                                    else args.threshold)}
 
 
 def run(args) -> int:
@@ -48,13 +60,12 @@ def run(args) -> int:
     from minibasis.training import evaluate
 
     options.check_common(args)
-    threshold, num_basis, layers = _settings(args)
+    settings = _settings(args)
     loaded = options.load_verb_model(args, "compress", check_classes=args.evaluate)
     model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     options.require_convs(model, f"the model {name}")
     try:
-        compressed, report = compress(model, energy_threshold=threshold, num_basis=num_basis,
-                                      skip_unprofitable=not args.replace_all, layers=layers)
+        compressed, report = compress(model, **settings)
     except ValueError as exc:
         raise UserError(first_line(exc)) from None
     test = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)[1] if args.evaluate else None
