@@ -25,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minibasis import backend, counting, parallel
-from minibasis.functions.conv import (PARALLEL_MIN_BYTES, POINTWISE_CHUNK_BYTES, _channels_first, _chunk_size,
-                                      _depthwise_same, _four, _group_matmul, _is_pointwise, _kn2row_forward,
-                                      _uses_depthwise_shifts, _uses_kn2row, conv_output_shape, im2col)
+from minibasis.functions import conv as conv_module  # its chunk settings, read at call time (they may be changed)
+from minibasis.functions.conv import (_channels_first, _chunk_size, _depthwise_same, _four, _group_matmul,
+                                      _is_pointwise, _kn2row_forward, _uses_depthwise_shifts, _uses_kn2row,
+                                      conv_output_shape, im2col)
 
 __all__ = ["ConvGeometry", "Residual", "fused_conv2d", "global_avg_pool", "linear_inference", "relu_inplace"]
 
@@ -130,9 +131,9 @@ def fused_conv2d(x, weight, bias=None, geometry: ConvGeometry | None = None, *, 
     per_image = _per_image_bytes(c, h, w, weight, geometry, ho, wo)
     if coeffs is not None:
         per_image += (q + m) * ho * wo * x.dtype.itemsize  # the chunk's intermediate and output
-    workers = parallel.workers_for(x, weight) if n * per_image >= PARALLEL_MIN_BYTES else 1
+    workers = parallel.workers_for(x, weight) if n * per_image >= conv_module.PARALLEL_MIN_BYTES else 1
     pointwise_only = coeffs is None and _is_pointwise(kernel, geometry.stride, geometry.padding)
-    step = parallel.chunk_step(n, per_image, POINTWISE_CHUNK_BYTES) if pointwise_only \
+    step = parallel.chunk_step(n, per_image, conv_module.POINTWISE_CHUNK_BYTES) if pointwise_only \
         else _chunk_size(n, per_image, workers)
     bias4 = None if bias is None else bias.reshape(1, m, 1, 1)
 
