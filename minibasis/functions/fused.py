@@ -30,7 +30,7 @@ from minibasis.functions.conv import (_channels_first, _chunk_size, _depthwise_s
                                       _is_pointwise, _kn2row_forward, _uses_depthwise_shifts, _uses_kn2row,
                                       conv_output_shape, im2col)
 
-__all__ = ["ConvGeometry", "Residual", "fused_conv2d", "global_avg_pool", "linear_inference", "relu_inplace"]
+__all__ = ["ConvGeometry", "Residual", "fused_conv2d", "global_avg_pool", "linear_inference", "relu", "relu_inplace"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,15 @@ def _per_image_bytes(c: int, h: int, w: int, weight, geometry: ConvGeometry, ho:
 def relu_inplace(a) -> None:
     """a ← max(a, 0), in place (the caller owns ``a``)."""
     backend.get_array_module(a).maximum(a, 0, out=a)
+
+
+def relu(x, inplace: bool = False):
+    """max(x, 0) as an op of its own (timed as an activation): into ``x`` when ``inplace``, else a new array."""
+    with counting.op_scope("relu", False, "forward"):
+        if inplace:
+            relu_inplace(x)
+            return x
+        return backend.get_array_module(x).maximum(x, 0)
 
 
 def fused_conv2d(x, weight, bias=None, geometry: ConvGeometry | None = None, *, coeffs=None,
@@ -172,7 +181,8 @@ def global_avg_pool(x):
     def chunk(start: int, stop: int) -> None:
         x[start:stop].mean(axis=(2, 3), out=out[start:stop])
 
-    parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x))
+    with counting.op_scope("globalavgpool2d", False, "forward"):
+        parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x))
     return out
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 from minibasis import backend
 from minibasis.autograd import Tensor, no_grad
 from minibasis.functions.conv import resolve_padding
-from minibasis.functions.fused import (ConvGeometry, Residual, fused_conv2d, global_avg_pool, linear_inference,
-                                       relu_inplace)
+from minibasis.functions.fused import ConvGeometry, Residual, fused_conv2d, global_avg_pool, linear_inference, relu
 from minibasis.nn.basisconv import BasisConv2d
 from minibasis.nn.layers import Conv2d, Linear
 from minibasis.nn.module import Module
@@ -136,7 +135,7 @@ class ReLUStep(InferenceModule):
     """max(x, 0) into a new array (the input may be read elsewhere)."""
 
     def forward(self, x):
-        return backend.get_array_module(x).maximum(x, 0)
+        return relu(x)
 
 
 class ReLUAfter(InferenceModule):
@@ -154,8 +153,7 @@ class ReLUAfter(InferenceModule):
         if y is x:
             raise InferenceError(f"{type(self.module).__name__} returned its input: an in-place ReLU would "
                                  "change an array that others read")
-        relu_inplace(y)
-        return y
+        return relu(y, inplace=True)
 
 
 class InferenceSequence(InferenceModule):
