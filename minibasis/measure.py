@@ -55,7 +55,7 @@ OP_KINDS = {"batch_norm": "batch norm", "relu": "activations", "add": "adds", "m
 #: The timing table's group for time spent outside every op (module calls, Tensor bookkeeping).
 OUTSIDE_OPS = "outside ops (framework)"
 
-__all__ = ["profile", "Profile", "LayerProfile", "conv_layers", "check_input_shape", "stored_values",
+__all__ = ["profile", "Profile", "LayerProfile", "timing_table", "conv_layers", "check_input_shape", "stored_values",
            "learnable_values", "input_channels"]
 
 
@@ -210,30 +210,35 @@ class Profile:
 
     def timing_table(self) -> str:
         """Where the time went: one line per conv layer, then the rest of the network by kind of op."""
-        t = self.timing
-        backward = t["backward_seconds"] is not None
-        header = ("layer", "kind", "forward ms") + (("backward ms",) if backward else ()) + ("share", "Gmults/s")
-        ms = (lambda s: "-" if s is None else f"{1e3 * s:.2f}")
-        rate = (lambda r: "-" if not r else f"{r / 1e9:.2f}")
-        lines = [(r.path, r.kind, ms(r.forward_seconds)) + ((ms(r.backward_seconds),) if backward else ())
-                 + (f"{100 * r.share:.1f} %", rate(r.mults_per_second)) for r in self.rows]
-        lines += [(g["kind"], "rest", ms(g["forward_seconds"])) + ((ms(g["backward_seconds"]),) if backward else ())
-                  + (f"{100 * g['share']:.1f} %", rate(g["mults_per_second"])) for g in t["groups"]]
-        widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
-
-        def fmt(cells):
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-        total = t["forward_seconds"] + (t["backward_seconds"] or 0.0)
-        out = [f"wall time of one {'forward + backward' if backward else 'forward'} pass of batch "
-               f"{self.input_shape[0]} (noisy on a busy machine)", fmt(header), fmt(["-" * w for w in widths])]
-        out += [fmt(line) for line in lines]
-        out.append(f"total {1e3 * total:.2f} ms; conv layers {1e3 * t['conv_seconds']:.2f} ms; "
-                   f"outside the conv layers {1e3 * (total - t['conv_seconds']):.2f} ms "
-                   f"({100 * t['outside_conv_share']:.1f} % of the time)")
-        return "\n".join(out)
+        return timing_table([r.to_dict() for r in self.rows], self.timing, self.input_shape[0])
 
     __str__ = table
+
+
+def timing_table(rows: list[dict], timing: dict, batch: int) -> str:
+    """The text of a profile's timing (``rows``: :meth:`LayerProfile.to_dict` of its timed rows)."""
+    t = timing
+    backward = t["backward_seconds"] is not None
+    header = ("layer", "kind", "forward ms") + (("backward ms",) if backward else ()) + ("share", "Gmults/s")
+    ms = (lambda s: "-" if s is None else f"{1e3 * s:.2f}")
+    rate = (lambda r: "-" if not r else f"{r / 1e9:.2f}")
+    lines = [(r["path"], r["kind"], ms(r["forward_seconds"])) + ((ms(r["backward_seconds"]),) if backward else ())
+             + (f"{100 * r['share']:.1f} %", rate(r["mults_per_second"])) for r in rows]
+    lines += [(g["kind"], "rest", ms(g["forward_seconds"])) + ((ms(g["backward_seconds"]),) if backward else ())
+              + (f"{100 * g['share']:.1f} %", rate(g["mults_per_second"])) for g in t["groups"]]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    total = t["forward_seconds"] + (t["backward_seconds"] or 0.0)
+    out = [f"wall time of one {'forward + backward' if backward else 'forward'} pass of batch {batch} "
+           "(noisy on a busy machine)", fmt(header), fmt(["-" * w for w in widths])]
+    out += [fmt(line) for line in lines]
+    out.append(f"total {1e3 * total:.2f} ms; conv layers {1e3 * t['conv_seconds']:.2f} ms; "
+               f"outside the conv layers {1e3 * (total - t['conv_seconds']):.2f} ms "
+               f"({100 * t['outside_conv_share']:.1f} % of the time)")
+    return "\n".join(out)
 
 
 def _array_module_and_dtype(model: Module):

@@ -82,3 +82,28 @@ def test_timing_leaves_the_model_as_it_was():
     assert not model.get_submodule("conv1")._forward_pre_hooks
     assert all(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_summary_with_timing_keeps_its_counts():
+    model = models.get_model("table3_cnn")
+    plain, timed = mb.summary(model, (2, 3, 32, 32)), mb.summary(model, (2, 3, 32, 32), timing=True)
+    assert [r.mults for r in timed.rows] == [r.mults for r in plain.rows]
+    assert plain.timing is None
+    assert [r["path"] for r in timed.timing["conv_layers"]] == ["features.0", "features.3", "features.6"]
+    assert "outside the conv layers" in timed.table()
+
+
+def test_count_cli_timing(tmp_path, capsys):
+    import json
+
+    from minibasis.cli import main
+
+    path = tmp_path / "count.json"
+    assert main(["count", "table3_cnn", "--timing", "--batch", "2", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())["models"][0]
+    assert report["timing"]["batch"] == 2
+    assert [row["layer"] for row in report["timing"]["layers"]] == ["features.0", "features.3", "features.6"]
+    shares = sum(r["share"] for r in report["timing"]["layers"]) + sum(g["share"] for g in report["timing"]["groups"])
+    assert shares == pytest.approx(1.0, abs=1e-9)
+    assert "outside the conv layers" in capsys.readouterr().out
+    assert main(["count", "table3_cnn", "--timing", "--batch", "0"]) != 0
