@@ -209,3 +209,24 @@ def test_report_names_what_was_fused():
     assert "option-A shortcut" in fused["layer2.0.conv2"]
     assert "identity shortcut" in fused["layer1.0.conv2"]
     assert deployed.report.folded_batch_norms == 7 and deployed.report.remaining_batch_norms == 0
+
+
+def test_eval_and_compress_take_deploy(tmp_path, cifar10_dir, akamaster_dir):
+    import json
+
+    from minibasis.cli import main
+
+    common = ["--limit", "64", "--batch-size", "32", "--quiet"]
+    results = []
+    for extra in ([], ["--deploy"]):
+        out = tmp_path / f"eval{len(extra)}.json"
+        assert main(["eval", *common, *extra, "--output", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    plain, deployed = results
+    assert deployed["deployed"] and not plain["deployed"]
+    assert deployed["correct"] == plain["correct"] and deployed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert main(["compress", "--threshold", "0.8", "--evaluate", "--deploy", *common,
+                 "--output", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["deployed"] and 0 <= report["test_acc_compressed"] <= 1
+    assert main(["compress", "--threshold", "0.8", "--deploy", "--output", str(tmp_path / "d")]) != 0  # needs --evaluate

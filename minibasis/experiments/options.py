@@ -489,3 +489,21 @@ def require_convs(model, description: str) -> None:
 def user_error_for_non_finite(exc) -> UserError:
     """A training that went NaN/inf, as the one-line message the command line prints."""
     return UserError(f"{exc} (lower the learning rate; --detect-anomaly names the first module where it happens)")
+
+
+def add_deploy_argument(parser) -> None:
+    parser.add_argument("--deploy", action="store_true",
+                        help="evaluate the deployed form (minibasis.deploy: BatchNorm folded, each conv fused with its "
+                             "ReLU and residual add, inference only): the same outputs to float rounding, faster")
+
+
+def inference_form(args, model, image_shape=(3, 32, 32)):
+    """``model`` as the verb evaluates it: :func:`minibasis.deploy` of it with ``--deploy``, else itself."""
+    if not getattr(args, "deploy", False):
+        return model
+    from minibasis import deploy
+
+    try:
+        return deploy(model, (1,) + tuple(image_shape))
+    except ValueError as exc:
+        raise UserError(f"--deploy: {str(exc).splitlines()[0]}") from None
