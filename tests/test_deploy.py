@@ -230,3 +230,61 @@ def test_eval_and_compress_take_deploy(tmp_path, cifar10_dir, akamaster_dir):
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["deployed"] and 0 <= report["test_acc_compressed"] <= 1
     assert main(["compress", "--threshold", "0.8", "--deploy", "--output", str(tmp_path / "d")]) != 0  # needs --evaluate
+
+
+# -- the fused kernel against the engine's conv, on every path ---------------------------------
+from minibasis.functions import fused  # noqa: E402
+
+KERNEL_CASES = [  # (C, M, k, stride, padding, dilation, groups)
+    (8, 16, 3, 1, 1, 1, 1),    # im2col "same"
+    (16, 4, 3, 1, 1, 1, 1),    # kn2row (M < 0.75 C)
+    (8, 8, 3, 2, 1, 1, 1),     # strided
+    (6, 6, 3, 1, 1, 1, 6),     # depthwise "same"
+    (6, 12, 3, 2, 1, 1, 3),    # grouped, strided
+    (8, 8, 1, 1, 0, 1, 1),     # pointwise
+    (4, 6, 3, 1, 2, 2, 1),     # dilated
+    (4, 6, 5, 1, 0, 1, 1),     # no padding
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[str(c) for c in KERNEL_CASES])
+def test_fused_conv_equals_conv_bias_residual_relu(case):
+    c, m, k, stride, padding, dilation, groups = case
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, c, 9, 9)).astype(np.float32)
+    weight = rng.normal(size=(m, c // groups, k, k)).astype(np.float32)
+    bias = rng.normal(size=m).astype(np.float32)
+    with mb.count_mults() as expected_counts:
+        y = mb.functions.conv2d(mb.tensor(x), mb.tensor(weight), mb.tensor(bias), stride, padding, dilation, groups).data
+    source = rng.normal(size=(3, m // 2, y.shape[2] * 2, y.shape[3] * 2)).astype(np.float32)
+    expected = y.copy()
+    expected[:, 1:1 + m // 2] += source[:, :, ::2, ::2]
+    expected = np.maximum(expected, 0)
+    geometry = fused.ConvGeometry((stride, stride), (padding,) * 4, (dilation, dilation), groups)
+    with mb.count_mults() as counts:
+        got = fused.fused_conv2d(x, weight, bias, geometry, residual=fused.Residual(source, 1, 2), relu=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    assert counts.conv == expected_counts.conv > 0
+
+
+def test_fused_basis_conv_applies_both_stages_per_chunk(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 8, 8, 8)).astype(np.float32)
+    basis = rng.normal(size=(5, 8, 3, 3)).astype(np.float32)
+    coeffs = rng.normal(size=(12, 5)).astype(np.float32)
+    monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", 2 ** 12)  # several chunks
+    with mb.count_mults() as counts:
+        got = fused.fused_conv2d(x, basis, None, fused.ConvGeometry((1, 1), (1, 1, 1, 1)), coeffs=coeffs)
+    maps = mb.functions.conv2d(mb.tensor(x), mb.tensor(basis), padding=1).data
+    np.testing.assert_allclose(got, np.einsum("mq,nqhw->nmhw", coeffs, maps), rtol=1e-4, atol=1e-4)
+    assert counts.conv == 5 * (5 * 72 * 64 + 12 * 5 * 64)  # N·(Q·D·P + M·Q·P)
+
+
+def test_fused_conv_writes_through_a_sliced_output():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 5, 5)).astype(np.float32)
+    weight = rng.normal(size=(3, 4, 1, 1)).astype(np.float32)
+    buffer = np.zeros((2, 3, 5, 7), np.float32)
+    fused.fused_conv2d(x, weight, out=buffer[:, :, :, 1:6])  # no reshape of this slice is a view
+    np.testing.assert_allclose(buffer[:, :, :, 1:6], np.einsum("mc,nchw->nmhw", weight[:, :, 0, 0], x), atol=1e-5)
+    assert not buffer[:, :, :, 0].any() and not buffer[:, :, :, 6].any()

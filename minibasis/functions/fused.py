@@ -60,6 +60,22 @@ class Residual:
     stride: int = 1
 
 
+def _written_view(out, shape):
+    """``out`` reshaped to ``shape`` as a view that writes through to ``out``, or None where a reshape would copy
+    (``out`` may be a channel slice of a larger buffer)."""
+    view = out.reshape(shape)
+    return view if backend.get_array_module(out).may_share_memory(view, out) else None
+
+
+def _matmul_into(a, b, out, shape) -> None:
+    """``out`` ← a @ b, the product having ``shape`` (a reshape of ``out``): written in place where it can be."""
+    view = _written_view(out, shape)
+    if view is not None:
+        _group_matmul(a, b, out=view)
+    else:
+        out[...] = _group_matmul(a, b).reshape(out.shape)
+
+
 def _conv_chunk_into(x, weight, geometry: ConvGeometry, out) -> None:
     """out (n, M, Ho, Wo) ← conv of x (n, C, H, W) with ``weight`` (M, C/g, kh, kw), no bias.
 
@@ -72,7 +88,7 @@ def _conv_chunk_into(x, weight, geometry: ConvGeometry, out) -> None:
     ho, wo = out.shape[2:]
     wg = weight.reshape(g, m // g, -1)
     if _is_pointwise(kernel, geometry.stride, geometry.padding):
-        _group_matmul(wg, x.reshape(n, g, c // g, h * w), out=out.reshape(n, g, m // g, ho * wo))
+        _matmul_into(wg, x.reshape(n, g, c // g, h * w), out, (n, g, m // g, ho * wo))
     elif _uses_kn2row(m, c, *args, g):
         _kn2row_forward(x, weight, out)
     elif _uses_depthwise_shifts(m, c, *args, g):
@@ -153,8 +169,7 @@ def fused_conv2d(x, weight, bias=None, geometry: ConvGeometry | None = None, *, 
         else:
             maps = xp.empty((stop - start, q, ho, wo), dtype=x.dtype)
             _conv_chunk_into(x[start:stop], weight, geometry, maps)
-            backend.matmul(coeffs, maps.reshape(stop - start, q, ho * wo),
-                           out=target.reshape(stop - start, m, ho * wo))
+            _matmul_into(coeffs, maps.reshape(stop - start, q, ho * wo), target, (stop - start, m, ho * wo))
         if bias4 is not None:
             target += bias4
         if residual is not None:
