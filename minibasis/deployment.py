@@ -77,18 +77,22 @@ class InferenceOutput(Tensor):
 
 @dataclass
 class DeployReport:
-    """What :func:`deploy` did: ``fused`` (path, description), ``kept`` (path, reason), BatchNorms folded."""
+    """What :func:`deploy` did, as (module path, description) pairs: ``fused`` convs with what they absorbed,
+    ``kept_batch_norms`` (BatchNorms with no conv before them to fold into: run as they are, their ReLU in
+    place), ``unfused`` (modules deploy does not know: run through their own forward, BatchNorms folded);
+    and the number of BatchNorms folded."""
 
     fused: list = field(default_factory=list)
-    kept: list = field(default_factory=list)
+    kept_batch_norms: list = field(default_factory=list)
+    unfused: list = field(default_factory=list)
     folded_batch_norms: int = 0
-    remaining_batch_norms: int = 0
 
     def __str__(self) -> str:
-        lines = [f"deployed: {len(self.fused)} fused steps, {self.folded_batch_norms} BatchNorms folded, "
-                 f"{self.remaining_batch_norms} kept, {len(self.kept)} modules run unfused"]
-        lines += [f"  fused  {path or '(root)'}: {what}" for path, what in self.fused]
-        lines += [f"  kept   {path or '(root)'}: {why}" for path, why in self.kept]
+        lines = [f"deployed: {len(self.fused)} fused convs, {self.folded_batch_norms} BatchNorms folded, "
+                 f"{len(self.kept_batch_norms)} BatchNorms kept, {len(self.unfused)} modules run unfused"]
+        lines += [f"  fused    {path}: {what}" for path, what in self.fused]
+        lines += [f"  kept     {path}: {why}" for path, why in self.kept_batch_norms]
+        lines += [f"  unfused  {path or '(the whole model)'}: {why}" for path, why in self.unfused]
         return "\n".join(lines)
 
 
@@ -132,11 +136,12 @@ class _Rewriter:
 
     def fused_conv(self, layer, path: str, relu: bool, extra: str = "") -> inf.FusedConv2d:
         kind = "basisconv" if isinstance(layer, BasisConv2d) else "conv"
-        self.report.fused.append((path, kind + (" + ReLU" if relu else "") + extra))
+        self.report.fused.append((path, kind + extra + (" + ReLU" if relu else "")))
         return inf.FusedConv2d(layer, relu=relu)
 
     def keep(self, module: Module, path: str, reason: str) -> Module:
-        self.report.kept.append((path, f"{type(module).__name__} {reason}"))
+        kept = self.report.kept_batch_norms if isinstance(module, BatchNorm2d) else self.report.unfused
+        kept.append((path, f"{type(module).__name__} {reason}"))
         module.requires_grad_(False)
         return module
 
@@ -157,7 +162,7 @@ class _Rewriter:
         if _is_dropped(module):
             return inf.InferenceSequence([])
         if isinstance(module, BatchNorm2d):
-            return self.keep(module, path, "kept: it does not directly follow a conv")
+            return self.keep(module, path, "does not directly follow a conv")
         if not module._modules and not module._parameters:
             return module  # a parameter-free op (a pool): runs through the engine's op without a graph
         return self.keep(module, path, "not known to deploy: runs unfused (BatchNorms folded)")
@@ -175,7 +180,8 @@ class _Rewriter:
             elif isinstance(module, Linear):
                 steps.append((name, inf.InferenceLinear(module, relu=relu_next)))
             elif isinstance(module, BatchNorm2d) and relu_next:
-                steps.append((name, inf.ReLUAfter(self.keep(module, here, "kept (not after a conv), ReLU fused"))))
+                kept = self.keep(module, here, "does not follow a conv; its ReLU in place")
+                steps.append((name, inf.ReLUAfter(kept)))
             else:
                 steps.append((name, self.module(module, here)))
                 relu_next = False
@@ -217,7 +223,7 @@ def _basic_block(rw: _Rewriter, block: BasicBlock, path: str):
     downsample_ok = not isinstance(shortcut, Sequential) or (
         len(shortcut) == 2 and isinstance(shortcut[0], _CONVS) and isinstance(shortcut[1], Identity))
     if not (rw.folded(block, path, "bn1", "bn2") and downsample_ok):
-        return rw.keep(block, path, "kept: a BatchNorm could not be folded")
+        return rw.keep(block, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     zero_pad, step = None, None
     if isinstance(shortcut, ZeroPadShortcut):
         zero_pad, what = (shortcut.pad_before, shortcut.stride), "option-A shortcut (subsampled, channel offset)"
@@ -227,7 +233,7 @@ def _basic_block(rw: _Rewriter, block: BasicBlock, path: str):
     else:
         what = "identity shortcut"
     conv1 = rw.fused_conv(block.conv1, rw.join(path, "conv1"), relu=True)
-    conv2 = rw.fused_conv(block.conv2, rw.join(path, "conv2"), relu=True, extra=f" + {what} add, before the ReLU")
+    conv2 = rw.fused_conv(block.conv2, rw.join(path, "conv2"), relu=True, extra=f" + {what} add")
     if step is not None:
         step = inf.InferenceSequence([("0", step)])  # keeps the source path "<block>.downsample.0"
     return _DeployedBasicBlock(conv1, conv2, block.shortcut_name, step, zero_pad)
@@ -255,7 +261,7 @@ def _inverted_residual(rw: _Rewriter, block: InvertedResidual, path: str):
     conv_shortcut = len(shortcut) > 0
     if not rw.folded(block, path, "bn1", "bn2", "bn3") or (
             conv_shortcut and not (len(shortcut) == 2 and isinstance(shortcut[1], Identity))):
-        return rw.keep(block, path, "kept: a BatchNorm could not be folded")
+        return rw.keep(block, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     residual = block.stride == 1
     conv1 = rw.fused_conv(block.conv1, rw.join(path, "conv1"), relu=True)
     conv2 = rw.fused_conv(block.conv2, rw.join(path, "conv2"), relu=True)
@@ -287,12 +293,12 @@ def _pre_activation(rw: _Rewriter, norm: Module, path: str) -> Module:
     """BN → ReLU of a pre-activation block: the BN kept (nothing before it to fold into), the ReLU in place."""
     if isinstance(norm, Identity):
         return inf.ReLUStep()
-    return inf.ReLUAfter(rw.keep(norm, path, "kept (it reads a concatenation, not a conv), ReLU fused"))
+    return inf.ReLUAfter(rw.keep(norm, path, "reads a concatenation, not a conv; its ReLU in place"))
 
 
 def _dense_bottleneck(rw: _Rewriter, block: DenseBottleneck, path: str):
     if not rw.folded(block, path, "bn2"):
-        return rw.keep(block, path, "kept: a BatchNorm could not be folded")
+        return rw.keep(block, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     bn1 = _pre_activation(rw, block.bn1, rw.join(path, "bn1"))
     conv1 = rw.fused_conv(block.conv1, rw.join(path, "conv1"), relu=True)
     conv2 = rw.fused_conv(block.conv2, rw.join(path, "conv2"), relu=False, extra=", written into the concatenation")
@@ -308,7 +314,8 @@ def _dense_transition(rw: _Rewriter, block: DenseTransition, path: str):
 # -- whole models: the steps of their forward, in order ------------------------------------
 def _resnet(rw: _Rewriter, model: ResNetCIFAR, path: str):
     if not rw.folded(model, path, "bn1"):
-        return rw.keep(model, path, "kept: the stem's BatchNorm could not be folded")
+        return rw.keep(model, path, "has a stem BatchNorm that could not be folded (no running statistics): "
+                                    "runs unfused")
     return [("conv1", rw.fused_conv(model.conv1, "conv1", relu=True)),
             *[(f"layer{i}", rw.module(getattr(model, f"layer{i}"), f"layer{i}")) for i in (1, 2, 3)],
             ("pool", inf.GlobalAvgPool()), (model.head_name, inf.InferenceLinear(model.head))]
@@ -322,7 +329,7 @@ def _features_classifier(rw: _Rewriter, model: Module, path: str):
 
 def _mobilenet(rw: _Rewriter, model: MobileNetV2, path: str):
     if not rw.folded(model, path, "bn1", "bn2"):
-        return rw.keep(model, path, "kept: a BatchNorm could not be folded")
+        return rw.keep(model, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     return [("conv1", rw.fused_conv(model.conv1, "conv1", relu=True)), ("layers", rw.module(model.layers, "layers")),
             ("conv2", rw.fused_conv(model.conv2, "conv2", relu=True)), ("pool", AvgPool2d(4)),
             ("flatten", inf.Flatten()), ("linear", inf.InferenceLinear(model.linear))]
@@ -384,6 +391,4 @@ def deploy(model: Module, input_shape=(1, 3, 32, 32)) -> DeployedModel:
     if not isinstance(steps, list):  # not a model deploy knows: kept whole (its layer paths gain "model.")
         steps = [("model", steps if steps is not None else rewriter.keep(
             folded, "", "not known to deploy: runs unfused (BatchNorms folded)"))]
-    deployed = DeployedModel(steps, report)
-    report.remaining_batch_norms = _batch_norms(deployed)
-    return deployed.eval()
+    return DeployedModel(steps, report).eval()

@@ -89,7 +89,8 @@ def _assert_same_function(name, source, x):
 def test_deployed_zoo_model_equals_source(name, kwargs, batch):
     source = _build(name, kwargs)
     deployed, counts = _assert_same_function(name, source, _input(batch))
-    assert not deployed.report.kept or name == "densenet_bc"  # DenseNet keeps its pre-activation BNs
+    assert not deployed.report.unfused
+    assert not deployed.report.kept_batch_norms or name == "densenet_bc"  # DenseNet keeps its pre-activation BNs
     # weights are buffers; a kept module's parameters are frozen
     assert not any(p.requires_grad for p in deployed.parameters())
     assert list(deployed.parameters()) == [] or name == "densenet_bc"
@@ -112,8 +113,9 @@ def test_random_basis_net_with_intermediate_batch_norm():
     _randomize_batch_norms(source, seed=5)
     deployed, counts = _assert_same_function("table3_cnn", source, _input(3))
     # the 1×1 stage's products stay: Q·D·P + M·Q·P per image, measured
-    assert counts.conv == 3 * sum(layer.num_basis * layer.in_channels * 25 * p + layer.out_channels * layer.num_basis * p
-                                  for layer, p in zip(source.conv_layers(), (32 * 32, 15 * 15, 7 * 7)))
+    layers, pixels = source.conv_layers(), (32 * 32, 15 * 15, 7 * 7)
+    assert counts.conv == 3 * sum((layer.num_basis * layer.in_channels * 25 + layer.out_channels * layer.num_basis) * p
+                                  for layer, p in zip(layers, pixels))
 
 
 def test_many_chunks_on_two_threads_equal_one_chunk(monkeypatch):
@@ -195,7 +197,7 @@ def test_unknown_module_runs_unfused_and_says_so():
     mb.manual_seed(0)
     source = _randomize_batch_norms(Custom()).eval()
     deployed = mb.deploy(source, input_shape=(1, 3, 8, 8))
-    assert [path for path, _ in deployed.report.kept] == [""]
+    assert [path for path, _ in deployed.report.unfused] == [""]
     assert "not known to deploy" in str(deployed.report)
     x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(deployed(x).data, source(mb.tensor(x)).data, rtol=1e-5, atol=1e-5)
@@ -208,7 +210,7 @@ def test_report_names_what_was_fused():
     assert fused["conv1"] == "conv + ReLU"
     assert "option-A shortcut" in fused["layer2.0.conv2"]
     assert "identity shortcut" in fused["layer1.0.conv2"]
-    assert deployed.report.folded_batch_norms == 7 and deployed.report.remaining_batch_norms == 0
+    assert deployed.report.folded_batch_norms == 7 and not deployed.report.kept_batch_norms
 
 
 def test_eval_and_compress_take_deploy(tmp_path, cifar10_dir, akamaster_dir):
@@ -229,7 +231,8 @@ def test_eval_and_compress_take_deploy(tmp_path, cifar10_dir, akamaster_dir):
                  "--output", str(tmp_path / "c")]) == 0
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["deployed"] and 0 <= report["test_acc_compressed"] <= 1
-    assert main(["compress", "--threshold", "0.8", "--deploy", "--output", str(tmp_path / "d")]) != 0  # needs --evaluate
+    # --deploy needs --evaluate
+    assert main(["compress", "--threshold", "0.8", "--deploy", "--output", str(tmp_path / "d")]) != 0
 
 
 # -- the fused kernel against the engine's conv, on every path ---------------------------------
@@ -255,7 +258,8 @@ def test_fused_conv_equals_conv_bias_residual_relu(case):
     weight = rng.normal(size=(m, c // groups, k, k)).astype(np.float32)
     bias = rng.normal(size=m).astype(np.float32)
     with mb.count_mults() as expected_counts:
-        y = mb.functions.conv2d(mb.tensor(x), mb.tensor(weight), mb.tensor(bias), stride, padding, dilation, groups).data
+        y = mb.functions.conv2d(mb.tensor(x), mb.tensor(weight), mb.tensor(bias), stride, padding, dilation,
+                                groups).data
     source = rng.normal(size=(3, m // 2, y.shape[2] * 2, y.shape[3] * 2)).astype(np.float32)
     expected = y.copy()
     expected[:, 1:1 + m // 2] += source[:, :, ::2, ::2]
@@ -288,3 +292,13 @@ def test_fused_conv_writes_through_a_sliced_output():
     fused.fused_conv2d(x, weight, out=buffer[:, :, :, 1:6])  # no reshape of this slice is a view
     np.testing.assert_allclose(buffer[:, :, :, 1:6], np.einsum("mc,nchw->nmhw", weight[:, :, 0, 0], x), atol=1e-5)
     assert not buffer[:, :, :, 0].any() and not buffer[:, :, :, 6].any()
+
+
+def test_block_with_an_unfoldable_batch_norm_runs_unfused():
+    source = _build("resnet_cifar", {"depth": 8})
+    source.layer2[0].bn1 = BatchNorm2d(32, track_running_stats=False)  # batch statistics even in eval mode
+    deployed = mb.deploy(source)
+    assert [path for path, _ in deployed.report.unfused] == ["layer2.0"]
+    assert "layer1.0.conv2" in dict(deployed.report.fused)
+    x = _input(3)
+    np.testing.assert_allclose(deployed(x).data, source(mb.tensor(x)).data, rtol=1e-5, atol=1e-5)
