@@ -28,10 +28,10 @@ def _randomize_batch_norms(model, seed=0):
     rng = np.random.default_rng(seed)
     for m in model.modules():
         if isinstance(m, BatchNorm2d):
-            m.running_mean[...] = rng.normal(0, 0.2, m.num_features)
-            m.running_var[...] = rng.uniform(0.5, 2.0, m.num_features)
-            m.weight.data[...] = rng.uniform(0.5, 1.5, m.num_features)
-            m.bias.data[...] = rng.normal(0, 0.2, m.num_features)
+            values = (rng.normal(0, 0.2, m.num_features), rng.uniform(0.5, 2.0, m.num_features),
+                      rng.uniform(0.5, 1.5, m.num_features), rng.normal(0, 0.2, m.num_features))
+            for target, value in zip((m.running_mean, m.running_var, m.weight.data, m.bias.data), values):
+                target[...] = mb.backend.asarray(value, dtype=target.dtype)  # on the model's backend
     return model
 
 
@@ -302,3 +302,29 @@ def test_block_with_an_unfoldable_batch_norm_runs_unfused():
     assert "layer1.0.conv2" in dict(deployed.report.fused)
     x = _input(3)
     np.testing.assert_allclose(deployed(x).data, source(mb.tensor(x)).data, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def strict_backend():
+    previous = mb.backend.current()
+    mb.use("strict")
+    yield
+    mb.use(previous)
+
+
+@pytest.mark.parametrize("name,kwargs", [("resnet_cifar", {"depth": 8, "shortcut": "B"}),
+                                         ("densenet_bc", {"depth": 10, "growth_rate": 4}),
+                                         ("table3_cnn", {"basis": True})])
+def test_deployed_model_on_a_device_backend(strict_backend, name, kwargs):
+    # the strict stand-in refuses silent host/device mixing, as CuPy does: the deployed kernels stay on the device
+    from minibasis.backend_strict import StrictArray
+
+    source, _ = mb.compress(_build(name, kwargs), energy_threshold=0.8)
+    source.eval()
+    x = mb.backend.asarray(_input(2))
+    deployed = mb.deploy(source)
+    out = deployed(x).data
+    assert isinstance(out, StrictArray)
+    with mb.no_grad():
+        expected = mb.to_numpy(source(mb.tensor(x)).data)
+    np.testing.assert_allclose(mb.to_numpy(out), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
