@@ -55,7 +55,7 @@ from minibasis.models.resnet import BasicBlock, ResNetCIFAR, ZeroPadShortcut
 from minibasis.models.table3 import Table3CNN
 from minibasis.models.alexnet import AlexNet
 from minibasis.models.vgg import VGG
-from minibasis.nn import (AvgPool2d, BasisConv2d, BatchNorm2d, Conv2d, Dropout, Flatten, Identity, Linear, Module,
+from minibasis.nn import (BasisConv2d, BatchNorm2d, Conv2d, Dropout, Flatten, Identity, Linear, Module,
                           ReLU, Sequential)
 from minibasis.nn import inference as inf
 
@@ -308,7 +308,7 @@ def _dense_bottleneck(rw: _Rewriter, block: DenseBottleneck, path: str):
 def _dense_transition(rw: _Rewriter, block: DenseTransition, path: str):
     return inf.InferenceSequence([("bn1", _pre_activation(rw, block.bn1, rw.join(path, "bn1"))),
                                   ("conv1", rw.fused_conv(block.conv1, rw.join(path, "conv1"), relu=False)),
-                                  ("pool", AvgPool2d(2))])
+                                  ("pool", inf.AvgPool(2))])
 
 
 # -- whole models: the steps of their forward, in order ------------------------------------
@@ -331,7 +331,7 @@ def _mobilenet(rw: _Rewriter, model: MobileNetV2, path: str):
     if not rw.folded(model, path, "bn1", "bn2"):
         return rw.keep(model, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     return [("conv1", rw.fused_conv(model.conv1, "conv1", relu=True)), ("layers", rw.module(model.layers, "layers")),
-            ("conv2", rw.fused_conv(model.conv2, "conv2", relu=True)), ("pool", AvgPool2d(4)),
+            ("conv2", rw.fused_conv(model.conv2, "conv2", relu=True)), ("pool", inf.AvgPool(4)),
             ("flatten", inf.Flatten()), ("linear", inf.InferenceLinear(model.linear))]
 
 

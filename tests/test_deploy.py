@@ -328,3 +328,10 @@ def test_deployed_model_on_a_device_backend(strict_backend, name, kwargs):
     with mb.no_grad():
         expected = mb.to_numpy(source(mb.tensor(x)).data)
     np.testing.assert_allclose(mb.to_numpy(out), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+def test_densenet_on_maps_that_do_not_split_into_pool_tiles():
+    source = _build("densenet_bc", {"depth": 10, "growth_rate": 4})
+    x = np.random.default_rng(0).normal(size=(2, 3, 28, 28)).astype(np.float32)  # 28 → 14 → 7: an odd map
+    deployed = mb.deploy(source, (1, 3, 28, 28))
+    np.testing.assert_allclose(deployed(x).data, source(mb.tensor(x)).data, rtol=1e-5, atol=1e-5)

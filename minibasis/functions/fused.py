@@ -30,7 +30,7 @@ from minibasis.functions.conv import (_channels_first, _chunk_size, _depthwise_s
                                       _is_pointwise, _kn2row_forward, _uses_depthwise_shifts, _uses_kn2row,
                                       conv_output_shape, im2col)
 
-__all__ = ["ConvGeometry", "Residual", "fused_conv2d", "global_avg_pool", "linear_inference", "relu", "relu_inplace"]
+__all__ = ["ConvGeometry", "Residual", "fused_conv2d", "avg_pool", "global_avg_pool", "linear_inference", "relu", "relu_inplace"]
 
 
 @dataclass(frozen=True)
@@ -197,6 +197,23 @@ def global_avg_pool(x):
         x[start:stop].mean(axis=(2, 3), out=out[start:stop])
 
     with counting.op_scope("globalavgpool2d", False, "forward"):
+        parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x))
+    return out
+
+
+def avg_pool(x, kernel: int):
+    """(N, C, H, W) → (N, C, H/k, W/k): the mean of each k×k tile (stride k, no padding; H and W multiples of k),
+    in chunks of images on the engine threads."""
+    n, c, h, w = x.shape
+    if h % kernel or w % kernel:
+        raise ValueError(f"avg_pool: the {h}x{w} maps do not split into {kernel}x{kernel} tiles")
+    out = backend.get_array_module(x).empty((n, c, h // kernel, w // kernel), dtype=x.dtype)
+
+    def chunk(start: int, stop: int) -> None:
+        tiles = x[start:stop].reshape(stop - start, c, h // kernel, kernel, w // kernel, kernel)
+        tiles.mean(axis=(3, 5), out=out[start:stop])
+
+    with counting.op_scope("avgpool2d", False, "forward"):
         parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x))
     return out
 

@@ -10,15 +10,17 @@ under ``no_grad`` inside an :class:`InferenceSequence`.
 from __future__ import annotations
 
 from minibasis import backend
+from minibasis import functions as F
 from minibasis.autograd import Tensor, no_grad
 from minibasis.functions.conv import resolve_padding
-from minibasis.functions.fused import ConvGeometry, Residual, fused_conv2d, global_avg_pool, linear_inference, relu
+from minibasis.functions.fused import (ConvGeometry, Residual, avg_pool, fused_conv2d, global_avg_pool,
+                                       linear_inference, relu)
 from minibasis.nn.basisconv import BasisConv2d
 from minibasis.nn.layers import Conv2d, Linear
 from minibasis.nn.module import Module
 
 __all__ = ["InferenceModule", "InferenceError", "FusedConv2d", "InferenceLinear", "InferenceSequence",
-           "GlobalAvgPool", "Flatten", "ReLUStep", "ReLUAfter", "run_array", "Residual"]
+           "GlobalAvgPool", "AvgPool", "Flatten", "ReLUStep", "ReLUAfter", "run_array", "Residual"]
 
 
 class InferenceError(RuntimeError):
@@ -122,6 +124,24 @@ class GlobalAvgPool(InferenceModule):
 
     def forward(self, x):
         return global_avg_pool(x)
+
+
+class AvgPool(InferenceModule):
+    """k×k average pooling with stride k and no padding: chunked on the engine threads where the maps split
+    into k×k tiles, else the engine's ``avg_pool2d`` (which drops the incomplete last row and column)."""
+
+    def __init__(self, kernel: int):
+        super().__init__()
+        self.kernel = int(kernel)
+
+    def forward(self, x):
+        if x.shape[2] % self.kernel or x.shape[3] % self.kernel:
+            with no_grad():
+                return F.avg_pool2d(Tensor(x), self.kernel).data
+        return avg_pool(x, self.kernel)
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
 
 
 class Flatten(InferenceModule):
