@@ -115,10 +115,6 @@ class DeployedModel(inf.InferenceSequence):
         return InferenceOutput(out)
 
 
-def _child(module: Module, name: str):
-    return module._modules.get(name)
-
-
 def _is_dropped(module: Module) -> bool:
     """Modules an eval-mode forward passes through unchanged (a folded BatchNorm is an Identity)."""
     return isinstance(module, (Identity, Dropout)) or (isinstance(module, Sequential) and len(module) == 0)
@@ -188,9 +184,10 @@ class _Rewriter:
             i += 2 if relu_next else 1
         return inf.InferenceSequence(steps)
 
-    def folded(self, block: Module, path: str, *names: str) -> bool:
+    @staticmethod
+    def folded(block: Module, *names: str) -> bool:
         """Whether the BatchNorms ``names`` of ``block`` were folded (are Identities); else the block is kept."""
-        return all(isinstance(_child(block, name), Identity) for name in names)
+        return all(isinstance(block._modules.get(name), Identity) for name in names)
 
 
 def _sequential(rw: _Rewriter, module: Sequential, path: str):
@@ -222,7 +219,7 @@ def _basic_block(rw: _Rewriter, block: BasicBlock, path: str):
     shortcut = None if block.shortcut_name is None else getattr(block, block.shortcut_name)
     downsample_ok = not isinstance(shortcut, Sequential) or (
         len(shortcut) == 2 and isinstance(shortcut[0], _CONVS) and isinstance(shortcut[1], Identity))
-    if not (rw.folded(block, path, "bn1", "bn2") and downsample_ok):
+    if not (rw.folded(block, "bn1", "bn2") and downsample_ok):
         return rw.keep(block, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     zero_pad, step = None, None
     if isinstance(shortcut, ZeroPadShortcut):
@@ -259,7 +256,7 @@ class _DeployedInvertedResidual(inf.InferenceModule):
 def _inverted_residual(rw: _Rewriter, block: InvertedResidual, path: str):
     shortcut = block.shortcut
     conv_shortcut = len(shortcut) > 0
-    if not rw.folded(block, path, "bn1", "bn2", "bn3") or (
+    if not rw.folded(block, "bn1", "bn2", "bn3") or (
             conv_shortcut and not (len(shortcut) == 2 and isinstance(shortcut[1], Identity))):
         return rw.keep(block, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     residual = block.stride == 1
@@ -297,7 +294,7 @@ def _pre_activation(rw: _Rewriter, norm: Module, path: str) -> Module:
 
 
 def _dense_bottleneck(rw: _Rewriter, block: DenseBottleneck, path: str):
-    if not rw.folded(block, path, "bn2"):
+    if not rw.folded(block, "bn2"):
         return rw.keep(block, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     bn1 = _pre_activation(rw, block.bn1, rw.join(path, "bn1"))
     conv1 = rw.fused_conv(block.conv1, rw.join(path, "conv1"), relu=True)
@@ -313,7 +310,7 @@ def _dense_transition(rw: _Rewriter, block: DenseTransition, path: str):
 
 # -- whole models: the steps of their forward, in order ------------------------------------
 def _resnet(rw: _Rewriter, model: ResNetCIFAR, path: str):
-    if not rw.folded(model, path, "bn1"):
+    if not rw.folded(model, "bn1"):
         return rw.keep(model, path, "has a stem BatchNorm that could not be folded (no running statistics): "
                                     "runs unfused")
     return [("conv1", rw.fused_conv(model.conv1, "conv1", relu=True)),
@@ -328,7 +325,7 @@ def _features_classifier(rw: _Rewriter, model: Module, path: str):
 
 
 def _mobilenet(rw: _Rewriter, model: MobileNetV2, path: str):
-    if not rw.folded(model, path, "bn1", "bn2"):
+    if not rw.folded(model, "bn1", "bn2"):
         return rw.keep(model, path, "has a BatchNorm that could not be folded (no running statistics): runs unfused")
     return [("conv1", rw.fused_conv(model.conv1, "conv1", relu=True)), ("layers", rw.module(model.layers, "layers")),
             ("conv2", rw.fused_conv(model.conv2, "conv2", relu=True)), ("pool", inf.AvgPool(4)),
