@@ -45,7 +45,7 @@ from minibasis import backend, counting, formulas
 from minibasis.autograd import no_grad, tensor
 from minibasis.counting import count_mults
 from minibasis.nn import BasisConv2d, Conv2d, Module
-from minibasis.nn.inference import FusedConv2d
+from minibasis.nn.inference import FusedConv2d, InferenceError, InferenceModule
 
 #: Conv-like layers that get a row: a deployed model's fused convs read like their source layers.
 CONV_LAYER_TYPES = (Conv2d, BasisConv2d, FusedConv2d)
@@ -383,6 +383,9 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
     if not isinstance(model, Module):
         raise TypeError(f"profile needs a minibasis.nn.Module, got {type(model).__name__}")
     shape = check_input_shape(input_shape)
+    if backward and isinstance(model, InferenceModule):
+        raise InferenceError("profile(backward=True): a deployed model is inference-only and has no backward pass "
+                             "(profile the source model's backward)")
     batch = shape[0]
     layers = conv_layers(model)
     sizes: dict[int, tuple] = {}

@@ -7,6 +7,7 @@ import pytest
 
 import minibasis as mb
 from minibasis import models
+from minibasis.deployment import InferenceError
 from minibasis.measure import OUTSIDE_OPS, conv_layers, profile
 
 
@@ -71,6 +72,8 @@ def test_deployed_model_rows_read_as_the_source_layers():
     assert [r.mults for r in prof.rows] == [r.mults for r in source.rows] == [r.formula_mults for r in prof.rows]
     assert _shares(prof) == pytest.approx(1.0, abs=1e-9)
     assert "batch norm" not in {g["kind"] for g in prof.timing["groups"]}
+    with pytest.raises(InferenceError, match="no backward pass"):
+        profile(deployed, (2, 3, 32, 32), backward=True)
 
 
 def test_timing_leaves_the_model_as_it_was():
