@@ -91,7 +91,7 @@ def input_channels(model: Module, default: int = 3) -> int:
 
 def learnable_values(module: Module) -> int:
     """Scalars in ``module.parameters()`` (what training can change; the fixed basis is a buffer)."""
-    return sum(int(p.size) for p in module.parameters())
+    return sum(p.numel() for p in module.parameters())
 
 
 def stored_values(module: Module) -> int:

@@ -166,8 +166,8 @@ def run(args) -> int:
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=options.train_transform(normalize, augment=not args.no_augment))
-    log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
-        f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
+    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
+        f"/10 every {args.lr1_step}; step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")
     try:
         history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,

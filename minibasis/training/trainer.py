@@ -53,9 +53,11 @@ class Trainer:
     Args:
         model: the network (its ``parameters()`` with ``requires_grad`` are trained by ``optimizer``).
         optimizer: an ``optim`` optimizer over the parameters to train.
-        train_loader: a ``data.DataLoader`` yielding host batches (x (N, C, H, W) float, y (N,) int).
+        train_loader: a ``data.DataLoader`` yielding batches (x (N, C, H, W) float, y (N,) int), as
+            Tensors or arrays.
         epochs: number of epochs of this stage (≥ 0).
-        scheduler: optional, stepped once per epoch (``StepLR``).
+        scheduler: optional, stepped once per epoch (``optim.lr_scheduler``: StepLR, MultiStepLR,
+            CosineAnnealingLR).
         eval_fn: optional ``eval_fn(model) -> dict`` (e.g. test accuracy), run after every epoch.
         folder: a :class:`RunFolder` or a path (checkpoints, metrics, log); None keeps
             everything in memory.
@@ -181,7 +183,9 @@ class Trainer:
         # NumPy's overflow/invalid warnings would only repeat, less precisely, what the
         # non-finite guard reports (step, loss, module).
         with (detector if detector is not None else contextlib.nullcontext()), np.errstate(all="ignore"):
-            for x_host, y_host in self.train_loader:
+            for batch in self.train_loader:
+                # The loader may yield Tensors (its default) or arrays; the batch is read on the host.
+                x_host, y_host = (backend.to_numpy(part) for part in batch)
                 x, y = to_device_batch(x_host, y_host)
                 if detector is not None:
                     detector.reset()
