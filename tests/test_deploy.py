@@ -7,7 +7,6 @@ import pytest
 import minibasis as mb
 from minibasis import models
 from minibasis.deployment import InferenceError
-from minibasis.functions import conv as conv_module
 from minibasis.nn import BasisConv2d, BatchNorm2d
 
 #: (zoo name, keyword arguments, batch): every architecture of the zoo, small where it has a size knob.
@@ -118,21 +117,24 @@ def test_random_basis_net_with_intermediate_batch_norm():
                                   for layer, p in zip(layers, pixels))
 
 
-def test_many_chunks_on_two_threads_equal_one_chunk(monkeypatch):
-    source = _build("resnet_cifar", {"depth": 8}, threshold=0.8)
-    x = _input(6)
+@pytest.mark.parametrize("name,kwargs", [("resnet_cifar", {"depth": 8, "shortcut": "B"}), ("mobilenet_v2", {}),
+                                         ("densenet_bc", {"depth": 10, "growth_rate": 4})])
+def test_many_chunks_on_two_threads_equal_one_chunk(name, kwargs):
+    from minibasis.functions.chunking import smallest_chunks
+
+    source = _build(name, kwargs, threshold=0.8)
+    x = _input(4)
     deployed = mb.deploy(source)
-    whole = deployed(x).data
-    monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", 2 ** 14)  # one image per chunk
-    monkeypatch.setattr(conv_module, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(conv_module, "POINTWISE_CHUNK_BYTES", 2 ** 14)
+    whole, whole_counts = _run_counted(deployed, x)
     previous = mb.set_num_threads(2)
     try:
-        first, second = deployed(x).data, deployed(x).data
+        with smallest_chunks():  # one image per chunk, every chunk loop on the engine threads
+            (first, counts), (second, _) = _run_counted(deployed, x), _run_counted(deployed, x)
     finally:
         mb.set_num_threads(previous)
     np.testing.assert_array_equal(first, second)  # identical run to run
     np.testing.assert_allclose(first, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    assert counts.as_dict() == whole_counts.as_dict()
 
 
 def test_deployed_model_refuses_training_and_backward():
@@ -271,13 +273,12 @@ def test_fused_conv_equals_conv_bias_residual_relu(case):
     assert counts.conv == expected_counts.conv > 0
 
 
-def test_fused_basis_conv_applies_both_stages_per_chunk(monkeypatch):
+def test_fused_basis_conv_applies_both_stages_per_chunk():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 8, 8, 8)).astype(np.float32)
     basis = rng.normal(size=(5, 8, 3, 3)).astype(np.float32)
     coeffs = rng.normal(size=(12, 5)).astype(np.float32)
-    monkeypatch.setattr(conv_module, "CHUNK_TARGET_BYTES", 2 ** 12)  # several chunks
-    with mb.count_mults() as counts:
+    with mb.chunk_sizes(conv_bytes=1), mb.count_mults() as counts:  # one image per chunk
         got = fused.fused_conv2d(x, basis, None, fused.ConvGeometry((1, 1), (1, 1, 1, 1)), coeffs=coeffs)
     maps = mb.functions.conv2d(mb.tensor(x), mb.tensor(basis), padding=1).data
     np.testing.assert_allclose(got, np.einsum("mq,nqhw->nmhw", coeffs, maps), rtol=1e-4, atol=1e-4)

@@ -25,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minibasis import backend, counting, parallel
-from minibasis.functions import conv as conv_module  # its chunk settings, read at call time (they may be changed)
+# chunk settings are read from their modules at call time (minibasis.chunk_sizes changes them)
+from minibasis.functions import basic as basic_module, conv as conv_module
 from minibasis.functions.conv import (_channels_first, _chunk_size, _depthwise_same, _four, _group_matmul,
-                                      _is_pointwise, _kn2row_forward, _uses_depthwise_shifts, _uses_kn2row,
-                                      conv_output_shape, im2col)
+                                      _kn2row_forward, conv_output_shape, conv_path, im2col)
 
 __all__ = ["ConvGeometry", "Residual", "fused_conv2d", "avg_pool", "global_avg_pool", "linear_inference", "relu", "relu_inplace"]
 
@@ -79,7 +79,7 @@ def _matmul_into(a, b, out, shape) -> None:
 def _conv_chunk_into(x, weight, geometry: ConvGeometry, out) -> None:
     """out (n, M, Ho, Wo) ← conv of x (n, C, H, W) with ``weight`` (M, C/g, kh, kw), no bias.
 
-    The path of Conv2dFunction.forward's chunk for the same shapes (see minibasis.functions.conv).
+    The path of Conv2dFunction.forward's chunk for the same shapes (:func:`~minibasis.functions.conv.conv_path`).
     """
     n, c, h, w = x.shape
     m, _, kh, kw = weight.shape
@@ -87,11 +87,12 @@ def _conv_chunk_into(x, weight, geometry: ConvGeometry, out) -> None:
     args = (kernel, geometry.stride, geometry.padding, geometry.dilation)
     ho, wo = out.shape[2:]
     wg = weight.reshape(g, m // g, -1)
-    if _is_pointwise(kernel, geometry.stride, geometry.padding):
+    path = conv_path(m, c, *args, g)
+    if path == "pointwise":
         _matmul_into(wg, x.reshape(n, g, c // g, h * w), out, (n, g, m // g, ho * wo))
-    elif _uses_kn2row(m, c, *args, g):
+    elif path == "kn2row":
         _kn2row_forward(x, weight, out)
-    elif _uses_depthwise_shifts(m, c, *args, g):
+    elif path == "depthwise-same":
         total = _depthwise_same(out.shape, weight.reshape(c, kh, kw), _channels_first(x), adjoint=False)
         out[...] = total.reshape(m, n, ho, wo).transpose(1, 0, 2, 3)
     else:
@@ -104,9 +105,10 @@ def _per_image_bytes(c: int, h: int, w: int, weight, geometry: ConvGeometry, ho:
     """Working bytes of one image of a conv's chunk (the quantity Conv2dFunction sizes its chunks by)."""
     m, _, kh, kw = weight.shape
     itemsize = weight.dtype.itemsize
-    if _is_pointwise((kh, kw), geometry.stride, geometry.padding):
+    path = conv_path(m, c, (kh, kw), geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
+    if path == "pointwise":
         return (c + m) * h * w * itemsize
-    if _uses_kn2row(m, c, (kh, kw), geometry.stride, geometry.padding, geometry.dilation, geometry.groups):
+    if path == "kn2row":
         return kh * kw * m * ho * wo * itemsize
     return c * kh * kw * ho * wo * itemsize
 
@@ -157,7 +159,7 @@ def fused_conv2d(x, weight, bias=None, geometry: ConvGeometry | None = None, *, 
     if coeffs is not None:
         per_image += (q + m) * ho * wo * x.dtype.itemsize  # the chunk's intermediate and output
     workers = parallel.workers_for(x, weight) if n * per_image >= conv_module.PARALLEL_MIN_BYTES else 1
-    pointwise_only = coeffs is None and _is_pointwise(kernel, geometry.stride, geometry.padding)
+    pointwise_only = coeffs is None and conv_path(q, c, kernel, geometry.stride, geometry.padding) == "pointwise"
     step = parallel.chunk_step(n, per_image, conv_module.POINTWISE_CHUNK_BYTES) if pointwise_only \
         else _chunk_size(n, per_image, workers)
     bias4 = None if bias is None else bias.reshape(1, m, 1, 1)
@@ -184,12 +186,9 @@ def fused_conv2d(x, weight, bias=None, geometry: ConvGeometry | None = None, *, 
     return out
 
 
-#: Images per chunk of the head's passes (global pooling, linear layer).
-HEAD_CHUNK_IMAGES = 64
-
-
 def global_avg_pool(x):
-    """(N, C, H, W) → (N, C), the mean over each map, in chunks of images on the engine threads."""
+    """(N, C, H, W) → (N, C), the mean over each map, in blocks of images on the engine threads (as many
+    images per block as a linear layer's rows, ``functions.basic.LINEAR_BLOCK_ROWS``)."""
     n, c = x.shape[:2]
     out = backend.get_array_module(x).empty((n, c), dtype=x.dtype)
 
@@ -197,13 +196,13 @@ def global_avg_pool(x):
         x[start:stop].mean(axis=(2, 3), out=out[start:stop])
 
     with counting.op_scope("globalavgpool2d", False, "forward"):
-        parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x))
+        parallel.run_chunks(chunk, parallel.chunk_ranges(n, basic_module.LINEAR_BLOCK_ROWS), parallel.workers_for(x))
     return out
 
 
 def avg_pool(x, kernel: int):
     """(N, C, H, W) → (N, C, H/k, W/k): the mean of each k×k tile (stride k, no padding; H and W multiples of k),
-    in chunks of images on the engine threads."""
+    in blocks of images on the engine threads (as :func:`global_avg_pool`)."""
     n, c, h, w = x.shape
     if h % kernel or w % kernel:
         raise ValueError(f"avg_pool: the {h}x{w} maps do not split into {kernel}x{kernel} tiles")
@@ -214,12 +213,13 @@ def avg_pool(x, kernel: int):
         tiles.mean(axis=(3, 5), out=out[start:stop])
 
     with counting.op_scope("avgpool2d", False, "forward"):
-        parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x))
+        parallel.run_chunks(chunk, parallel.chunk_ranges(n, basic_module.LINEAR_BLOCK_ROWS), parallel.workers_for(x))
     return out
 
 
 def linear_inference(x, weight, bias=None, relu: bool = False):
-    """relu(x Wᵀ + b) for x (N, in), weight (out, in), in blocks of rows on the engine threads.
+    """relu(x Wᵀ + b) for x (N, in), weight (out, in), in blocks of ``LINEAR_BLOCK_ROWS`` rows on the engine
+    threads (as ``functions.linear``).
 
     Records N·in·out products under op ``linear``.
     """
@@ -235,5 +235,5 @@ def linear_inference(x, weight, bias=None, relu: bool = False):
             relu_inplace(target)
 
     with counting.op_scope("linear", False, "forward"):
-        parallel.run_chunks(chunk, parallel.chunk_ranges(n, HEAD_CHUNK_IMAGES), parallel.workers_for(x, weight))
+        parallel.run_chunks(chunk, parallel.chunk_ranges(n, basic_module.LINEAR_BLOCK_ROWS), parallel.workers_for(x, weight))
     return out
