@@ -336,3 +336,11 @@ def test_densenet_on_maps_that_do_not_split_into_pool_tiles():
     x = np.random.default_rng(0).normal(size=(2, 3, 28, 28)).astype(np.float32)  # 28 → 14 → 7: an odd map
     deployed = mb.deploy(source, (1, 3, 28, 28))
     np.testing.assert_allclose(deployed(x).data, source(mb.tensor(x)).data, rtol=1e-5, atol=1e-5)
+
+
+def test_deployed_counts_are_per_image():
+    deployed = mb.deploy(_build("mobilenet_v2", {}, threshold=0.8))
+    _, one = _run_counted(deployed, _input(1))
+    _, three = _run_counted(deployed, _input(3))
+    assert three.conv == 3 * one.conv and three.total == 3 * one.total
+    assert three.forward.conv_by_layer() == {layer: 3 * n for layer, n in one.forward.conv_by_layer().items()}
