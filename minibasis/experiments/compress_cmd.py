@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
                        help="replace every selected conv, even where BasisConv needs as many multiplications or more")
     group.add_argument("--evaluate", action="store_true", help="also measure test accuracy before and after")
     group.add_argument("--limit", type=int, default=None, help="with --evaluate: the first N test images only")
+    options.add_deploy_argument(group)
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     options.add_common_arguments(parser, batch_size=256)
 
@@ -38,6 +39,8 @@ def _settings(args) -> dict:
     options.check_positive("--limit", args.limit)
     if args.limit is not None and not args.evaluate:
         raise UserError("--limit applies only with --evaluate (without it no test image is used)")
+    if args.deploy and not args.evaluate:
+        raise UserError("--deploy applies only with --evaluate (the model file written is the trainable form)")
     given = [o for o, v in (("--threshold", args.threshold), ("--num-basis", args.num_basis),
                             ("--target-mult-ratio", args.target_mult_ratio)) if v is not None]
     if len(given) > 1:
@@ -82,12 +85,12 @@ def run(args) -> int:
         if note := options.data_note(args.dataset, args.data):
             log(note)
         transform = options.eval_transform(normalize)
-        accuracies = {label: evaluate(m, x_test, y_test, batch_size=args.batch_size, transform=transform,
+        accuracies = {label: evaluate(options.inference_form(args, m), x_test, y_test, batch_size=args.batch_size, transform=transform,
                                       progress=not args.quiet, desc=f"eval {label}").accuracy
                       for label, m in (("original", model), ("compressed", compressed))}
         log(f"test accuracy ({len(y_test)} {args.dataset} images): original {100 * accuracies['original']:.2f}%, "
             f"compressed {100 * accuracies['compressed']:.2f}% (before fine-tuning)")
-        results.update({"test_images": int(len(y_test)), "test_acc_original": accuracies["original"],
+        results.update({"test_images": int(len(y_test)), "deployed": args.deploy, "test_acc_original": accuracies["original"],
                         "test_acc_compressed": accuracies["compressed"]})
     folder.write_json("report.json", results)
     options.save_model_file(folder.file("model.npz"), compressed, normalize,

@@ -501,3 +501,21 @@ def add_budget_arguments(group) -> None:
                        help="with --target-mult-ratio: uniform, one threshold t for every layer, the largest that "
                             "fits (the paper's), or greedy, Q per layer by energy kept per multiplication "
                             "(default: uniform)")
+
+
+def add_deploy_argument(parser) -> None:
+    parser.add_argument("--deploy", action="store_true",
+                        help="evaluate the deployed form (minibasis.deploy: BatchNorm folded, each conv fused with its "
+                             "ReLU and residual add, inference only): the same outputs to float rounding, faster")
+
+
+def inference_form(args, model, image_shape=(3, 32, 32)):
+    """``model`` as the verb evaluates it: :func:`minibasis.deploy` of it with ``--deploy``, else itself."""
+    if not getattr(args, "deploy", False):
+        return model
+    from minibasis import deploy
+
+    try:
+        return deploy(model, (1,) + tuple(image_shape))
+    except ValueError as exc:
+        raise UserError(f"--deploy: {str(exc).splitlines()[0]}") from None
