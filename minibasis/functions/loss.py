@@ -1,4 +1,4 @@
-"""Softmax cross-entropy, computed through a stable log-sum-exp."""
+"""Softmax cross-entropy and the soft-target KL divergence, computed through a stable log-sum-exp."""
 from __future__ import annotations
 
 import numbers
@@ -7,7 +7,7 @@ from minibasis import backend
 from minibasis.autograd import Function, Tensor
 from minibasis.autograd.ops import check_axis
 
-__all__ = ["softmax_cross_entropy", "cross_entropy", "log_softmax", "softmax"]
+__all__ = ["softmax_cross_entropy", "cross_entropy", "log_softmax", "softmax", "soft_target_kl"]
 
 
 def _log_softmax(x, xp, axis: int = 1):
@@ -118,3 +118,49 @@ def log_softmax(x: Tensor, dim: int = 1) -> Tensor:
 def softmax(x: Tensor, dim: int = 1) -> Tensor:
     """Softmax along axis ``dim`` (as a differentiable exp of log_softmax)."""
     return log_softmax(x, dim).exp()
+
+
+class SoftTargetKL(Function):
+    """Batch mean of KL(p ‖ q), p = softmax(targets/T) (constant), q = softmax(logits/T).
+
+    Forward: Σ_{n,k} p_nk (log p_nk − log q_nk) / N. Backward: (q − p)·gy / (T·N).
+    """
+
+    name = "soft_target_kl"
+
+    def __init__(self, target_log_p, temperature: float):
+        self.target_log_p, self.temperature = target_log_p, temperature
+
+    def forward(self, logits):
+        xp = backend.get_array_module(logits)
+        log_q = _log_softmax(logits / logits.dtype.type(self.temperature), xp)
+        self.q, self.p = xp.exp(log_q), xp.exp(self.target_log_p)
+        return backend.mul(self.p, self.target_log_p - log_q).sum() / logits.shape[0]
+
+    def backward(self, gy):
+        scale = gy / (self.temperature * self.q.shape[0])
+        return backend.mul(self.q - self.p, scale.astype(self.q.dtype))
+
+
+def soft_target_kl(logits: Tensor, target_logits, temperature: float = 1.0) -> Tensor:
+    """KL(softmax(target_logits/T) ‖ softmax(logits/T)), averaged over the batch → scalar.
+
+    ``logits`` (N, K) is differentiated; ``target_logits`` (N, K) (a Tensor or array, e.g. a
+    teacher's outputs) is a constant. This is PyTorch's
+    ``kl_div(log_softmax(logits/T), softmax(target_logits/T), reduction="batchmean")``; its
+    gradient with respect to ``logits`` is (softmax(logits/T) − softmax(target_logits/T)) / (T·N).
+    """
+    shape = tuple(logits.shape)
+    if len(shape) != 2:
+        raise ValueError(f"soft_target_kl expects logits of shape (N, K), got {shape}")
+    targets = target_logits.data if isinstance(target_logits, Tensor) else target_logits
+    if tuple(targets.shape) != shape:
+        raise ValueError(f"soft_target_kl: target_logits must have the logits' shape {shape}, "
+                         f"got {tuple(targets.shape)}")
+    if isinstance(temperature, bool) or not float(temperature) > 0:
+        raise ValueError(f"soft_target_kl: temperature must be a positive number, got {temperature!r}")
+    xp = backend.get_array_module(logits.data if isinstance(logits, Tensor) else logits)
+    dtype = (logits.data if isinstance(logits, Tensor) else logits).dtype
+    targets = xp.asarray(targets, dtype=dtype)
+    target_log_p = _log_softmax(targets / dtype.type(temperature), xp)
+    return SoftTargetKL(target_log_p, float(temperature))(logits)
