@@ -13,13 +13,17 @@ command in neither list fails the test, so a new command gets a decision. Run he
 * ``minibasis compare docs/results/table3-conv docs/results/table3-basis ...`` (committed runs);
 * the two ``minibasis train --dataset synthetic ... --output runs/t3`` lines (run, then resume);
 * ``OMP_NUM_THREADS=1 mpirun -n 2 minibasis train ...`` (where mpirun and mpi4py are installed);
-* ``minibasis demo`` (marked slow: about 17 s of CPU).
+* ``minibasis demo`` (marked slow: about 17 s of CPU);
+* the two ``minibasis compress --depth 20 --target-mult-ratio 0.4523 --allocation ...`` lines: the
+  measured ratios, the energies kept (``report.json``) and the accuracies the README quotes are the
+  printed ones.
 
 The test command's extras (``pip install -e ".[...]"``) must be the ones ``.ci/run`` installs.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -44,6 +48,8 @@ RUNS = {
     "OMP_NUM_THREADS=1 mpirun -n 2 minibasis train --dataset synthetic --train-subset 256 --limit 256 --epochs 2 "
     "--output runs/mpi": None,
     "minibasis demo": None,
+    "minibasis compress --depth 20 --target-mult-ratio 0.4523 --allocation uniform --evaluate --limit 1000": FIGURES,
+    "minibasis compress --depth 20 --target-mult-ratio 0.4523 --allocation greedy --evaluate --limit 1000": FIGURES,
 }
 SLOW = {"minibasis demo"}
 # A command that continues the run of another one: that one runs first where it has not.
@@ -145,8 +151,11 @@ def test_readme_command_runs_as_written(command, workspace):
     result = _run(command, workspace)
     assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     if RUNS[command] == FIGURES:
-        check = command.split()[2]
-        {"formulas": _formulas_output_is_quoted, "exactness": _exactness_errors_are_quoted}[check](result.stdout)
+        if command.startswith("minibasis compress"):
+            _compress_figures_are_quoted(result.stdout, command, workspace[0])
+        else:
+            check = command.split()[2]
+            {"formulas": _formulas_output_is_quoted, "exactness": _exactness_errors_are_quoted}[check](result.stdout)
 
 
 def _without_time(text: str) -> str:
@@ -167,3 +176,20 @@ def _exactness_errors_are_quoted(stdout: str) -> None:
     quoted = (f"worst weight error at {weight}, the worst layer-output error at {output} and the largest logit "
               f"difference at {logit}")
     assert quoted in " ".join(README.split()), f"the README should quote what the command prints: {quoted}"
+
+
+def _compress_figures_are_quoted(stdout: str, command: str, root: Path) -> None:
+    allocation = re.search(r"--allocation (\w+)", command).group(1)
+    ratio = re.search(r"\(ratio ([\d.]+);", stdout).group(1)
+    original, compressed = re.search(r"original ([\d.]+)%, compressed ([\d.]+)%", stdout).groups()
+    report = max((root / "runs").glob("compress-*/report.json"), key=lambda p: p.stat().st_mtime)
+    energy = f"{json.loads(report.read_text())['energy_kept']:.4f}"
+    if allocation == "uniform":
+        t = re.search(r"uniform allocation \(t = ([\d.]+)\)", stdout).group(1)
+        quoted = [f"uniform (t = {t}) measures {ratio} and {compressed} %", f"(uniform {energy})"]
+    else:
+        quoted = [f"greedy measures {ratio}", f"mean energy of {energy} per layer", f"scores {compressed} %"]
+    quoted.append(f"(the original: {original} %)")
+    text = " ".join(README.split())
+    missing = [q for q in quoted if q not in text]
+    assert not missing, f"the README should quote what {command!r} prints: {missing}"
