@@ -100,13 +100,16 @@ def _is_model_file(name: str) -> bool:
     return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt") or Path(name).is_file()
 
 
-def _load_file(path: str):
-    """(model, description, config) of a model file; UserError when it cannot be read."""
+def _load_file(name: str):
+    """(model, description, config) of a model file (a bare file name may name a shared model,
+    :func:`common.find_model_file`); UserError when it cannot be read."""
     from pathlib import Path
 
     import minibasis
+    from minibasis.experiments.common import find_model_file
     from minibasis.training import CheckpointError
 
+    path = find_model_file(name)
     if not Path(path).is_file():
         raise UserError(f"model file {path} does not exist (MODEL is a zoo name or a model file)")
     try:

@@ -81,6 +81,8 @@ def run(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, summary)
     except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line says so in one line, in the log too
         raise UserError(f"cannot write {path}: {exc}") from None
     log(f"wrote {path}")
     return 0

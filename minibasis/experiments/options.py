@@ -465,9 +465,12 @@ def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed:
 def save_model_file(path: Path, model, normalize: str, dataset: str | None) -> None:
     """:func:`minibasis.save_model` with the normalization and dataset the model was used with."""
     from minibasis import save_model
+    from minibasis.experiments import runs
     try:
         save_model(model, path, normalization=normalize, dataset=dataset)
     except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line names the run's last complete checkpoint
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

@@ -39,9 +39,10 @@ def add_arguments(parser) -> None:
     _add_model_argument(exactness)
     exactness.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                            help="precision of the comparison (default: float64)")
-    exactness.add_argument("--data", type=Path, default=None,
-                           help="folder holding cifar-10-batches-py: the first --images test images (default: "
-                                "Gaussian inputs)")
+    exactness.add_argument("--data", default=None,
+                           help="folder holding cifar-10-batches-py: the first --images test images; 'none': "
+                                "Gaussian inputs (default: the shared data folder where it holds CIFAR-10, "
+                                "else Gaussian inputs)")
     exactness.add_argument("--images", type=int, default=64, help="inputs to compare on (default: 64)")
     exactness.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=None,
                            help="normalization of the --data images (default: the model file's, else imagenet, as "
@@ -77,16 +78,19 @@ def _add_model_argument(parser) -> None:
 
 
 def load_model_argument(spec: str, seed: int = 0):
-    """``(model, metadata or None)``: the model a file holds (:func:`minibasis.load_model`), or a
-    zoo model with its random init seeded by ``seed``."""
+    """``(model, metadata or None)``: the model a file holds (:func:`minibasis.load_model`; a bare
+    file name may name a shared model, :func:`common.find_model_file`), or a zoo model with its
+    random init seeded by ``seed``."""
     import minibasis
+    from minibasis.experiments.common import find_model_file
     from minibasis.models import MODELS, get_model
 
-    if Path(spec).is_file():
+    path = find_model_file(spec)
+    if path.is_file():
         try:
-            return minibasis.load_model(spec)
+            return minibasis.load_model(path)
         except (ValueError, TypeError, OSError) as exc:
-            raise UserError(f"cannot load {spec}: {first_line(exc)}") from None
+            raise UserError(f"cannot load {path}: {first_line(exc)}") from None
     if spec not in MODELS:
         raise UserError(f"{spec!r} is neither a file nor a zoo model; known models: {', '.join(MODELS)}")
     minibasis.manual_seed(seed)
@@ -99,8 +103,13 @@ def _input_images(args, metadata):
     from minibasis.experiments import options
 
     if args.data is None:
+        shared = options.default_data_dir()
+        data = shared if (shared / "cifar-10-batches-py").is_dir() else None
+    else:
+        data = None if args.data.lower() == "none" else Path(args.data)
+    if data is None:
         return None
-    _, (x_test, _) = options.load_dataset("cifar10", args.data, num_test=args.images)
+    _, (x_test, _) = options.load_dataset("cifar10", data, num_test=args.images)
     return options.eval_transform(options.normalization_for(args, metadata))(x_test)
 
 
