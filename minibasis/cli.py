@@ -3,7 +3,9 @@
 Each verb lives in ``minibasis/experiments/<module>.py`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``. Errors that a user can fix
 (missing data, a checkpoint that does not fit, a bad option) are printed as one
-line on stderr with exit code 2, never as a traceback.
+line on stderr with exit code 2, never as a traceback. A write that finds no room (a full
+disk, a quota, a file-size limit) ends with one line naming the file and the run's last
+complete checkpoint, and exit code 74 (``EX_IOERR`` of sysexits.h).
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import importlib
 import sys
 
 from minibasis.experiments.errors import UserError, first_line
+
+EXIT_USAGE = 2          # an error the user can fix: bad option, missing data, a folder in use
+EXIT_WRITE_FAILED = 74  # no room to write (ENOSPC, EFBIG, EDQUOT, EROFS): sysexits.h's EX_IOERR
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 # verb -> (module under minibasis.experiments, one-line help)
 VERBS = {
@@ -58,25 +64,43 @@ def main(argv=None) -> int:
     from minibasis import distributed
     if distributed.launched_by_mpi():
         distributed.init()
-        return distributed.finalize(_run_verb(argv))
-    return _run_verb(argv)
+        code, on_every_rank = _run_verb(argv)
+        return distributed.finalize(code, on_every_rank)
+    return _run_verb(argv)[0]
 
 
-def _run_verb(argv=None) -> int:
+def _run_verb(argv=None) -> tuple[int, bool]:
+    """The verb's exit status, and whether every rank ends with it (an error that rank 0 decided
+    for all of them under mpirun: then only rank 0 prints it)."""
+    from minibasis import distributed
+    from minibasis.experiments import runs
+
     parser = build_parser(_available_verbs())
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)  # recorded in config.json
+
+    def error(message: str, code: int, exc: BaseException | None = None) -> tuple[int, bool]:
+        on_every_rank = bool(getattr(exc, "on_every_rank", False))
+        if not on_every_rank or distributed.is_main_process():
+            print(f"minibasis {args.verb}: error: {message}", file=sys.stderr)
+        return code, on_every_rank
+
     try:
-        return int(args._module.run(args) or 0)
+        return int(args._module.run(args) or 0), False
     except (UserError, FileNotFoundError) as exc:
-        print(f"minibasis {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc), EXIT_USAGE, exc)
+    except OSError as exc:
+        message = runs.write_failure_message(exc)
+        if message is None:
+            raise
+        return error(message, EXIT_WRITE_FAILED, exc)
     except KeyboardInterrupt:
         print(f"minibasis {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED, False
 
 
-__all__ = ["main", "build_parser", "VERBS", "UserError", "first_line"]
+__all__ = ["main", "build_parser", "VERBS", "UserError", "first_line", "EXIT_USAGE", "EXIT_WRITE_FAILED",
+           "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 * :func:`shared_dir`: the read-only shared folder (``$MINIBASIS_SHARED``, else
   ``../shared`` beside the repository or the current directory).
+* :func:`find_model_file`: a model file's path, a bare file name looked up among the shared
+  models (``resnet20-12fca82f.th``) as ``--checkpoint auto`` finds them.
 
 ``ProgressBar``, ``evaluate`` and ``format_duration`` moved to :mod:`minibasis.training`
 and are re-exported here.
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from minibasis.training import EvalResult, ProgressBar, evaluate, format_duration  # noqa: F401
 
-__all__ = ["ProgressBar", "EvalResult", "evaluate", "shared_dir", "format_duration", "peak_memory_mib"]
+__all__ = ["ProgressBar", "EvalResult", "evaluate", "shared_dir", "find_model_file", "format_duration",
+           "peak_memory_mib"]
 
 
 def shared_dir() -> Path:
@@ -28,6 +31,17 @@ def shared_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return repo_sibling
+
+
+def find_model_file(name) -> Path:
+    """``name`` as a path; where no such file exists and ``name`` is a bare file name (no
+    folder), the first ``<shared>/models/*/<name>``, so ``resnet20-12fca82f.th`` names the shared
+    pretrained file as ``--checkpoint auto`` finds it. Existence is the caller's to check."""
+    path = Path(name)
+    if path.is_file() or path.name != str(name):
+        return path
+    matches = sorted((shared_dir() / "models").glob(f"*/{path.name}"))
+    return matches[0] if matches else path
 
 
 def peak_memory_mib() -> float | None:

@@ -1,4 +1,7 @@
-"""``minibasis compress``: compress a trained model's convolutions at one energy threshold.
+"""``minibasis compress``: compress a trained model's convolutions at one energy threshold, or
+under a measured multiplication budget (``--target-mult-ratio R --allocation uniform|greedy``:
+uniform takes the largest t whose measured ratio fits, greedy chooses Q per layer; see
+:func:`minibasis.compress`).
 
 Prints the per-layer report of :func:`minibasis.compress` (M, C, k, D, Q, retained energy,
 conv multiplications per image measured before and after, the formula ratio Q/M + Q/D,
@@ -20,27 +23,39 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("compression")
     group.add_argument("--threshold", type=float, default=None, help="energy threshold t in (0, 1] (default: 0.9)")
     group.add_argument("--num-basis", type=int, default=None, help="instead of --threshold: Q for every layer")
+    options.add_budget_arguments(group)
     group.add_argument("--layers", default=None, help="comma-separated module paths of the convs to compress (default: all)")
     group.add_argument("--replace-all", action="store_true",
                        help="replace every selected conv, even where BasisConv needs as many multiplications or more")
     group.add_argument("--evaluate", action="store_true", help="also measure test accuracy before and after")
     group.add_argument("--limit", type=int, default=None, help="with --evaluate: the first N test images only")
+    options.add_deploy_argument(group)
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     options.add_common_arguments(parser, batch_size=256)
 
 
-def _settings(args) -> tuple[float | None, int | None, list[str] | None]:
-    """(threshold, num_basis, layers) from the options, every contradiction refused."""
+def _settings(args) -> dict:
+    """The keyword arguments of :func:`minibasis.compress` from the options, every contradiction refused."""
     options.check_positive("--limit", args.limit)
     if args.limit is not None and not args.evaluate:
         raise UserError("--limit applies only with --evaluate (without it no test image is used)")
-    if args.threshold is not None and args.num_basis is not None:
-        raise UserError("give --threshold or --num-basis, not both")
-    threshold = options.check_threshold("--threshold", 0.9 if args.threshold is None and args.num_basis is None
-                                        else args.threshold)
-    options.check_positive("--num-basis", args.num_basis)
+    if args.deploy and not args.evaluate:
+        raise UserError("--deploy applies only with --evaluate (the model file written is the trainable form)")
+    given = [o for o, v in (("--threshold", args.threshold), ("--num-basis", args.num_basis),
+                            ("--target-mult-ratio", args.target_mult_ratio)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"give one of {', '.join(given)}, not both")
+    if args.allocation != "uniform" and args.target_mult_ratio is None:
+        raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
     layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
-    return threshold, args.num_basis, layers
+    settings = {"skip_unprofitable": not args.replace_all, "layers": layers}
+    if args.target_mult_ratio is not None:
+        options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
+        return {**settings, "target_mult_ratio": args.target_mult_ratio, "allocation": args.allocation}
+    if args.num_basis is not None:
+        return {**settings, "num_basis": options.check_positive("--num-basis", args.num_basis)}
+    return {**settings, "energy_threshold": options.check_threshold("--threshold", 0.9 if args.threshold is None
+                                                                    else args.threshold)}
 
 
 def run(args) -> int:
@@ -48,13 +63,12 @@ def run(args) -> int:
     from minibasis.training import evaluate
 
     options.check_common(args)
-    threshold, num_basis, layers = _settings(args)
+    settings = _settings(args)
     loaded = options.load_verb_model(args, "compress", check_classes=args.evaluate)
     model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     options.require_convs(model, f"the model {name}")
     try:
-        compressed, report = compress(model, energy_threshold=threshold, num_basis=num_basis,
-                                      skip_unprofitable=not args.replace_all, layers=layers)
+        compressed, report = compress(model, **settings)
     except ValueError as exc:
         raise UserError(first_line(exc)) from None
     test = options.load_dataset(args.dataset, args.data, num_test=args.limit, seed=args.seed)[1] if args.evaluate else None
@@ -71,12 +85,12 @@ def run(args) -> int:
         if note := options.data_note(args.dataset, args.data):
             log(note)
         transform = options.eval_transform(normalize)
-        accuracies = {label: evaluate(m, x_test, y_test, batch_size=args.batch_size, transform=transform,
+        accuracies = {label: evaluate(options.inference_form(args, m), x_test, y_test, batch_size=args.batch_size, transform=transform,
                                       progress=not args.quiet, desc=f"eval {label}").accuracy
                       for label, m in (("original", model), ("compressed", compressed))}
         log(f"test accuracy ({len(y_test)} {args.dataset} images): original {100 * accuracies['original']:.2f}%, "
             f"compressed {100 * accuracies['compressed']:.2f}% (before fine-tuning)")
-        results.update({"test_images": int(len(y_test)), "test_acc_original": accuracies["original"],
+        results.update({"test_images": int(len(y_test)), "deployed": args.deploy, "test_acc_original": accuracies["original"],
                         "test_acc_compressed": accuracies["compressed"]})
     folder.write_json("report.json", results)
     options.save_model_file(folder.file("model.npz"), compressed, normalize,

@@ -101,13 +101,16 @@ def _is_model_file(name: str) -> bool:
     return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt") or Path(name).is_file()
 
 
-def _load_file(path: str):
-    """(model, description, config) of a model file; UserError when it cannot be read."""
+def _load_file(name: str):
+    """(model, description, config) of a model file (a bare file name may name a shared model,
+    :func:`common.find_model_file`); UserError when it cannot be read."""
     from pathlib import Path
 
     import minibasis
+    from minibasis.experiments.common import find_model_file
     from minibasis.training import CheckpointError
 
+    path = find_model_file(name)
     if not Path(path).is_file():
         raise UserError(f"model file {path} does not exist (MODEL is a zoo name or a model file)")
     try:
@@ -207,6 +210,11 @@ def add_arguments(parser) -> None:
                         help="CIFAR ResNet shortcut: A zero-padding (akamaster), B 1×1 conv + BN (bearpaw) "
                              "(default: B for resnet110, the paper's net; A otherwise)")
     parser.add_argument("--layers", action="store_true", help="also print one line per conv layer")
+    parser.add_argument("--timing", action="store_true",
+                        help="also time one forward pass of a batch of --batch zero images: per conv layer and for "
+                             "the rest of the network by kind (batch norm, activations, adds, pooling, linear), "
+                             "with the share of the time outside the conv layers (wall clock: noisy on a busy machine)")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the --timing pass (default 64)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="write the full report as JSON to PATH ('-' for standard output)")
 
@@ -221,6 +229,8 @@ def run(args) -> int:
     if files and (args.num_classes is not None or args.depth is not None or args.shortcut is not None):
         raise UserError("--num-classes, --depth and --shortcut do not apply to model files (the file decides): "
                         + ", ".join(files))
+    if args.batch < 1:
+        raise UserError(f"--batch must be ≥ 1, got {args.batch}")
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num-classes must be ≥ 1, got {args.num_classes}")
     if args.depth is not None and not any(name in _DEPTH_NAMES for name in names):
@@ -244,6 +254,12 @@ def run(args) -> int:
         report = {"model": name, "description": description, "config": config,
                   **count_model(model, *_input_of(model, name))}
         report["paper"] = _paper_figures(name, config)
+        if args.timing:
+            timed = profile(model, (args.batch,) + tuple(report["input_shape"][1:]), timing=True)
+            report["timing"] = {**timed.timing, "batch": args.batch,
+                                "layers": [{"layer": r.path, "forward_seconds": r.forward_seconds, "share": r.share,
+                                            "mults_per_second": r.mults_per_second} for r in timed.rows],
+                                "table": timed.timing_table()}
         if report["conv_mults_measured"] != report["conv_mults_formula"]:
             print(f"warning: {name}: measured conv mults {report['conv_mults_measured']:,} differ from the "
                   f"formula's {report['conv_mults_formula']:,}", file=sys.stderr)
@@ -255,6 +271,9 @@ def run(args) -> int:
     if args.layers:
         for report in reports:
             print("\n" + format_layers(report), file=text_out)
+    for report in reports:
+        if "timing" in report:
+            print(f"\n{report['description']}: " + report["timing"].pop("table"), file=text_out)
     if any(r["paper"] for r in reports):
         print("\nparams: all parameters, BatchNorm weights and biases included (the paper's Table 1); "
               "filters: Σ M, and Σ min(M, D) as in the paper's Table 2; GFLOPs: measured conv multiplications "

@@ -36,6 +36,7 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=256)
     parser.add_argument("--limit", type=int, default=None, metavar="N",
                         help="evaluate only the first N test images (default: all)")
+    options.add_deploy_argument(parser)
 
 
 def run(args) -> int:
@@ -58,6 +59,7 @@ def run(args) -> int:
     if note := options.data_note(args.dataset, args.data):
         log(note)
     model.to(args.device)
+    model = options.inference_form(args, model)
     result = evaluate(model, images, labels, batch_size=args.batch_size,
                       transform=options.eval_transform(normalize), progress=not args.quiet,
                       desc=f"eval {description}")
@@ -65,7 +67,7 @@ def run(args) -> int:
         "model": description, "num_classes": num_classes,
         "checkpoint": None if spec.checkpoint is None else str(spec.checkpoint),
         "dataset": args.dataset, "data": str(args.data or options.default_data_dir()),
-        "normalize": normalize, "batch_size": args.batch_size, "device": args.device,
+        "normalize": normalize, "batch_size": args.batch_size, "device": args.device, "deployed": args.deploy,
         **result.as_dict(),
         "data_load_seconds": round(load_seconds, 3),
         "peak_rss_mib": None if (peak := peak_memory_mib()) is None else round(peak, 1),
@@ -79,6 +81,8 @@ def run(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, summary)
     except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line says so in one line, in the log too
         raise UserError(f"cannot write {path}: {exc}") from None
     log(f"wrote {path}")
     return 0

@@ -1,7 +1,9 @@
 """``minibasis finetune``: the paper's two-step fine-tuning of a compressed network (section 4.3).
 
-1. Compress the trained network at threshold t (or at the largest t of ``--thresholds``
-   whose measured conv multiplications are at most ``--target-mult-ratio`` of the original).
+1. Compress the trained network at threshold t, or under a measured budget
+   ``--target-mult-ratio R``: ``--allocation uniform`` (default, the paper's) takes the largest t
+   of ``--thresholds`` whose measured conv multiplications are at most R of the original's;
+   ``--allocation greedy`` chooses Q per layer (:func:`minibasis.compress`).
 2. Step 1: train only the BasisConv coefficients (default 15 epochs, SGD, lr 0.1 divided by
    10 every 5 epochs).
 3. Step 2: train every non-convolutional parameter — coefficients, BatchNorm, fully connected
@@ -14,7 +16,11 @@ same budget instead (step 1 then trains its convolution weights, the counterpart
 coefficients; step 2 its non-convolutional parameters), which is the fair reference when
 the data differ from the original training data (the shared CIFAR-10 is JPEG-re-encoded).
 ``--recalibrate-bn N`` re-estimates every BatchNorm's running statistics from N training images
-right after compression, before step 1 (see :func:`recalibrate_batch_norm`).
+right after compression, before step 1 (see :func:`recalibrate_batch_norm`). ``--distill`` adds
+distillation from the uncompressed original as loaded (the teacher; ``--teacher MODEL_FILE`` names
+another, e.g. the original fine-tuned by ``--baseline``) to both steps:
+loss = (1 − w)·CE + w·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) with w = ``--distill-weight``
+and T = ``--temperature`` (:class:`minibasis.training.Distillation`).
 
 The run folder gets ``config.json``, ``log.txt``, ``metrics-step1/2.{json,csv}``,
 ``checkpoint-step1/2.npz`` (every epoch; ``--resume`` continues), ``results.json``,
@@ -25,7 +31,8 @@ from __future__ import annotations
 import time
 
 from minibasis.experiments.errors import UserError, first_line
-from minibasis.compress import compress
+from minibasis.allocation import BudgetError
+from minibasis.compress import compress, copy_module
 from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
 from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,  # noqa: F401
@@ -40,15 +47,22 @@ def add_arguments(parser) -> None:
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     group = parser.add_argument_group("compression")
     group.add_argument("--threshold", type=float, default=None, help="energy threshold t (default: 0.9)")
-    group.add_argument("--target-mult-ratio", type=float, default=None,
-                       help="instead of --threshold: the largest t of --thresholds whose measured conv "
-                            "multiplications are at most this fraction of the original (e.g. 0.5)")
+    options.add_budget_arguments(group)
     group.add_argument("--thresholds", default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
-                       help="grid searched by --target-mult-ratio (default: the paper's 1.0 ... 0.7)")
+                       help="grid searched by --allocation uniform (default: the paper's 1.0 ... 0.7)")
     group.add_argument("--replace-all", action="store_true",
                        help="replace every conv, even where BasisConv needs as many multiplications or more")
     group.add_argument("--baseline", action="store_true",
                        help="fine-tune the uncompressed original under the same budget (a fair reference)")
+    group = parser.add_argument_group("distillation from the uncompressed original")
+    group.add_argument("--distill", action="store_true",
+                       help="add the KL divergence to the original's softened outputs to the loss of both steps")
+    group.add_argument("--distill-weight", type=float, default=None,
+                       help="w in (1 - w)·CE + w·T²·KL (default with --distill: 0.5)")
+    group.add_argument("--temperature", type=float, default=None, help="T (default with --distill: 4)")
+    group.add_argument("--teacher", default=None, metavar="MODEL_FILE",
+                       help="with --distill: distill from this model file instead of the original as loaded "
+                            "(e.g. the original fine-tuned by --baseline); same classes and input normalization")
     group = parser.add_argument_group("fine-tuning (defaults: the paper's section 4.3)")
     group.add_argument("--epochs1", type=int, default=15, help="step 1 epochs, coefficients only (default: 15)")
     group.add_argument("--lr1", type=float, default=0.1, help="step 1 learning rate (default: 0.1)")
@@ -81,7 +95,8 @@ def _check_settings(args) -> None:
     default_grid = ",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS)
     if args.baseline:
         given = [o for o, v in (("--threshold", args.threshold), ("--target-mult-ratio", args.target_mult_ratio))
-                 if v is not None] + (["--replace-all"] if args.replace_all else [])
+                 if v is not None] + (["--replace-all"] if args.replace_all else []) \
+            + ([f"--allocation {args.allocation}"] if args.allocation != "uniform" else [])
         if given:
             raise UserError(f"--baseline fine-tunes the uncompressed original; {', '.join(given)} would be ignored")
     if args.target_mult_ratio is not None:
@@ -89,25 +104,69 @@ def _check_settings(args) -> None:
             raise UserError("give --threshold or --target-mult-ratio, not both")
         options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
         options.parse_thresholds(args.thresholds)
+        if args.allocation == "greedy" and args.thresholds != default_grid:
+            raise UserError("--thresholds is the grid of --allocation uniform; greedy chooses Q per layer")
     else:
         if args.thresholds != default_grid:
             raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
+        if args.allocation != "uniform":
+            raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
         options.check_threshold("--threshold", args.threshold)
+    if not args.distill:
+        given = [o for o, v in (("--distill-weight", args.distill_weight), ("--temperature", args.temperature),
+                                ("--teacher", args.teacher)) if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} applies only with --distill")
+    else:
+        args.distill_weight = 0.5 if args.distill_weight is None else args.distill_weight
+        args.temperature = 4.0 if args.temperature is None else args.temperature
+        if not 0 < args.distill_weight <= 1:
+            raise UserError(f"--distill-weight must be in (0, 1], got {args.distill_weight:g}")
+        options.check_positive("--temperature", args.temperature)
 
 
-def choose_threshold(model, args, log) -> float:
-    """``--threshold`` (default 0.9), or the largest grid t whose measured conv-mult ratio ≤
-    ``--target-mult-ratio``; a :class:`UserError` when no t of the grid gets there."""
-    if args.target_mult_ratio is None:
-        return 0.9 if args.threshold is None else args.threshold
-    grid = sorted(options.parse_thresholds(args.thresholds), reverse=True)
-    for t in grid:
-        _, report = compress(model, energy_threshold=t, skip_unprofitable=not args.replace_all)
-        log(f"  t = {t:g}: measured conv multiplications {100 * report.mult_ratio:.1f}% of the original")
-        if report.mult_ratio <= args.target_mult_ratio:
-            return t
-    raise UserError(f"no threshold in {grid} brings the conv multiplications to "
-                    f"{args.target_mult_ratio:g} of the original or less; add smaller thresholds")
+def load_teacher(args, loaded):
+    """The model to distill from: a copy of the original as loaded, or the ``--teacher`` file,
+    refused when its class count or input normalization differs from the student's."""
+    from minibasis import ModelFileError, load_model
+
+    if args.teacher is None:
+        return copy_module(loaded.model)
+    try:
+        teacher, metadata = load_model(args.teacher)
+    except FileNotFoundError:
+        raise UserError(f"--teacher {args.teacher} does not exist") from None
+    except (ModelFileError, OSError, ValueError) as exc:
+        raise UserError(f"--teacher {args.teacher} is not readable: {first_line(exc)}") from None
+    if metadata.normalization not in (None, loaded.normalize):
+        raise UserError(f"--teacher {args.teacher} expects {metadata.normalization} input normalization, "
+                        f"the student {loaded.normalize}")
+    classes = getattr(loaded.metadata, "num_classes", None)
+    if None not in (metadata.num_classes, classes) and metadata.num_classes != classes:
+        raise UserError(f"--teacher {args.teacher} has {metadata.num_classes} classes, the student {classes}")
+    return teacher
+
+
+def compress_as_asked(model, args):
+    """``(compressed model, report)`` at ``--threshold`` (default 0.9) or under ``--target-mult-ratio``;
+    a :class:`UserError` when the budget cannot be met. Runs before any data is read."""
+    try:
+        if args.target_mult_ratio is None:
+            return compress(model, energy_threshold=0.9 if args.threshold is None else args.threshold,
+                            skip_unprofitable=not args.replace_all)
+        grid = options.parse_thresholds(args.thresholds) if args.allocation == "uniform" else None
+        return compress(model, target_mult_ratio=args.target_mult_ratio, allocation=args.allocation,
+                        thresholds=grid, skip_unprofitable=not args.replace_all)
+    except BudgetError as exc:
+        raise UserError(first_line(exc)) from None
+
+
+def describe_compression(report) -> str:
+    """``t = 0.7``, or ``greedy allocation, budget 0.4523`` (with uniform's t)."""
+    if report.allocation is None:
+        return f"t = {report.energy_threshold:g}"
+    t = "" if report.energy_threshold is None else f", t = {report.energy_threshold:.4g}"
+    return f"{report.allocation} allocation, budget {report.target_mult_ratio:g}{t}"
 
 
 def run(args) -> int:
@@ -120,9 +179,10 @@ def run(args) -> int:
     model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
     if not args.baseline:
         options.require_convs(model, f"the model {name}")
-    # Chosen before any data is read: an unreachable --target-mult-ratio costs no data loading.
-    search_log = []
-    threshold = None if args.baseline else choose_threshold(model, args, search_log.append)
+    # Compressed before any data is read: an unreachable --target-mult-ratio costs no data loading.
+    compressed = None if args.baseline else compress_as_asked(model, args)
+    # The teacher: separate from the student (under --baseline the original itself is trained).
+    teacher = load_teacher(args, loaded) if args.distill else None
     (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
     folder = runs.prepare_run_folder(args, "finetune")
     log = folder.log
@@ -131,8 +191,6 @@ def run(args) -> int:
         f"{len(y_test)} test images ({args.dataset}); on {backend.current()}; output folder {folder.path}")
     if note := options.data_note(args.dataset, args.data):
         log(note)
-    for line in search_log:
-        log(line)
     if args.resume and not any(folder.path.glob("checkpoint-*.npz")):
         log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
     manual_seed(args.seed)
@@ -141,15 +199,18 @@ def run(args) -> int:
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
-    compression = None
+    compression = threshold = None
     if args.baseline:
         tuned = model
         step1_params = conv_weight_parameters(tuned)
         log("baseline: fine-tuning the uncompressed original (step 1: conv weights; step 2: non-conv parameters)")
     else:
-        tuned, report = compress(model, energy_threshold=threshold, skip_unprofitable=not args.replace_all)
-        compression = report.to_dict()
-        log(f"compressed at t = {threshold:g}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
+        tuned, report = compressed
+        compression, threshold = report.to_dict(), report.energy_threshold
+        for line in report.table().splitlines():
+            log(line)
+        setting = describe_compression(report)
+        log(f"compressed, {setting}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
             f"conv multiplications {report.conv_mults_before:,} -> {report.conv_mults_after:,} "
             f"({100 * report.mult_ratio:.1f}%), learnable parameters {report.params_before:,} -> "
             f"{report.params_after:,}, stored values {report.stored_before:,} -> {report.stored_after:,}")
@@ -166,15 +227,20 @@ def run(args) -> int:
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=options.train_transform(normalize, augment=not args.no_augment))
-    log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
-        f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
+    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
+        f"/10 every {args.lr1_step}; step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")
+    if teacher is not None:
+        log(f"distillation from {args.teacher or 'the original'}: loss = (1 - {args.distill_weight:g})·CE + {args.distill_weight:g}·"
+            f"{args.temperature:g}²·KL(softmax(teacher/{args.temperature:g}) ‖ softmax(student/{args.temperature:g}))")
     try:
         history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
                             lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
                             weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
                             detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
-                            extra_meta=options.checkpoint_meta(tuned))
+                            extra_meta=options.checkpoint_meta(tuned), teacher=teacher,
+                            distill_weight=args.distill_weight or 0.0,
+                            temperature=4.0 if args.temperature is None else args.temperature)
     except NonFiniteError as exc:
         raise options.user_error_for_non_finite(exc) from None
     except CheckpointError as exc:
@@ -183,7 +249,12 @@ def run(args) -> int:
     options.save_model_file(folder.file("model.npz"), tuned, normalize,
                             loaded.dataset or args.dataset)
     results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-               "baseline": args.baseline, "threshold": threshold, "dataset": args.dataset, "normalize": normalize,
+               "baseline": args.baseline, "threshold": threshold, "target_mult_ratio": args.target_mult_ratio,
+               "allocation": None if args.baseline or args.target_mult_ratio is None else args.allocation,
+               "distill": args.distill, "distill_weight": args.distill_weight, "temperature": args.temperature,
+               "teacher": None if not args.distill else args.teacher or "the original",
+               "teacher_mults": sum(row.get("teacher_mults", 0) for row in history) if args.distill else None,
+               "dataset": args.dataset, "normalize": normalize,
                "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
                "epochs1": args.epochs1, "lr1": args.lr1, "lr1_step": args.lr1_step, "epochs2": args.epochs2,
                "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
@@ -197,7 +268,8 @@ def run(args) -> int:
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
     plot = plots.plot_training_curves(folder.file("finetune.png"), history,
-                                      title=f"fine-tuning {name}" + ("" if threshold is None else f" at t = {threshold:g}"),
+                                      title=f"fine-tuning {name}" + ("" if args.baseline else
+                                                                      f", {describe_compression(report)}"),
                                       references={"original": original_acc})
     log(f"test accuracy: original {100 * original_acc:.2f}%, "
         f"{'baseline start' if args.baseline else 'compressed'} {100 * before_acc:.2f}%, "

@@ -20,7 +20,7 @@ from minibasis import backend
 from minibasis.checks import energy_threshold, non_negative_int, positive_int
 from minibasis.experiments.errors import UserError, first_line
 
-__all__ = ["add_common_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments", "ModelSpec",
+__all__ = ["add_common_arguments", "add_budget_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments", "ModelSpec",
            "model_spec", "load_model_for", "LoadedModel", "load_verb_model", "describe", "normalization_for", "classes_for", "save_model_file",
            "checkpoint_meta", "add_data_arguments", "load_dataset", "load_training_data",
            "eval_transform", "train_transform", "test_metrics_for",
@@ -465,9 +465,12 @@ def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed:
 def save_model_file(path: Path, model, normalize: str, dataset: str | None) -> None:
     """:func:`minibasis.save_model` with the normalization and dataset the model was used with."""
     from minibasis import save_model
+    from minibasis.experiments import runs
     try:
         save_model(model, path, normalization=normalize, dataset=dataset)
     except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line names the run's last complete checkpoint
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
@@ -489,3 +492,33 @@ def require_convs(model, description: str) -> None:
 def user_error_for_non_finite(exc) -> UserError:
     """A training that went NaN/inf, as the one-line message the command line prints."""
     return UserError(f"{exc} (lower the learning rate; --detect-anomaly names the first module where it happens)")
+
+
+def add_budget_arguments(group) -> None:
+    """``--target-mult-ratio`` and ``--allocation`` (:func:`minibasis.compress` under a measured budget)."""
+    from minibasis.allocation import ALLOCATIONS
+    group.add_argument("--target-mult-ratio", type=float, default=None,
+                       help="instead of --threshold: a budget; the measured conv multiplications of the "
+                            "compressed network are at most this fraction of the original's (e.g. 0.45)")
+    group.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                       help="with --target-mult-ratio: uniform, one threshold t for every layer, the largest that "
+                            "fits (the paper's), or greedy, Q per layer by energy kept per multiplication "
+                            "(default: uniform)")
+
+
+def add_deploy_argument(parser) -> None:
+    parser.add_argument("--deploy", action="store_true",
+                        help="evaluate the deployed form (minibasis.deploy: BatchNorm folded, each conv fused with its "
+                             "ReLU and residual add, inference only): the same outputs to float rounding, faster")
+
+
+def inference_form(args, model, image_shape=(3, 32, 32)):
+    """``model`` as the verb evaluates it: :func:`minibasis.deploy` of it with ``--deploy``, else itself."""
+    if not getattr(args, "deploy", False):
+        return model
+    from minibasis import deploy
+
+    try:
+        return deploy(model, (1,) + tuple(image_shape))
+    except ValueError as exc:
+        raise UserError(f"--deploy: {str(exc).splitlines()[0]}") from None

@@ -9,19 +9,28 @@ nothing behind):
   settings (except those in :data:`RESUME_MAY_DIFFER`); a run folder whose run never reached
   its first checkpoint is started from the beginning, and the log says so;
 * ``config.json`` records the options, the command line (``argv``), the minibasis version and
-  the git commit of the source tree when there is one.
+  the git commit of the source tree when there is one; not the run folder's own path (the
+  folder is where ``config.json`` is, and may be moved or copied: ``--resume`` continues the
+  run in the folder it is given, wherever that is);
+* under mpirun, rank 0 alone checks and creates the folder and every rank follows its verdict
+  (each rank looking for itself could see the ``config.json`` another has just written);
+* a write that fails for lack of room (a full disk, a quota, a file-size limit, a read-only
+  file system) ends the command with one line that names the file and the run's last
+  complete checkpoint (:func:`write_failure_message`), also appended to ``log.txt`` when it can be.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import subprocess
 from pathlib import Path
 
+from minibasis import distributed
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.training import RunFolder, read_json
 
 __all__ = ["RESUME_MAY_DIFFER", "default_output", "config_from_args", "check_run_folder", "prepare_run_folder",
-           "holds_a_run", "git_commit"]
+           "holds_a_run", "git_commit", "WRITE_ERRNOS", "write_failure_message"]
 
 # Settings a resumed run may change: where the run lives, how chatty it is, how it is
 # evaluated, anomaly checks, and (``train``) the number of epochs, to extend a run: the
@@ -54,14 +63,30 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _without_output(argv: list[str]) -> list[str]:
+    """``argv`` less ``--output DIR`` (or ``--output=DIR``, or an abbreviation argparse accepts)."""
+    kept, skip_next = [], False
+    for item in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        name = item.split("=", 1)[0]
+        if len(name) >= len("--ou") and "--output".startswith(name):
+            skip_next = "=" not in item
+            continue
+        kept.append(item)
+    return kept
+
+
 def config_from_args(args, verb: str) -> dict:
-    """The command line as a JSON-able dict (what ``config.json`` records)."""
+    """The command line as a JSON-able dict (what ``config.json`` records), without the run
+    folder's own path."""
     import minibasis
 
-    config = {"verb": verb, "argv": list(getattr(args, "_argv", None) or []),
+    config = {"verb": verb, "argv": _without_output(list(getattr(args, "_argv", None) or [])),
               "minibasis_version": minibasis.__version__, "git_commit": git_commit()}
     for key, value in sorted(vars(args).items()):
-        if key.startswith("_"):
+        if key.startswith("_") or key == "output":
             continue
         config[key] = str(value) if isinstance(value, Path) else value
     return config
@@ -95,7 +120,11 @@ def _check_same_settings(saved: dict | None, current: dict, folder: Path) -> Non
 
 def check_run_folder(args, verb: str) -> None:
     """A :class:`UserError` unless ``--output`` may be used as asked; no side effects, so verbs
-    call it before loading data."""
+    call it before loading data. Under mpirun rank 0 looks and every rank gets its verdict."""
+    distributed.main_process_decides(_check_run_folder, args, verb)
+
+
+def _check_run_folder(args, verb: str) -> None:
     resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
     if resume and overwrite:
         raise UserError("give --resume (continue the run) or --overwrite (replace it), not both")
@@ -112,11 +141,16 @@ def check_run_folder(args, verb: str) -> None:
 
 
 def prepare_run_folder(args, verb: str) -> RunFolder:
-    """Create (or, with ``--resume``, reopen) the run folder and record ``config.json``."""
-    check_run_folder(args, verb)
-    if args.output is None:
-        args.output = default_output(verb)
-    folder_path = Path(args.output)
+    """Create (or, with ``--resume``, reopen) the run folder and record ``config.json``. Under
+    mpirun rank 0 checks and creates it before any rank writes, and every rank gets its path
+    (the default one carries a time stamp) or its error."""
+    args.output = distributed.main_process_decides(_create_run_folder, args, verb)
+    return RunFolder(args.output, quiet=getattr(args, "quiet_log", False))
+
+
+def _create_run_folder(args, verb: str) -> Path:
+    _check_run_folder(args, verb)
+    folder_path = Path(args.output) if args.output is not None else default_output(verb)
     if getattr(args, "overwrite", False) and folder_path.is_dir():
         for pattern in RUN_FILES:
             for old in folder_path.glob(pattern):
@@ -128,4 +162,33 @@ def prepare_run_folder(args, verb: str) -> RunFolder:
         raise UserError(f"cannot create the output folder {folder_path}: {exc.strerror or exc}") from None
     if not getattr(args, "resume", False):
         folder.write_config(config_from_args(args, verb))
-    return folder
+    return folder_path
+
+
+# Errors of a write that found no room: they never come from reading, so the file named is
+# one being written.
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS") if hasattr(errno, name))
+
+
+def write_failure_message(exc: OSError) -> str | None:
+    """``cannot write FILE: REASON; the last complete checkpoint is CHECKPOINT`` (or ``; no
+    checkpoint was completed``) for an ``OSError`` in :data:`WRITE_ERRNOS` naming its file, else
+    None. When FILE lies in a run folder, the message is appended to its ``log.txt`` if that
+    can still be written (the folder's checkpoints are all complete: they are written to a
+    temporary file and renamed)."""
+    if exc.errno not in WRITE_ERRNOS or exc.filename is None:
+        return None
+    target = Path(exc.filename)
+    message = f"cannot write {target}: {exc.strerror or errno.errorcode.get(exc.errno)}"
+    folder = target.parent
+    if not holds_a_run(folder):
+        return message
+    checkpoints = sorted(folder.glob("checkpoint-*.npz"), key=lambda p: p.stat().st_mtime)
+    message += (f"; the last complete checkpoint is {checkpoints[-1]}" if checkpoints
+                else "; no checkpoint was completed")
+    if distributed.is_main_process():
+        try:
+            RunFolder(folder, quiet=True).log(f"error: {message}")
+        except OSError:
+            pass  # the log is what cannot be written: the message still reaches the terminal
+    return message

@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
                         help="replace every conv, even where BasisConv needs as many multiplications or more")
     parser.add_argument("--resume", action="store_true",
                         help="continue the sweep in --output: keep its measured rows, measure the missing thresholds")
+    options.add_deploy_argument(parser)
     options.add_common_arguments(parser, batch_size=256)
 
 
@@ -72,7 +73,7 @@ def run(args) -> int:
     transform = options.eval_transform(normalize)
 
     def accuracy(m, label: str) -> float:
-        return evaluate(m, x_test, y_test, batch_size=args.batch_size, transform=transform,
+        return evaluate(options.inference_form(args, m), x_test, y_test, batch_size=args.batch_size, transform=transform,
                         progress=not args.quiet, desc=f"  {label}").accuracy
 
     done, original_acc = _done_rows(folder, thresholds) if args.resume else ({}, None)
@@ -84,7 +85,7 @@ def run(args) -> int:
     log(f"original: test accuracy {100 * original_acc:.2f}%")
     results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
                "dataset": args.dataset, "test_images": int(len(y_test)), "normalize": normalize,
-               "replace_all": args.replace_all, "device": backend.current(), "test_acc_original": original_acc,
+               "replace_all": args.replace_all, "deployed": args.deploy, "device": backend.current(), "test_acc_original": original_acc,
                "mults_unit": "multiplications per image, conv layers only (the paper's convention)",
                "params_unit": "params: learnable parameters; stored: parameters + persistent buffers (bases included)",
                "complete": False, "thresholds": []}
