@@ -29,6 +29,7 @@ VERBS = {
     "train": ("train", "train a zoo model from scratch, optionally with fixed random bases"),
     "eval": ("evaluate", "evaluate a model and checkpoint on a test set"),
     "compare": ("compare", "several runs' test accuracy per epoch side by side, with reference lines"),
+    "export": ("export", "write a model file as ONNX (checked in onnxruntime) or safetensors"),
     "verify": ("verify", "check the paper's formulas and the exactness of t = 1 against what executes"),
 }
 

@@ -62,7 +62,14 @@ _HOURS = "trains for hours on all 50,000 CIFAR-10 images (its results are in doc
 _TEN_THOUSAND = "evaluates every threshold on 10,000 test images (minutes); tests/test_experiments.py runs sweep small"
 SKIPPED = {
     'pip install -e ".[plot]" && minibasis demo': _INSTALLS + "; `minibasis demo` runs on its own below",
-    'pip install -e ".[test,oracle,plot,mpi]" && python3 -m pytest -q': "the whole suite: this is the suite",
+    'pip install -e ".[test,oracle,plot,mpi,onnx,safetensors]" && python3 -m pytest -q': "the whole suite: this is the suite",
+    "minibasis count mynet.onnx --layers": "reads the file the README's Python block writes: tests/test_onnx_cli.py runs "
+                                            "that block and this command and checks the figure it quotes",
+    "minibasis finetune --checkpoint mynet.onnx --dataset synthetic --threshold 0.9 --epochs1 1 --epochs2 1 "
+    "--output runs/mynet": "fine-tunes on 10,000 synthetic images (about a minute of CPU); "
+                           "tests/test_onnx_networks.py fine-tunes an imported network",
+    "minibasis export runs/mynet/model.npz --format onnx --output mynet-compressed.onnx":
+        "exports the fine-tuning run above; tests/test_onnx_cli.py runs minibasis export",
     "minibasis sweep": _TEN_THOUSAND,
     "minibasis sweep --depth 20 --limit 2000": "ResNet-20 at eight thresholds on 2,000 images: about a minute of CPU",
     "minibasis compress --depth 20 --threshold 0.8 --evaluate": "evaluates on 10,000 test images (about 20 s of CPU)",

@@ -14,7 +14,8 @@ For each model (one 32×32 image, eval mode, no graph):
   from the input size that reached it. GFLOPs in the paper's sense are conv
   multiplications / 10⁹.
 
-A MODEL may also be a model file (a minibasis ``model.npz`` or a PyTorch ``.th``/``.pth``):
+A MODEL may also be a model file (a minibasis ``model.npz`` / ``.safetensors``, a PyTorch ``.th``/``.pth``
+or an ONNX graph ``.onnx``, counted at its own input size):
 it is counted as the file describes it — compressed and random-basis models with their BasisConv
 layout — e.g. ``minibasis count docs/results/table3-basis/model.npz``.
 
@@ -120,6 +121,16 @@ def _load_file(name: str):
     label = Path(path).name if Path(path).parent.name in ("", ".") else f"{Path(path).parent.name}/{Path(path).name}"
     return model, label, {"num_classes": metadata.num_classes, "file": str(path),
                                     "architecture": architecture.get("name")}
+
+
+def _input_of(model, name: str) -> tuple[int, int]:
+    """(image size, channels) to count at: an imported ONNX graph's own input, else 32×32 RGB."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return 32, 3
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise UserError(f"{name}: counts are taken on square (N, C, S, S) images; the graph's input is {shape}")
+    return shape[3], shape[1]
 
 
 def model_config(name: str, num_classes: int | None, depth: int | None, shortcut: str | None) -> dict[str, Any]:
@@ -240,7 +251,8 @@ def run(args) -> int:
             builds.append((zoo_name, model, _describe(zoo_name, config), config))
     reports = []
     for name, model, description, config in builds:
-        report = {"model": name, "description": description, "config": config, **count_model(model)}
+        report = {"model": name, "description": description, "config": config,
+                  **count_model(model, *_input_of(model, name))}
         report["paper"] = _paper_figures(name, config)
         if args.timing:
             timed = profile(model, (args.batch,) + tuple(report["input_shape"][1:]), timing=True)
