@@ -7,7 +7,8 @@ Two parts, both single-threaded by default (run with ``MINIBASIS_NUM_THREADS=1 O
    the most any lever on them can save.
 2. The levers, on ResNet-20's three activation shapes (batch 128), as NumPy passes that make
    the same ufunc calls as the engine, interleaved in one process (variant after variant,
-   round after round, so load drifts hit every variant alike), median wall and CPU
+   round after round, each round starting with another variant, so load drifts and cache
+   states hit every variant alike), median wall and CPU
    (``time.process_time``) milliseconds with the spread:
 
    * ``bn chunked``: batch norm's training forward and backward with every step of a pass done
@@ -127,10 +128,12 @@ def levers(rounds: int, batch: int, chunk_bytes: list[int]) -> None:
     cases = {(f"{c}x{s}x{s}", name): variants for c, s in SHAPES for name, variants in _levers(batch, c, s, chunk_bytes)}
     times = defaultdict(list)
     load = os.getloadavg()[0]
-    for _ in range(rounds + 1):  # the first round warms up and is dropped
+    for round_ in range(rounds + 1):  # the first round warms up and is dropped
         for key, variants in cases.items():
-            for variant, run in variants.items():
-                times[key + (variant,)].append(_timed(run))
+            names = list(variants)
+            # each round starts with a different variant: none always runs first (after another case)
+            for variant in names[round_ % len(names):] + names[:round_ % len(names)]:
+                times[key + (variant,)].append(_timed(variants[variant]))
     print(f"levers: batch {batch}, {rounds} rounds interleaved; load {load:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'shape':10} {'lever':18} {'variant':9} {'wall ms median (min..max)':>28} {'cpu ms median (min..max)':>28}")
     for (shape, lever), variants in cases.items():
