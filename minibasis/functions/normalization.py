@@ -10,34 +10,10 @@ from __future__ import annotations
 import numbers
 from typing import Callable
 
-from minibasis import backend, parallel
+from minibasis import backend
 from minibasis.autograd import Function, Tensor
 
 __all__ = ["batch_norm"]
-
-
-#: Bytes of the input one chunk of a batch-norm pass covers: the chunk is read again (or its
-#: output slice written again) by the next step of the same pass while it is still in cache.
-#: Chunk boundaries depend on the shapes only (never on the thread count), and per-chunk sums
-#: are added in chunk order, so results are identical for any number of engine threads.
-NORM_CHUNK_BYTES = 256 * 1024
-
-
-def _norm_chunks(x) -> list[tuple[int, int]]:
-    """(start, stop) batch ranges of about ``NORM_CHUNK_BYTES`` of x each (one range on a device)."""
-    n = x.shape[0]
-    if not backend.is_host_array(x):
-        return [(0, n)]
-    per_item = (x.size // max(n, 1)) * x.itemsize
-    return parallel.chunk_ranges(n, max(1, min(n, NORM_CHUNK_BYTES // max(per_item, 1))))
-
-
-def _sum_in_order(partials):
-    """Σ of per-chunk (C,) partials, added in chunk order (a fixed order: thread-count independent)."""
-    total = None
-    for partial in partials:
-        total = partial if total is None else total + partial
-    return total
 
 
 class BatchNorm(Function):
@@ -51,12 +27,6 @@ class BatchNorm(Function):
     and the count are reduced for the mean, then Σ(x − μ)² for the variance (two passes, so
     float32 does not cancel as E[x²] − E[x]² would), and in backward Σg and Σg·x̂. None is
     one process. Every process must make the same calls (same model, same modes).
-
-    Each pass goes over the batch in chunks of about ``NORM_CHUNK_BYTES`` (on the engine
-    threads, ``minibasis.parallel``), doing all of its steps on a chunk while it is in cache:
-    training forward reads x three times (Σx; x − μ and Σ(x − μ)²; x̂ and γ·x̂ + β), backward
-    reads gy twice (Σgy and Σgy·x̂; the input gradient). The products are the same ones, in
-    the same order per element, as one whole-array step after another.
     """
 
     name = "batch_norm"
@@ -67,35 +37,29 @@ class BatchNorm(Function):
         self.training, self.momentum, self.eps = training, momentum, eps
         self.has_weight, self.has_bias, self.allreduce = has_weight, has_bias, allreduce
 
-    def _statistics(self, x, x_hat, axes, shape, chunks, workers):
-        """(mean, biased var, count) over the batch (all processes' with ``allreduce``);
-        writes x − μ into ``x_hat``."""
+    def _statistics(self, x, axes, shape):
+        """(mean, centered x, biased var, count) over the batch (all processes' with ``allreduce``)."""
         xp = backend.get_array_module(x)
         count = x.size // x.shape[1]
-        sums = _sum_in_order(parallel.map_chunks(lambda start, stop: x[start:stop].sum(axis=axes), chunks, workers))
-        if self.allreduce is not None:
+        if self.allreduce is None:
+            mean = x.mean(axis=axes)
+        else:
             channels = x.shape[1]
-            reduced = xp.empty(channels + 1, dtype=x.dtype)
-            reduced[:channels] = sums
-            reduced[channels] = count
-            self.allreduce(reduced)
-            count = int(round(float(reduced[channels])))
+            sums = xp.empty(channels + 1, dtype=x.dtype)
+            sums[:channels] = x.sum(axis=axes)
+            sums[channels] = count
+            self.allreduce(sums)
+            count = int(round(float(sums[channels])))
             if count < 2:
                 raise ValueError(f"synchronized batch_norm in training needs more than one value per channel "
                                  f"over all ranks, got {count}")
-            sums = reduced[:channels]
-        mean = sums / count
-        mean_b = mean.reshape(shape)
-
-        def center(start: int, stop: int):
-            centered = xp.subtract(x[start:stop], mean_b, out=x_hat[start:stop])
-            return _channel_dot(centered, centered)  # Σ(x − μ)², no squared copy
-
-        squares = _sum_in_order(parallel.map_chunks(center, chunks, workers))
+            mean = sums[:channels] / count
+        centered = x - mean.reshape(shape)
+        squares = _channel_dot(centered, centered)  # Σ(x − μ)², no squared copy
         if self.allreduce is not None:
             squares = xp.ascontiguousarray(squares)
             self.allreduce(squares)
-        return mean, squares / count, count
+        return mean, centered, squares / count, count
 
     def forward(self, x, *affine):
         # Temporaries are written in place where this op owns them: one (N, C, H, W)
@@ -105,96 +69,64 @@ class BatchNorm(Function):
         xp = backend.get_array_module(x)
         axes = (0,) if x.ndim == 2 else (0, 2, 3)
         shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
-        chunks, workers = _norm_chunks(x), parallel.workers_for(x)
-        x_hat = xp.empty_like(x)
         if self.training:
-            mean, var, count = self._statistics(x, x_hat, axes, shape, chunks, workers)
+            mean, centered, var, count = self._statistics(x, axes, shape)
             if self.running_mean is not None:
                 update_running_stats(self.running_mean, self.running_var, mean, var, count, self.momentum)
         else:
             mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+            centered = x - mean.reshape(shape)
             count = None
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
+        x_hat = backend.mul(centered, inv_std.reshape(shape), out=centered)
         keep = any(self.needs_input_grad)
-        y = xp.empty_like(x) if keep else x_hat  # y overwrites x̂ if x̂ is not kept for backward
-        mean_b, inv_std_b = mean.reshape(shape), inv_std.reshape(shape)
-        gamma_b = None if gamma is None else gamma.reshape(shape)
-        beta_b = None if beta is None else beta.reshape(shape)
-
-        def normalize(start: int, stop: int) -> None:
-            part = x_hat[start:stop]
-            if not self.training:
-                xp.subtract(x[start:stop], mean_b, out=part)
-            backend.mul(part, inv_std_b, out=part)
-            out = y[start:stop]
-            if gamma_b is not None:
-                backend.mul(part, gamma_b, out=out)
-            elif out is not part:
-                out[...] = part  # the output must not alias the saved x̂
-            if beta_b is not None:
-                out += beta_b
-
-        parallel.run_chunks(normalize, chunks, workers)
         if keep:
             self.x_hat, self.inv_std, self.gamma, self.axes, self.shape, self.count = \
                 x_hat, inv_std, gamma, axes, shape, count
+        if gamma is not None:
+            y = backend.mul(x_hat, gamma.reshape(shape), out=None if keep else x_hat)  # y overwrites x̂ if unneeded
+        else:
+            y = x_hat.copy() if keep else x_hat  # the output must not alias the saved x̂
+        if beta is not None:
+            y += beta.reshape(shape)
         return y
 
     def backward(self, gy):
         shape, axes = self.shape, self.axes
-        xp = backend.get_array_module(gy)
         need_x = self.needs_input_grad[0]
         need_gamma = self.has_weight and self.needs_input_grad[1]
         need_beta = self.has_bias and self.needs_input_grad[-1]
-        need_sum = need_beta or (need_x and self.training)
-        need_dot = need_gamma or (need_x and self.training)
-        chunks, workers = _norm_chunks(gy), parallel.workers_for(gy, self.x_hat)
-        x_hat = self.x_hat
-
-        def reduce(start: int, stop: int):
-            g = gy[start:stop]
-            # Σ gy and Σ gy·x̂ per channel, from the same chunk of gy while it is in cache
-            return (g.sum(axis=axes) if need_sum else None,
-                    _channel_dot(g, x_hat[start:stop]) if need_dot else None)
-
-        sum_gy = sum_gy_xhat = None
-        if need_sum or need_dot:
-            partials = list(parallel.map_chunks(reduce, chunks, workers))
-            sum_gy = _sum_in_order(p[0] for p in partials) if need_sum else None
-            sum_gy_xhat = _sum_in_order(p[1] for p in partials) if need_dot else None
-        g_beta = sum_gy if need_beta else None
-        g_gamma = sum_gy_xhat if need_gamma else None
+        g_beta = gy.sum(axis=axes) if need_beta else None
+        g_gamma = None
+        if need_gamma or (need_x and self.training):
+            g_gamma = _channel_dot(gy, self.x_hat)  # Σ gy·x̂ per channel
         g_x = None
         if need_x:
             scale = self.inv_std if self.gamma is None else backend.mul(self.gamma, self.inv_std)
             scale = scale.reshape(shape)
             if self.training:
                 # dx = γ/σ · (gy − mean(gy) − x̂ · mean(gy · x̂)): the batch statistics depend on x.
-                # Written into one new buffer, chunk by chunk (gy may be shared: it is only read).
+                # Computed in place in one new buffer (gy may be shared: it is only read).
+                sum_gy = g_beta if g_beta is not None else gy.sum(axis=axes)
+                sum_gy_xhat = g_gamma
                 if self.allreduce is not None:
                     # The means run over every process's batch; dγ and dβ stay local sums (the
                     # data-parallel gradient all-reduce averages them like every other gradient).
                     channels = sum_gy.shape[0]
-                    sums = xp.empty(2 * channels, dtype=gy.dtype)
+                    sums = backend.get_array_module(gy).empty(2 * channels, dtype=gy.dtype)
                     sums[:channels], sums[channels:] = sum_gy, sum_gy_xhat
                     self.allreduce(sums)
                     sum_gy, sum_gy_xhat = sums[:channels], sums[channels:]
-                mean_gy = (sum_gy / self.count).reshape(shape)
-                mean_gy_xhat = (sum_gy_xhat / self.count).reshape(shape)
-                g_x = xp.empty_like(gy)
-
-                def input_grad(start: int, stop: int) -> None:
-                    part = backend.mul(x_hat[start:stop], mean_gy_xhat, out=g_x[start:stop])
-                    xp.subtract(gy[start:stop], part, out=part)
-                    part -= mean_gy
-                    backend.mul(part, scale, out=part)
-
-                parallel.run_chunks(input_grad, chunks, workers)
+                mean_gy, mean_gy_xhat = sum_gy / self.count, sum_gy_xhat / self.count
+                g_x = backend.mul(self.x_hat, mean_gy_xhat.reshape(shape))
+                backend.get_array_module(gy).subtract(gy, g_x, out=g_x)
+                g_x -= mean_gy.reshape(shape)
+                backend.mul(g_x, scale, out=g_x)
             else:
                 g_x = backend.mul(gy, scale)
         grads = [g_x]
         if self.has_weight:
-            grads.append(g_gamma)
+            grads.append(g_gamma if need_gamma else None)
         if self.has_bias:
             grads.append(g_beta)
         return tuple(grads)
