@@ -18,34 +18,15 @@ from __future__ import annotations
 
 import time
 
-from minibasis import nn, optim
+from minibasis import optim
 from minibasis.experiments import options, runs
+from minibasis.model_files import checkpoint_meta
+from minibasis.models import demo_cnn
 from minibasis.training import NonFiniteError, Trainer
 
-__all__ = ["DemoCNN", "add_arguments", "run"]
+__all__ = ["add_arguments", "run"]
 
 DEFAULT_DEMO_THRESHOLDS = "1.0,0.99,0.95,0.9,0.85,0.8,0.75,0.7,0.6,0.5"
-
-
-class DemoCNN(nn.Module):
-    """A small CNN for 32×32 images: 3 conv layers (5×5, 3×3, 3×3) with BN, global pooling.
-
-    (N, 3, 32, 32) → conv 5×5 3→w0 → pool → conv 3×3 w0→w1 → pool → conv 3×3 w1→w2 →
-    global average → linear w2→num_classes.
-    """
-
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 32)):
-        super().__init__()
-        w0, w1, w2 = widths
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w0, 5, padding=2), nn.BatchNorm2d(w0), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w0, w1, 3, padding=1), nn.BatchNorm2d(w1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(w2, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 def add_arguments(parser) -> None:
@@ -77,7 +58,7 @@ def run(args) -> int:
     transform = options.eval_transform("none")  # the patterns are centred on their own; [0, 1] is enough
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=transform)
-    model = DemoCNN()
+    model = demo_cnn()
     optimizer = optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = optim.StepLR(optimizer, step_size=max(args.epochs - 1, 1), gamma=0.1)
     test_accuracy = options.test_metrics_for(x_test, y_test, "none")
@@ -86,7 +67,8 @@ def run(args) -> int:
         f"on {backend.current()}")
     history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
                               eval_fn=test_accuracy, folder=folder, seed=args.seed,
-                              progress=not args.quiet).fit()
+                              progress=not args.quiet,
+                              extra_meta=checkpoint_meta(model, normalization="none", dataset="synthetic")).fit()
     baseline = test_accuracy(model)["test_acc"]
 
     input_shape = (1, 3, 32, 32)

@@ -28,6 +28,7 @@ from minibasis.experiments.errors import UserError, first_line
 from minibasis.compress import compress
 from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
+from minibasis.model_files import checkpoint_meta
 from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,  # noqa: F401
                                 fine_tune, freeze_all_but, non_conv_parameters, recalibrate_batch_norm)
 
@@ -174,7 +175,8 @@ def run(args) -> int:
                             lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
                             weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
                             detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
-                            extra_meta=options.checkpoint_meta(tuned))
+                            extra_meta=checkpoint_meta(tuned, normalization=normalize,
+                                                       dataset=loaded.dataset or args.dataset))
     except NonFiniteError as exc:
         raise options.user_error_for_non_finite(exc) from None
     except CheckpointError as exc:

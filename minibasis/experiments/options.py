@@ -22,7 +22,7 @@ from minibasis.experiments.errors import UserError, first_line
 
 __all__ = ["add_common_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments", "ModelSpec",
            "model_spec", "load_model_for", "LoadedModel", "load_verb_model", "describe", "normalization_for", "classes_for", "save_model_file",
-           "checkpoint_meta", "add_data_arguments", "load_dataset", "load_training_data",
+           "add_data_arguments", "load_dataset", "load_training_data",
            "eval_transform", "train_transform", "test_metrics_for",
            "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
 
@@ -469,13 +469,6 @@ def save_model_file(path: Path, model, normalize: str, dataset: str | None) -> N
         save_model(model, path, normalization=normalize, dataset=dataset)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def checkpoint_meta(model) -> dict:
-    """What a training checkpoint records so that ``load_model`` can rebuild the model from it."""
-    from minibasis.model_files import basis_layout
-    record = model.architecture
-    return {"architecture": {"model": record["name"], **record["kwargs"]}, "basisconv": basis_layout(model)}
 
 
 def require_convs(model, description: str) -> None:

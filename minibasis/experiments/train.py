@@ -20,6 +20,7 @@ import time
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
+from minibasis.model_files import checkpoint_meta
 from minibasis.training import CheckpointError, NonFiniteError, Trainer
 
 __all__ = ["add_arguments", "run", "use_random_bases", "conv_learnable_parameters"]
@@ -147,7 +148,8 @@ def run(args) -> int:
         history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
                           eval_fn=test_metrics, folder=folder, seed=args.seed,
                           detect_anomaly=args.detect_anomaly, progress=not args.quiet,
-                          extra_meta=options.checkpoint_meta(model)).fit(resume=args.resume)
+                          extra_meta=checkpoint_meta(model, normalization=normalize,
+                                                       dataset=args.dataset)).fit(resume=args.resume)
     except NonFiniteError as exc:
         raise options.user_error_for_non_finite(exc) from None
     except CheckpointError as exc:
