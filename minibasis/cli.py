@@ -63,8 +63,8 @@ def main(argv=None) -> int:
 
 def _run_verb(argv=None) -> int:
     parser = build_parser(_available_verbs())
-    args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # recorded in config.json
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv, namespace=argparse.Namespace(_argv=argv))  # argv is recorded in config.json
     try:
         return int(args._module.run(args) or 0)
     except (UserError, FileNotFoundError) as exc:

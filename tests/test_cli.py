@@ -64,7 +64,7 @@ def test_unreadable_checkpoint(capsys, tmp_path):
     path = tmp_path / "broken.th"
     path.write_bytes(b"not a checkpoint at all")
     _fails_with_one_line(capsys, ["compress", "--depth", "20", "--checkpoint", str(path), "--output", str(tmp_path / "c")],
-                         "not readable")
+                         "cannot read the model file")
     _fails_with_one_line(capsys, ["compress", "--depth", "20", "--checkpoint", str(tmp_path / "absent.th"),
                                   "--output", str(tmp_path / "c")], "does not exist")
 

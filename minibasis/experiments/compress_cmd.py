@@ -9,6 +9,7 @@ and ``finetune`` accepts. ``--evaluate`` adds the test accuracy before and after
 """
 from __future__ import annotations
 
+from minibasis import data
 from minibasis.experiments import options, runs
 from minibasis.experiments.errors import UserError, first_line
 
@@ -70,7 +71,7 @@ def run(args) -> int:
         x_test, y_test = test
         if note := options.data_note(args.dataset, args.data):
             log(note)
-        transform = options.eval_transform(normalize)
+        transform = data.eval_transform(normalize)
         accuracies = {label: evaluate(m, x_test, y_test, batch_size=args.batch_size, transform=transform,
                                       progress=not args.quiet, desc=f"eval {label}").accuracy
                       for label, m in (("original", model), ("compressed", compressed))}

@@ -101,22 +101,15 @@ def _is_model_file(name: str) -> bool:
 
 
 def _load_file(path: str):
-    """(model, description, config) of a model file; UserError when it cannot be read."""
+    """(model, description, config) of a model file (:func:`options.model_argument`)."""
     from pathlib import Path
 
-    import minibasis
-    from minibasis.training import CheckpointError
+    from minibasis.experiments import options
 
-    if not Path(path).is_file():
-        raise UserError(f"model file {path} does not exist (MODEL is a zoo name or a model file)")
-    try:
-        model, metadata = minibasis.load_model(path)
-    except (CheckpointError, ValueError, TypeError, OSError) as exc:
-        raise UserError(f"cannot read the model file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    architecture = metadata.architecture or {}
+    model, metadata = options.model_argument(options.model_operand(path, "MODEL"))
     label = Path(path).name if Path(path).parent.name in ("", ".") else f"{Path(path).parent.name}/{Path(path).name}"
     return model, label, {"num_classes": metadata.num_classes, "file": str(path),
-                                    "architecture": architecture.get("name")}
+                          "architecture": metadata.architecture.get("name")}
 
 
 def model_config(name: str, num_classes: int | None, depth: int | None, shortcut: str | None) -> dict[str, Any]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import time
 
 from minibasis import optim
+from minibasis import data
 from minibasis.experiments import options, runs
 from minibasis.model_files import checkpoint_meta
 from minibasis.models import demo_cnn
-from minibasis.training import NonFiniteError, Trainer
+from minibasis.training import NonFiniteError, Trainer, eval_metrics
 
 __all__ = ["add_arguments", "run"]
 
@@ -55,13 +56,13 @@ def run(args) -> int:
     (x_train, y_train), (x_test, y_test) = data.synthetic(num_train=args.num_train, num_test=args.num_test,
                                                           seed=args.seed)
     log(f"synthetic data: {len(y_train)} training and {len(y_test)} test images, 10 classes of oriented patterns")
-    transform = options.eval_transform("none")  # the patterns are centred on their own; [0, 1] is enough
+    transform = data.eval_transform("none")  # the patterns are centred on their own; [0, 1] is enough
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
                              transform=transform)
     model = demo_cnn()
     optimizer = optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     scheduler = optim.StepLR(optimizer, step_size=max(args.epochs - 1, 1), gamma=0.1)
-    test_accuracy = options.test_metrics_for(x_test, y_test, "none")
+    test_accuracy = eval_metrics(x_test, y_test, data.eval_transform("none"))
 
     log(f"training DemoCNN ({model.num_parameters():,} parameters) for {args.epochs} epochs "
         f"on {backend.current()}")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from minibasis import backend
+from minibasis import data
 from minibasis.experiments import options, runs
 from minibasis.experiments.common import peak_memory_mib
 from minibasis.experiments.errors import UserError
@@ -59,7 +60,7 @@ def run(args) -> int:
         log(note)
     model.to(args.device)
     result = evaluate(model, images, labels, batch_size=args.batch_size,
-                      transform=options.eval_transform(normalize), progress=not args.quiet,
+                      transform=data.eval_transform(normalize), progress=not args.quiet,
                       desc=f"eval {description}")
     summary = {
         "model": description, "num_classes": num_classes,

@@ -26,10 +26,11 @@ import time
 
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.compress import compress
+from minibasis import data
 from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
 from minibasis.model_files import checkpoint_meta
-from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,  # noqa: F401
+from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, eval_metrics, conv_weight_parameters,  # noqa: F401
                                 fine_tune, freeze_all_but, non_conv_parameters, recalibrate_batch_norm)
 
 __all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
@@ -137,8 +138,8 @@ def run(args) -> int:
     if args.resume and not any(folder.path.glob("checkpoint-*.npz")):
         log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
     manual_seed(args.seed)
-    test_transform = options.eval_transform(normalize)
-    test_metrics = options.test_metrics_for(x_test, y_test, normalize)
+    test_transform = data.eval_transform(normalize)
+    test_metrics = eval_metrics(x_test, y_test, data.eval_transform(normalize))
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
@@ -166,7 +167,7 @@ def run(args) -> int:
             f"step): test accuracy {100 * recalibrated_acc:.2f}%")
 
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=options.train_transform(normalize, augment=not args.no_augment))
+                             transform=data.train_transform(normalize, augment=not args.no_augment))
     log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
         f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
         f"{args.epochs2} epochs, lr {args.lr2:g}")

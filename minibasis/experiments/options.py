@@ -1,30 +1,29 @@
-"""Command-line options the experiment verbs share, and what they turn into.
+"""Command-line options the experiment verbs share, turned into checked specs.
 
-* ``--device``, ``--seed``, ``--batch-size``, ``--output`` (every verb);
-* ``--model``, ``--depth``, ``--num-classes``, ``--checkpoint`` → a zoo model with weights;
-* ``--dataset``, ``--data``, ``--normalize`` → host arrays and the transforms to feed them.
+* ``--device``, ``--seed``, ``--batch-size``, ``--output`` (the verbs that train or evaluate);
+* ``--model``, ``--depth``, ``--num-classes``, ``--checkpoint`` → a :class:`ModelSpec`, and
+  :func:`model_argument`, the one way every verb turns a model argument into a model;
+* ``--dataset``, ``--data``, ``--normalize`` → a :class:`DataSpec`.
 
-Every problem a user can fix (unknown model, missing data folder, a checkpoint for another
-architecture, CuPy missing) becomes a one-line :class:`minibasis.experiments.errors.UserError`.
+The library does the work (datasets by name and the transform recipes in :mod:`minibasis.data`,
+test metrics in :mod:`minibasis.training`, model files in :mod:`minibasis.model_files`); every
+problem a user can fix becomes a one-line :class:`minibasis.experiments.errors.UserError`.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import re
 from pathlib import Path
-
-import numpy as np
 
 from minibasis import backend
 from minibasis.checks import energy_threshold, non_negative_int, positive_int
+from minibasis import data
 from minibasis.experiments.errors import UserError, first_line
 
-__all__ = ["add_common_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments", "ModelSpec",
-           "model_spec", "load_model_for", "LoadedModel", "load_verb_model", "describe", "normalization_for", "classes_for", "save_model_file",
-           "add_data_arguments", "load_dataset", "load_training_data",
-           "eval_transform", "train_transform", "test_metrics_for",
-           "parse_thresholds", "DEFAULT_THRESHOLDS", "DATASETS", "default_data_dir", "pretrained_checkpoint"]
+__all__ = ["add_common_arguments", "select_device", "check_positive", "check_threshold", "add_model_arguments",
+           "ModelSpec", "model_spec", "model_operand", "model_argument", "LoadedModel", "load_verb_model", "describe",
+           "normalization_for", "classes_for", "save_model_file", "add_data_arguments", "DataSpec", "data_spec",
+           "parse_thresholds", "DEFAULT_THRESHOLDS", "default_data_dir", "pretrained_checkpoint"]
 
 #: The paper's Figure 2 thresholds.
 DEFAULT_THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -90,14 +89,18 @@ def check_common(args) -> None:
     select_device(args.device)
 
 
-def parse_thresholds(text: str) -> list[float]:
-    """``"1.0,0.95,0.9"`` → ``[1.0, 0.95, 0.9]``, each in (0, 1]."""
-    try:
-        values = [energy_threshold(float(part)) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        values = []
+def parse_thresholds(text: str, option: str = "--thresholds") -> list[float]:
+    """``"1.0,0.95,0.9"`` → ``[1.0, 0.95, 0.9]``, each in (0, 1]; a bad item is named."""
+    values = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            values.append(energy_threshold(float(part)))
+        except ValueError:
+            raise UserError(f"{option}: {part!r} is not a number in (0, 1] (in {text!r})") from None
     if not values:
-        raise UserError(f"--thresholds must be comma-separated numbers in (0, 1], got {text!r}")
+        raise UserError(f"{option} must be comma-separated numbers in (0, 1], got {text!r}")
     return values
 
 
@@ -224,26 +227,39 @@ def resolve_checkpoint(args, spec: ModelSpec) -> Path | None:
             raise UserError(f"no --checkpoint given and no pretrained {label} in {where} "
                             "(set MINIBASIS_SHARED or pass --checkpoint PATH)")
         return found
+    return _model_file("--checkpoint", value)
+
+
+def _model_file(option: str, value) -> Path:
     path = Path(value)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give the model file in it (e.g. {path / 'model.npz'})")
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{option} {path} does not exist")
     return path
 
 
-def _cli_wording(message: str) -> str:
-    """load_model speaks of keyword arguments (``depth=20``); the command line of options (``--depth 20``)."""
-    message = re.sub(r"\bpass (\w+)=(\S+?) or leave \1 out",
-                     lambda m: f"pass --{m.group(1).replace('_', '-')} {m.group(2)} or leave --"
-                               f"{m.group(1).replace('_', '-')} out", message)
-    message = re.sub(r"\barchitecture='(\w+)' was given", r"--model \1 was given", message)
-    return re.sub(r"\b(depth|num_classes)=(\S+?) was given",
-                  lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)} was given", message)
+def model_operand(text: str, option: str = "MODEL", **kwargs) -> ModelSpec:
+    """A positional model argument (``count``, ``verify``): a zoo name built with ``kwargs``, or a
+    model file (anything with a file suffix or an existing path) read as it describes itself."""
+    from minibasis.models import MODELS
+
+    if text in MODELS and not Path(text).exists():
+        return ModelSpec(model=text, kwargs=kwargs, defaults={"model": text, "num_classes": 10}, checkpoint=None)
+    if Path(text).suffix or Path(text).exists():
+        return ModelSpec(model=None, kwargs={}, defaults={}, checkpoint=_model_file(option, text))
+    raise UserError(f"{option} {text!r} is neither a model file nor a zoo model; known models: {', '.join(MODELS)}")
 
 
-def load_model_for(spec: ModelSpec):
+def _option(argument: str) -> str:
+    return "--model" if argument == "architecture" else f"--{argument.replace('_', '-')}"
+
+
+def model_argument(spec: ModelSpec):
     """``(model, metadata)``: the model file through :func:`minibasis.load_model` (its architecture,
     class count and normalization unless the user said otherwise, contradictions refused), or the
-    zoo model with its random initialization (``metadata`` None)."""
+    zoo model with its random initialization (``metadata`` None). The one path from a model
+    argument to a model for every verb."""
     from minibasis import ModelFileError, load_model
     from minibasis.models import get_model
 
@@ -256,15 +272,18 @@ def load_model_for(spec: ModelSpec):
         try:
             return load_model(spec.checkpoint, architecture=spec.model, **spec.kwargs)
         except ModelFileError as exc:
-            if spec.model is None and "does not record its architecture" in str(exc):
+            if spec.model is None and spec.defaults and exc.argument == "architecture" and exc.recorded is None:
                 return load_model(spec.checkpoint, architecture=spec.zoo_name, **spec.build_kwargs())
             raise
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {spec.checkpoint} does not exist") from None
     except ModelFileError as exc:
-        raise UserError(_cli_wording(first_line(exc))) from None
+        if exc.argument is None or exc.recorded is None:
+            raise UserError(first_line(exc)) from None
+        option, recorded = _option(exc.argument), exc.recorded
+        raise UserError(f"{option} {exc.given} was given, but {exc.source} records {exc.argument} {recorded}; "
+                        f"pass {option} {recorded} or leave {option} out") from None
     except (OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {spec.checkpoint} is not readable: {first_line(exc)}") from None
+        reason = first_line(exc).removeprefix(f"{spec.checkpoint}: ")  # the library's message names the file
+        raise UserError(f"cannot read the model file {spec.checkpoint}: {reason}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +311,7 @@ def load_verb_model(args, verb: str, *, check_classes: bool = True) -> LoadedMod
 
     spec = model_spec(args)
     runs.check_run_folder(args, verb)
-    model, metadata = load_model_for(spec)
+    model, metadata = model_argument(spec)
     if check_classes:
         classes_for(args, model, metadata, args.dataset)
     return LoadedModel(spec=spec, model=model, metadata=metadata, normalize=normalization_for(args, metadata),
@@ -311,14 +330,9 @@ def describe(model) -> str:
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
-#: ``--dataset`` name → (loader in minibasis.data, number of classes)
-DATASETS = {"cifar10": ("load_cifar10", 10), "cifar100": ("load_cifar100", 100), "svhn": ("load_svhn", 10),
-            "synthetic": ("synthetic", 10)}
-
-
 def add_data_arguments(parser, *, dataset: str = "cifar10", normalize: str = "imagenet") -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=sorted(DATASETS), default=dataset, help=f"(default: {dataset})")
+    group.add_argument("--dataset", choices=sorted(data.DATASETS), default=dataset, help=f"(default: {dataset})")
     group.add_argument("--data", type=Path, default=None,
                        help="folder holding the dataset files (default: <shared>/data, where <shared> is "
                             "$MINIBASIS_SHARED or ../shared beside the repository)")
@@ -329,34 +343,17 @@ def add_data_arguments(parser, *, dataset: str = "cifar10", normalize: str = "im
 
 
 def load_dataset(name: str, root, *, num_train: int | None = None, num_test: int | None = None, seed: int = 0):
-    """``((x_train, y_train), (x_test, y_test))``: uint8 (N, C, H, W) images and int64 labels.
-
-    ``synthetic`` is generated (``num_train``/``num_test`` images); the others are read from
-    ``root`` (default: the shared data folder) and cut to the first ``num_train``/``num_test``.
-    """
-    from minibasis import data
-
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    if name == "synthetic":
-        kwargs = {"seed": seed}
-        kwargs.update({k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None})
-        return data.synthetic(**kwargs)
+    """:func:`minibasis.data.load_dataset` from ``root`` (default: the shared data folder), its
+    errors as one-line user errors."""
     root = Path(root) if root is not None else default_data_dir()
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist (it should hold the {name} files, "
-                        f"e.g. {root / 'cifar-10-batches-py'} for cifar10)")
     try:
-        (x_train, y_train), (x_test, y_test) = getattr(data, DATASETS[name][0])(root)
+        return data.load_dataset(name, root, num_train=num_train, num_test=num_test, seed=seed)
     except FileNotFoundError as exc:
         raise UserError(f"{name} files not found under {root}: {first_line(exc)}") from None
+    except data.DatasetError as exc:
+        raise UserError(first_line(exc)) from None
     except ValueError as exc:
         raise UserError(f"{name} files under {root} are not usable: {first_line(exc)}") from None
-    if num_train is not None:
-        x_train, y_train = x_train[:num_train], y_train[:num_train]
-    if num_test is not None:
-        x_test, y_test = x_test[:num_test], y_test[:num_test]
-    return (x_train, y_train), (x_test, y_test)
 
 
 #: Said once whenever a verb evaluates on the shared CIFAR-10 (docs/models.md has the details).
@@ -378,22 +375,12 @@ def data_note(dataset: str, root) -> str | None:
 
 def load_training_data(args):
     """:func:`load_dataset` for a training verb: ``--dataset`` from ``--data``, a random
-    ``--train-subset`` of the training images (:func:`take_subset`) and the first ``--limit``
-    test images. Returns ``((x_train, y_train), (x_test, y_test))``."""
+    ``--train-subset`` of the training images and the first ``--limit`` test images."""
     # A synthetic training set is generated at the subset's size rather than cut from a larger one.
     synthetic_train = args.train_subset if args.dataset == "synthetic" else None
     (x_train, y_train), test = load_dataset(args.dataset, args.data, num_train=synthetic_train,
                                             num_test=args.limit, seed=args.seed)
-    return take_subset(x_train, y_train, args.train_subset, args.seed), test
-
-
-def _statistics(normalize: str):
-    from minibasis.data import NORMALIZATIONS
-    if normalize == "none":
-        return None
-    if normalize not in NORMALIZATIONS:
-        raise UserError(f"unknown normalization {normalize!r}; expected one of {', '.join(NORMALIZATIONS)}, none")
-    return NORMALIZATIONS[normalize]
+    return data.take_subset(x_train, y_train, args.train_subset, args.seed), test
 
 
 def normalization_for(args, metadata) -> str:
@@ -415,48 +402,10 @@ def normalization_for(args, metadata) -> str:
 def classes_for(args, model, metadata, dataset: str) -> int:
     """The model's class count, refused when the dataset has more classes than it outputs."""
     classes = getattr(metadata, "num_classes", None) or model.architecture["kwargs"].get("num_classes")
-    needed = DATASETS[dataset][1]
+    needed = data.DATASET_CLASSES[dataset]
     if classes is not None and classes < needed:
         raise UserError(f"--dataset {dataset} has {needed} classes, but the model outputs {classes}")
     return classes
-
-
-def eval_transform(normalize: str = "cifar10"):
-    """uint8 → float32 in [0, 1] → per-channel normalization (no augmentation)."""
-    from minibasis import data
-    stats = _statistics(normalize)
-    return data.Compose([data.ToFloat()] + ([data.Normalize(*stats)] if stats else []))
-
-
-def train_transform(normalize: str = "cifar10", augment: bool = True, image_size: int = 32):
-    """Random crop (padding 4) and horizontal flip, then :func:`eval_transform`'s steps."""
-    from minibasis import data
-    steps = [data.RandomCrop(image_size, padding=4), data.RandomHorizontalFlip()] if augment else []
-    stats = _statistics(normalize)
-    steps += [data.ToFloat()] + ([data.Normalize(*stats)] if stats else [])
-    return data.Compose(steps)
-
-
-def test_metrics_for(x_test: np.ndarray, y_test: np.ndarray, normalize: str):
-    """``metrics(model) -> {"test_acc": float, "test_loss": float}`` on the uint8 images
-    ``x_test`` (N, C, H, W) with labels ``y_test`` (N,), through :func:`eval_transform`, in
-    batches of 256 without a progress line: the ``eval_fn`` the training verbs give the Trainer."""
-    from minibasis.training import evaluate
-    transform = eval_transform(normalize)
-
-    def metrics(model) -> dict:
-        result = evaluate(model, x_test, y_test, batch_size=256, transform=transform, progress=False)
-        return {"test_acc": result.accuracy, "test_loss": result.loss}
-
-    return metrics
-
-
-def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed: int):
-    """A class-mixed random subset of ``count`` samples (all when None or ≥ N), fixed by ``seed``."""
-    if count is None or count >= len(labels):
-        return images, labels
-    index = np.sort(np.random.default_rng(seed).permutation(len(labels))[:count])
-    return images[index], labels[index]
 
 
 # ---------------------------------------------------------------------------

@@ -114,9 +114,7 @@ def check_run_folder(args, verb: str) -> None:
 def prepare_run_folder(args, verb: str) -> RunFolder:
     """Create (or, with ``--resume``, reopen) the run folder and record ``config.json``."""
     check_run_folder(args, verb)
-    if args.output is None:
-        args.output = default_output(verb)
-    folder_path = Path(args.output)
+    folder_path = Path(args.output) if args.output is not None else default_output(verb)
     if getattr(args, "overwrite", False) and folder_path.is_dir():
         for pattern in RUN_FILES:
             for old in folder_path.glob(pattern):
@@ -127,5 +125,5 @@ def prepare_run_folder(args, verb: str) -> RunFolder:
     except OSError as exc:
         raise UserError(f"cannot create the output folder {folder_path}: {exc.strerror or exc}") from None
     if not getattr(args, "resume", False):
-        folder.write_config(config_from_args(args, verb))
+        folder.write_config({**config_from_args(args, verb), "output": str(folder_path)})
     return folder

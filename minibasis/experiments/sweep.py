@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 
+from minibasis import data
 from minibasis.experiments import options, runs
 from minibasis.training import evaluate, format_duration, read_json
 
@@ -69,7 +70,7 @@ def run(args) -> int:
         f"test images, on {backend.current()}; output folder {folder.path}")
     if note := options.data_note(args.dataset, args.data):
         log(note)
-    transform = options.eval_transform(normalize)
+    transform = data.eval_transform(normalize)
 
     def accuracy(m, label: str) -> float:
         return evaluate(m, x_test, y_test, batch_size=args.batch_size, transform=transform,

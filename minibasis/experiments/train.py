@@ -18,10 +18,11 @@ import math
 import time
 
 from minibasis.experiments.errors import UserError, first_line
+from minibasis import data
 from minibasis.experiments import options, runs
 from minibasis.measure import stored_values
 from minibasis.model_files import checkpoint_meta
-from minibasis.training import CheckpointError, NonFiniteError, Trainer
+from minibasis.training import CheckpointError, NonFiniteError, Trainer, eval_metrics
 
 __all__ = ["add_arguments", "run", "use_random_bases", "conv_learnable_parameters"]
 
@@ -116,7 +117,7 @@ def run(args) -> int:
     normalize = options.normalization_for(args, None)
     runs.check_run_folder(args, "train")
     manual_seed(args.seed)
-    model, _ = options.load_model_for(spec)
+    model, _ = options.model_argument(spec)
     options.classes_for(args, model, None, args.dataset)
     name = options.describe(model)
     layers = None
@@ -136,9 +137,9 @@ def run(args) -> int:
         f"stored values (parameters + buffers, fixed bases included): {stored_values(model):,}"
         + ("" if layers is None else f"; Q per layer {[layer['Q'] for layer in layers]}"))
 
-    test_metrics = options.test_metrics_for(x_test, y_test, normalize)
+    test_metrics = eval_metrics(x_test, y_test, data.eval_transform(normalize))
     loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=options.train_transform(normalize, augment=not args.no_augment))
+                             transform=data.train_transform(normalize, augment=not args.no_augment))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = optim.StepLR(optimizer, step_size=args.lr_step, gamma=args.gamma)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import minibasis
+from minibasis import data
+from minibasis.experiments import options
 from minibasis.experiments.errors import UserError, first_line
 
-__all__ = ["add_arguments", "run", "load_model_argument"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser) -> None:
@@ -68,32 +71,20 @@ def _add_model_argument(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs (default: 0)")
 
 
-def load_model_argument(spec: str, seed: int = 0):
-    """``(model, metadata or None)``: the model a file holds (:func:`minibasis.load_model`), or a
-    zoo model with its random init seeded by ``seed``."""
-    import minibasis
-    from minibasis.models import MODELS, get_model
-
-    if Path(spec).is_file():
-        try:
-            return minibasis.load_model(spec)
-        except (ValueError, TypeError, OSError) as exc:
-            raise UserError(f"cannot load {spec}: {first_line(exc)}") from None
-    if spec not in MODELS:
-        raise UserError(f"{spec!r} is neither a file nor a zoo model; known models: {', '.join(MODELS)}")
-    minibasis.manual_seed(seed)
-    return get_model(spec), None
-
-
 def _input_images(args, metadata):
     """The first ``--images`` CIFAR-10 test images of ``--data``, normalized as ``--normalize`` or the
     model file says (:func:`options.normalization_for`); None without ``--data``."""
-    from minibasis.experiments import options
-
     if args.data is None:
         return None
     _, (x_test, _) = options.load_dataset("cifar10", args.data, num_test=args.images)
-    return options.eval_transform(options.normalization_for(args, metadata))(x_test)
+    return data.eval_transform(options.normalization_for(args, metadata))(x_test)
+
+
+def _model(args):
+    """``(model, metadata or None)`` of MODEL_OR_FILE (:func:`options.model_argument`); a zoo model's
+    random initialization is seeded by ``--seed``."""
+    minibasis.manual_seed(args.seed)
+    return options.model_argument(options.model_operand(args.model, "MODEL_OR_FILE"))
 
 
 def run(args) -> int:
@@ -106,7 +97,7 @@ def run(args) -> int:
         result = verify.check_formulas(args.cases, args.seed, use_hypothesis=False if args.no_hypothesis else None)
     elif args.check == "exactness":
         check_positive("--images", args.images)
-        model, metadata = load_model_argument(args.model, args.seed)
+        model, metadata = _model(args)
         result = verify.check_exactness(model, _input_images(args, metadata), dtype=args.dtype,
                                         num_inputs=args.images, seed=args.seed)
     else:
@@ -116,7 +107,7 @@ def run(args) -> int:
         if args.in_channels is not None:
             check_positive("--in-channels", args.in_channels)
         thresholds = parse_thresholds(args.thresholds)
-        model, _ = load_model_argument(args.model, args.seed)
+        model, _ = _model(args)
         channels = input_channels(model) if args.in_channels is None else args.in_channels
         shape = (1, channels, args.input_size, args.input_size)
         try:
@@ -127,7 +118,7 @@ def run(args) -> int:
     if args.json == "-":
         print(result.to_json())
     elif args.json:
-        from minibasis.io import atomic_write
+        from minibasis.serialization import atomic_write
         try:
             with atomic_write(args.json, "w") as f:
                 f.write(result.to_json() + "\n")

@@ -34,7 +34,7 @@ from minibasis.nn import Module
 from minibasis.training.checkpoints import (CheckpointError, capture_rng_state, load_checkpoint, load_state,
                                             restore_rng_state, save_checkpoint, seed_device_rng)
 from minibasis.training.evaluation import correct_and_loss_sums, to_device_batch
-from minibasis.training.files import RunFolder
+from minibasis.training.run_folder import RunFolder
 from minibasis.training.guard import AnomalyDetector, NonFiniteError
 from minibasis.training.progress import ProgressBar
 
