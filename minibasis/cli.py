@@ -27,8 +27,19 @@ VERBS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2 (``argument --epochs: must be ...`` reads
+    ``--epochs must be ...``)."""
+
+    def error(self, message):
+        if message.startswith("argument ") and ": " in message:
+            option, _, reason = message.removeprefix("argument ").partition(": ")
+            message = f"{option.split('/')[-1]} {reason}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(available: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minibasis", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="minibasis", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, (module, help_text) in available.items():
@@ -62,9 +73,15 @@ def main(argv=None) -> int:
 
 
 def _run_verb(argv=None) -> int:
-    parser = build_parser(_available_verbs())
+    available = _available_verbs()
+    parser = build_parser(available)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv, namespace=argparse.Namespace(_argv=argv))  # argv is recorded in config.json
+    try:
+        args = parser.parse_args(argv, namespace=argparse.Namespace(_argv=argv))  # argv is recorded in config.json
+    except SystemExit as exc:
+        if exc.code == 2 and argv and argv[0] in available:
+            return 2   # a usage error of a verb, already printed on one line
+        raise
     try:
         return int(args._module.run(args) or 0)
     except (UserError, FileNotFoundError) as exc:

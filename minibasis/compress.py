@@ -32,7 +32,7 @@ from minibasis.checks import energy_threshold as check_energy_threshold, positiv
 from minibasis.measure import check_input_shape, profile
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
-__all__ = ["compress", "copy_module", "CompressionReport", "LayerReport"]
+__all__ = ["compress", "compressible", "copy_module", "CompressionReport", "LayerReport"]
 
 
 def copy_module(module: Module) -> Module:
@@ -271,6 +271,11 @@ class CompressionReport:
         return "\n".join(lines)
 
     __str__ = table
+
+
+def compressible(model: Module) -> bool:
+    """Whether ``model`` has an ordinary ``Conv2d`` for :func:`compress` to replace."""
+    return any(isinstance(m, Conv2d) for m in model.modules())
 
 
 def _check_settings(energy_threshold, num_basis) -> None:

@@ -23,11 +23,13 @@ _EXPECTED = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "
 
 
 def load_dataset(name: str, root=None, *, num_train: int | None = None, num_test: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, train_subset: int | None = None):
     """``((x_train, y_train), (x_test, y_test))``: uint8 (N, C, H, W) images and int64 labels.
 
     ``synthetic`` is generated (``num_train``/``num_test`` images, ``seed``); the others are read
-    from the folder ``root`` and cut to their first ``num_train``/``num_test`` images. Raises
+    from the folder ``root`` and cut to their first ``num_train``/``num_test`` images. Then
+    ``train_subset`` keeps a random subset of that many training images (:func:`take_subset`,
+    fixed by ``seed``). Raises
     :class:`DatasetError` for an unknown name or a ``root`` that is not a folder (naming what it
     should hold), ``FileNotFoundError`` when the files are missing inside it.
     """
@@ -35,7 +37,8 @@ def load_dataset(name: str, root=None, *, num_train: int | None = None, num_test
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if DATASETS[name] is None:
         sizes = {k: v for k, v in (("num_train", num_train), ("num_test", num_test)) if v is not None}
-        return synthetic(seed=seed, **sizes)
+        (x_train, y_train), test = synthetic(seed=seed, **sizes)
+        return take_subset(x_train, y_train, train_subset, seed), test
     root = Path(root) if root is not None else None
     if root is None or not root.is_dir():
         what = "is a file, not a folder" if root is not None and root.exists() else "does not exist"
@@ -46,7 +49,7 @@ def load_dataset(name: str, root=None, *, num_train: int | None = None, num_test
         x_train, y_train = x_train[:num_train], y_train[:num_train]
     if num_test is not None:
         x_test, y_test = x_test[:num_test], y_test[:num_test]
-    return (x_train, y_train), (x_test, y_test)
+    return take_subset(x_train, y_train, train_subset, seed), (x_test, y_test)
 
 
 def take_subset(images: np.ndarray, labels: np.ndarray, count: int | None, seed: int):

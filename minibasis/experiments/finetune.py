@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import time
 
-from minibasis.experiments.errors import UserError, first_line
+from minibasis.experiments.errors import UserError, first_line, user_error_for_non_finite
 from minibasis.compress import compress
 from minibasis import data
-from minibasis.experiments import options, runs
+from minibasis.experiments import argtypes, common, options, runs
+from minibasis.experiments.loading import load_data, load_verb_model
 from minibasis.measure import stored_values
 from minibasis.model_files import checkpoint_meta
 from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, eval_metrics, conv_weight_parameters,  # noqa: F401
@@ -41,29 +42,29 @@ def add_arguments(parser) -> None:
     options.add_model_arguments(parser, model="resnet_cifar", depth=20, checkpoint="auto")
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     group = parser.add_argument_group("compression")
-    group.add_argument("--threshold", type=float, default=None, help="energy threshold t (default: 0.9)")
-    group.add_argument("--target-mult-ratio", type=float, default=None,
+    group.add_argument("--threshold", type=argtypes.fraction, default=None, help="energy threshold t (default: 0.9)")
+    group.add_argument("--target-mult-ratio", type=argtypes.fraction, default=None,
                        help="instead of --threshold: the largest t of --thresholds whose measured conv "
                             "multiplications are at most this fraction of the original (e.g. 0.5)")
-    group.add_argument("--thresholds", default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
+    group.add_argument("--thresholds", type=argtypes.thresholds, default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
                        help="grid searched by --target-mult-ratio (default: the paper's 1.0 ... 0.7)")
     group.add_argument("--replace-all", action="store_true",
                        help="replace every conv, even where BasisConv needs as many multiplications or more")
     group.add_argument("--baseline", action="store_true",
                        help="fine-tune the uncompressed original under the same budget (a fair reference)")
     group = parser.add_argument_group("fine-tuning (defaults: the paper's section 4.3)")
-    group.add_argument("--epochs1", type=int, default=15, help="step 1 epochs, coefficients only (default: 15)")
+    group.add_argument("--epochs1", type=argtypes.non_negative, default=15, help="step 1 epochs, coefficients only (default: 15)")
     group.add_argument("--lr1", type=float, default=0.1, help="step 1 learning rate (default: 0.1)")
-    group.add_argument("--lr1-step", type=int, default=5, help="divide the step 1 rate by 10 every N epochs (default: 5)")
-    group.add_argument("--epochs2", type=int, default=10, help="step 2 epochs, all non-conv parameters (default: 10)")
+    group.add_argument("--lr1-step", type=argtypes.positive, default=5, help="divide the step 1 rate by 10 every N epochs (default: 5)")
+    group.add_argument("--epochs2", type=argtypes.non_negative, default=10, help="step 2 epochs, all non-conv parameters (default: 10)")
     group.add_argument("--lr2", type=float, default=5e-4, help="step 2 learning rate (default: 5e-4)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
-    group.add_argument("--train-subset", type=int, default=None,
+    group.add_argument("--train-subset", type=argtypes.positive, default=None,
                        help="train on a random subset of N training images (default: all)")
-    group.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    group.add_argument("--limit", type=argtypes.positive, default=None, help="evaluate on the first N test images (default: all)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    group.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+    group.add_argument("--recalibrate-bn", type=argtypes.non_negative, default=0, metavar="N",
                        help="before fine-tuning, re-estimate every BatchNorm's running mean and variance "
                             "from the first N training images (forward passes only, no gradient step; "
                             "default: 0, off)")
@@ -73,83 +74,72 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=128)
 
 
-def _check_settings(args) -> None:
-    """Every option on its own and against the others, before anything is loaded."""
-    for option in ("epochs1", "epochs2", "lr1_step"):
-        options.check_positive(f"--{option.replace('_', '-')}", getattr(args, option), allow_zero=option != "lr1_step")
-    options.check_positive("--train-subset", args.train_subset)
-    options.check_positive("--limit", args.limit)
-    options.check_positive("--recalibrate-bn", args.recalibrate_bn, allow_zero=True)
-    default_grid = ",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS)
-    if args.baseline:
-        given = [o for o, v in (("--threshold", args.threshold), ("--target-mult-ratio", args.target_mult_ratio))
-                 if v is not None] + (["--replace-all"] if args.replace_all else [])
+def _check_settings(o) -> None:
+    """The options against each other, before anything is loaded (each was checked on its own)."""
+    if o.baseline:
+        given = [opt for opt, v in (("--threshold", o.threshold), ("--target-mult-ratio", o.target_mult_ratio))
+                 if v is not None] + (["--replace-all"] if o.replace_all else [])
         if given:
             raise UserError(f"--baseline fine-tunes the uncompressed original; {', '.join(given)} would be ignored")
-    if args.target_mult_ratio is not None:
-        if args.threshold is not None:
-            raise UserError("give --threshold or --target-mult-ratio, not both")
-        options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
-        options.parse_thresholds(args.thresholds)
-    else:
-        if args.thresholds != default_grid:
-            raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
-        options.check_threshold("--threshold", args.threshold)
+    if o.target_mult_ratio is not None and o.threshold is not None:
+        raise UserError("give --threshold or --target-mult-ratio, not both")
+    if o.target_mult_ratio is None and list(o.thresholds) != list(options.DEFAULT_THRESHOLDS):
+        raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
 
 
-def choose_threshold(model, args, log) -> float:
+def choose_threshold(model, o, log) -> float:
     """``--threshold`` (default 0.9), or the largest grid t whose measured conv-mult ratio ≤
     ``--target-mult-ratio``; a :class:`UserError` when no t of the grid gets there."""
-    if args.target_mult_ratio is None:
-        return 0.9 if args.threshold is None else args.threshold
-    grid = sorted(options.parse_thresholds(args.thresholds), reverse=True)
+    if o.target_mult_ratio is None:
+        return 0.9 if o.threshold is None else o.threshold
+    grid = sorted(o.thresholds, reverse=True)
     for t in grid:
-        _, report = compress(model, energy_threshold=t, skip_unprofitable=not args.replace_all)
+        _, report = compress(model, energy_threshold=t, skip_unprofitable=not o.replace_all)
         log(f"  t = {t:g}: measured conv multiplications {100 * report.mult_ratio:.1f}% of the original")
-        if report.mult_ratio <= args.target_mult_ratio:
+        if report.mult_ratio <= o.target_mult_ratio:
             return t
     raise UserError(f"no threshold in {grid} brings the conv multiplications to "
-                    f"{args.target_mult_ratio:g} of the original or less; add smaller thresholds")
+                    f"{o.target_mult_ratio:g} of the original or less; add smaller thresholds")
 
 
 def run(args) -> int:
     from minibasis import backend, data, manual_seed
     from minibasis.experiments import plots
 
-    options.check_common(args)
-    _check_settings(args)
-    loaded = options.load_verb_model(args, "finetune")
-    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
-    if not args.baseline:
-        options.require_convs(model, f"the model {name}")
+    spec = options.verb_spec(args, "finetune")
+    o, run_spec, data_spec = spec.options, spec.run, spec.data
+    _check_settings(o)
+    loaded = load_verb_model(spec, compressing=not o.baseline)
+    model, name, normalize, checkpoint = loaded.model, loaded.name, loaded.normalize, spec.model.checkpoint
     # Chosen before any data is read: an unreachable --target-mult-ratio costs no data loading.
     search_log = []
-    threshold = None if args.baseline else choose_threshold(model, args, search_log.append)
-    (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
-    folder = runs.prepare_run_folder(args, "finetune")
+    threshold = None if o.baseline else choose_threshold(model, o, search_log.append)
+    (x_train, y_train), (x_test, y_test) = load_data(data_spec, num_test=o.limit, seed=run_spec.seed,
+                                                     train_subset=o.train_subset)
+    folder = runs.prepare_run_folder(run_spec)
     log = folder.log
     started = time.perf_counter()
-    log(f"minibasis finetune: {name} from {spec.checkpoint or 'random initialization'}; {len(y_train)} training and "
-        f"{len(y_test)} test images ({args.dataset}); on {backend.current()}; output folder {folder.path}")
-    if note := options.data_note(args.dataset, args.data):
+    log(f"minibasis finetune: {name} from {checkpoint or 'random initialization'}; {len(y_train)} training and "
+        f"{len(y_test)} test images ({data_spec.name}); on {run_spec.device}; output folder {folder.path}")
+    if note := common.data_note(data_spec.name, data_spec.root):
         log(note)
     for line in search_log:
         log(line)
-    if args.resume and not any(folder.path.glob("checkpoint-*.npz")):
+    if run_spec.resume and not any(folder.path.glob("checkpoint-*.npz")):
         log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
-    manual_seed(args.seed)
+    manual_seed(run_spec.seed)
     test_transform = data.eval_transform(normalize)
-    test_metrics = eval_metrics(x_test, y_test, data.eval_transform(normalize))
+    test_metrics = eval_metrics(x_test, y_test, test_transform)
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
     compression = None
-    if args.baseline:
+    if o.baseline:
         tuned = model
         step1_params = conv_weight_parameters(tuned)
         log("baseline: fine-tuning the uncompressed original (step 1: conv weights; step 2: non-conv parameters)")
     else:
-        tuned, report = compress(model, energy_threshold=threshold, skip_unprofitable=not args.replace_all)
+        tuned, report = compress(model, energy_threshold=threshold, skip_unprofitable=not o.replace_all)
         compression = report.to_dict()
         log(f"compressed at t = {threshold:g}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
             f"conv multiplications {report.conv_mults_before:,} -> {report.conv_mults_after:,} "
@@ -159,40 +149,39 @@ def run(args) -> int:
     before_acc = test_metrics(tuned)["test_acc"]
     log(f"before fine-tuning: test accuracy {100 * before_acc:.2f}%")
     recalibrated_acc = None
-    if args.recalibrate_bn:
-        count = recalibrate_batch_norm(tuned, x_train[:args.recalibrate_bn], batch_size=256,
+    if o.recalibrate_bn:
+        count = recalibrate_batch_norm(tuned, x_train[:o.recalibrate_bn], batch_size=256,
                                        transform=test_transform)
         recalibrated_acc = test_metrics(tuned)["test_acc"]
         log(f"BatchNorm statistics re-estimated from {count} training images (no augmentation, no gradient "
             f"step): test accuracy {100 * recalibrated_acc:.2f}%")
 
-    loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=data.train_transform(normalize, augment=not args.no_augment))
-    log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
-        f"/10 every {args.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
-        f"{args.epochs2} epochs, lr {args.lr2:g}")
+    loader = data.DataLoader((x_train, y_train), batch_size=run_spec.batch_size, shuffle=True, seed=run_spec.seed,
+                             transform=data.train_transform(normalize, augment=not o.no_augment))
+    log(f"step 1: {sum(p.size for p in step1_params):,} parameters, {o.epochs1} epochs, lr {o.lr1:g} "
+        f"/10 every {o.lr1_step}; step 2: {sum(p.size for p in non_conv_parameters(tuned)):,} parameters, "
+        f"{o.epochs2} epochs, lr {o.lr2:g}")
     try:
-        history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
-                            lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
-                            weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
-                            detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
+        history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=o.epochs1, lr1=o.lr1,
+                            lr1_step=o.lr1_step, epochs2=o.epochs2, lr2=o.lr2, momentum=o.momentum,
+                            weight_decay=o.weight_decay, eval_fn=test_metrics, folder=folder, seed=run_spec.seed,
+                            detect_anomaly=o.detect_anomaly, progress=not run_spec.quiet, resume=run_spec.resume,
                             extra_meta=checkpoint_meta(tuned, normalization=normalize,
-                                                       dataset=loaded.dataset or args.dataset))
+                                                       dataset=loaded.dataset or data_spec.name))
     except NonFiniteError as exc:
-        raise options.user_error_for_non_finite(exc) from None
+        raise user_error_for_non_finite(exc) from None
     except CheckpointError as exc:
         raise UserError(first_line(exc)) from None
     after_acc = test_metrics(tuned)["test_acc"]
-    options.save_model_file(folder.file("model.npz"), tuned, normalize,
-                            loaded.dataset or args.dataset)
-    results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-               "baseline": args.baseline, "threshold": threshold, "dataset": args.dataset, "normalize": normalize,
-               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
-               "epochs1": args.epochs1, "lr1": args.lr1, "lr1_step": args.lr1_step, "epochs2": args.epochs2,
-               "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
-               "batch_size": args.batch_size, "seed": args.seed, "device": backend.current(),
+    common.save_model_file(folder.file("model.npz"), tuned, normalize, loaded.dataset or data_spec.name)
+    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None,
+               "baseline": o.baseline, "threshold": threshold, "dataset": data_spec.name, "normalize": normalize,
+               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not o.no_augment,
+               "epochs1": o.epochs1, "lr1": o.lr1, "lr1_step": o.lr1_step, "epochs2": o.epochs2,
+               "lr2": o.lr2, "momentum": o.momentum, "weight_decay": o.weight_decay,
+               "batch_size": run_spec.batch_size, "seed": run_spec.seed, "device": backend.current(),
                "test_acc_original": original_acc, "test_acc_before": before_acc,
-               "recalibrate_bn": args.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
+               "recalibrate_bn": o.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
                "test_acc_after": after_acc,
                "learnable_params": tuned.num_parameters(),  # every Parameter; the bases are buffers
                "stored_values": stored_values(tuned),      # parameters + persistent buffers (bases included)
@@ -203,7 +192,7 @@ def run(args) -> int:
                                       title=f"fine-tuning {name}" + ("" if threshold is None else f" at t = {threshold:g}"),
                                       references={"original": original_acc})
     log(f"test accuracy: original {100 * original_acc:.2f}%, "
-        f"{'baseline start' if args.baseline else 'compressed'} {100 * before_acc:.2f}%, "
+        f"{'baseline start' if o.baseline else 'compressed'} {100 * before_acc:.2f}%, "
         f"after fine-tuning {100 * after_acc:.2f}%")
     log(f"learnable parameters {results['learnable_params']:,}, stored values {results['stored_values']:,}")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"

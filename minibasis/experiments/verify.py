@@ -11,8 +11,10 @@ from pathlib import Path
 
 import minibasis
 from minibasis import data
-from minibasis.experiments import options
+from minibasis.experiments import argtypes, options
 from minibasis.experiments.errors import UserError, first_line
+from minibasis.experiments.loading import load_data, model_argument, model_operand, normalization
+from minibasis.experiments.options import DataSpec
 
 __all__ = ["add_arguments", "run"]
 
@@ -26,8 +28,8 @@ def add_arguments(parser) -> None:
                               description="Draw random Conv2d/BasisConv2d geometries, run them forward and backward, "
                                           "and compare measured multiplications and parameter counts with the "
                                           "paper's closed forms.")
-    formulas.add_argument("--cases", type=int, default=200, help="geometries to try (default: 200)")
-    formulas.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
+    formulas.add_argument("--cases", type=argtypes.positive, default=200, help="geometries to try (default: 200)")
+    formulas.add_argument("--seed", type=argtypes.non_negative, default=0, help="seed of the search (default: 0)")
     formulas.add_argument("--no-hypothesis", action="store_true",
                           help="draw with NumPy even when hypothesis is installed (no shrinking)")
 
@@ -41,7 +43,7 @@ def add_arguments(parser) -> None:
     exactness.add_argument("--data", type=Path, default=None,
                            help="folder holding cifar-10-batches-py: the first --images test images (default: "
                                 "Gaussian inputs)")
-    exactness.add_argument("--images", type=int, default=64, help="inputs to compare on (default: 64)")
+    exactness.add_argument("--images", type=argtypes.positive, default=64, help="inputs to compare on (default: 64)")
     exactness.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=None,
                            help="normalization of the --data images (default: the model file's, else imagenet, as "
                                 "the shared akamaster ResNets were trained)")
@@ -52,10 +54,10 @@ def add_arguments(parser) -> None:
                                         "and one backward pass) and compare every conv layer's measured "
                                         "multiplications with the closed forms.")
     _add_model_argument(counts)
-    counts.add_argument("--thresholds", default="1,0.9",
+    counts.add_argument("--thresholds", type=argtypes.thresholds, default="1,0.9",
                         help="comma-separated energy thresholds to compress at (default: 1,0.9)")
-    counts.add_argument("--input-size", type=int, default=32, help="input height and width (default: 32)")
-    counts.add_argument("--in-channels", type=int, default=None,
+    counts.add_argument("--input-size", type=argtypes.positive, default=32, help="input height and width (default: 32)")
+    counts.add_argument("--in-channels", type=argtypes.positive, default=None,
                         help="input channels (default: the first conv layer's in_channels, else 3)")
 
     for parser_ in (formulas, exactness, counts):
@@ -68,62 +70,58 @@ def _add_model_argument(parser) -> None:
     parser.add_argument("model", metavar="MODEL_OR_FILE",
                         help="a zoo model name (random init, seeded by --seed) or a model file: a minibasis .npz or "
                              "a PyTorch .th/.pth checkpoint such as akamaster's resnet20-12fca82f.th")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and inputs (default: 0)")
+    parser.add_argument("--seed", type=argtypes.non_negative, default=0, help="seed of the random init and inputs (default: 0)")
 
 
-def _input_images(args, metadata):
+def _input_images(o, metadata):
     """The first ``--images`` CIFAR-10 test images of ``--data``, normalized as ``--normalize`` or the
-    model file says (:func:`options.normalization_for`); None without ``--data``."""
-    if args.data is None:
+    model file says (:func:`loading.normalization`); None without ``--data``."""
+    if o.data is None:
         return None
-    _, (x_test, _) = options.load_dataset("cifar10", args.data, num_test=args.images)
-    return data.eval_transform(options.normalization_for(args, metadata))(x_test)
+    spec = DataSpec("cifar10", o.data, o.normalize, "imagenet")
+    _, (x_test, _) = load_data(spec, num_test=o.images)
+    return data.eval_transform(normalization(spec, metadata))(x_test)
 
 
-def _model(args):
+def _model(o, seed: int):
     """``(model, metadata or None)`` of MODEL_OR_FILE (:func:`options.model_argument`); a zoo model's
     random initialization is seeded by ``--seed``."""
-    minibasis.manual_seed(args.seed)
-    return options.model_argument(options.model_operand(args.model, "MODEL_OR_FILE"))
+    minibasis.manual_seed(seed)
+    return model_argument(model_operand(o.model, "MODEL_OR_FILE"))
 
 
 def run(args) -> int:
     from minibasis import verify
-    from minibasis.experiments.options import check_positive, parse_thresholds
 
-    check_positive("--seed", args.seed, allow_zero=True)
-    if args.check == "formulas":
-        check_positive("--cases", args.cases)
-        result = verify.check_formulas(args.cases, args.seed, use_hypothesis=False if args.no_hypothesis else None)
-    elif args.check == "exactness":
-        check_positive("--images", args.images)
-        model, metadata = _model(args)
-        result = verify.check_exactness(model, _input_images(args, metadata), dtype=args.dtype,
-                                        num_inputs=args.images, seed=args.seed)
+    spec = options.verb_spec(args, "verify")
+    o, seed = spec.options, spec.run.seed
+    if o.check == "formulas":
+        result = verify.check_formulas(o.cases, seed, use_hypothesis=False if o.no_hypothesis else None)
+    elif o.check == "exactness":
+        model, metadata = _model(o, seed)
+        result = verify.check_exactness(model, _input_images(o, metadata), dtype=o.dtype,
+                                        num_inputs=o.images, seed=seed)
     else:
         from minibasis.measure import input_channels
 
-        check_positive("--input-size", args.input_size)
-        if args.in_channels is not None:
-            check_positive("--in-channels", args.in_channels)
-        thresholds = parse_thresholds(args.thresholds)
-        model, _ = _model(args)
-        channels = input_channels(model) if args.in_channels is None else args.in_channels
-        shape = (1, channels, args.input_size, args.input_size)
+        thresholds = list(o.thresholds)
+        model, _ = _model(o, seed)
+        channels = input_channels(model) if o.in_channels is None else o.in_channels
+        shape = (1, channels, o.input_size, o.input_size)
         try:
             result = verify.check_counts(model, thresholds, input_shape=shape)
         except ValueError as exc:  # the model refuses this input (channels, size)
-            raise UserError(f"{args.model} cannot run on an input of shape {shape}: {first_line(exc)}") from None
-    print(result.table(), file=sys.stderr if args.json == "-" else sys.stdout)
-    if args.json == "-":
+            raise UserError(f"{o.model} cannot run on an input of shape {shape}: {first_line(exc)}") from None
+    print(result.table(), file=sys.stderr if o.json == "-" else sys.stdout)
+    if o.json == "-":
         print(result.to_json())
-    elif args.json:
+    elif o.json:
         from minibasis.serialization import atomic_write
         try:
-            with atomic_write(args.json, "w") as f:
+            with atomic_write(o.json, "w") as f:
                 f.write(result.to_json() + "\n")
         except OSError as exc:
-            raise UserError(f"cannot write {args.json}: {exc}") from None
+            raise UserError(f"cannot write {o.json}: {exc}") from None
     if not result.passed:
-        print(f"minibasis verify {args.check}: FAILED", file=sys.stderr)
+        print(f"minibasis verify {o.check}: FAILED", file=sys.stderr)
     return 0 if result.passed else 1
