@@ -442,7 +442,7 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
     arguments such as ``depth=56``) are needed only where the file does not say; where it does,
     they must agree with it. Raises :class:`ModelFileError` for a contradiction (naming both
     values), an architecture that cannot be found, or weights that do not fit; the reader's
-    :class:`~minibasis.io.CheckpointError` / ``UnsafePickleError`` for a malformed or hostile
+    :class:`~minibasis.serialization.CheckpointError` / ``UnsafePickleError`` for a malformed or hostile
     file; ``FileNotFoundError`` for a missing one.
     """
     from minibasis.models import get_model

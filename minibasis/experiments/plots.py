@@ -3,7 +3,7 @@
 matplotlib is an optional dependency (``pip install 'minibasis[plot]'``). Without it the
 commands still write their JSON/CSV results; :func:`save_plot` returns None and the caller
 prints :data:`MISSING_MESSAGE` once. Every PNG is rendered in memory and written with
-:func:`minibasis.io.atomic_write`, so an interrupted run never leaves a truncated image.
+:func:`minibasis.serialization.atomic_write`, so an interrupted run never leaves a truncated image.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def save_plot(path: Path, draw: Callable, *args, **kwargs) -> Path | None:
     writes (the others return the path it writes).
     """
     from minibasis import distributed
-    from minibasis.io import atomic_write
+    from minibasis.serialization import atomic_write
 
     if not distributed.is_main_process():
         return Path(path)

@@ -124,7 +124,7 @@ def _load_legacy_checkpoint(data: bytes, source: str):
 def load_torch_object(path) -> Any:
     """The whole object of a ``torch.save`` file (legacy or zip), tensors as NumPy arrays.
 
-    Never imports torch; pickles go through :data:`minibasis.safe_pickle.TORCH`. Tensors
+    Never imports torch; pickles go through :data:`~minibasis.serialization.TORCH`. Tensors
     keep dtype (bfloat16 becomes float32, with a warning), shape and values; views are
     copied to contiguous arrays, and tensors sharing a storage share nothing afterwards.
     """
