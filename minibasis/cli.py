@@ -38,8 +38,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+DESCRIPTION = ("BasisConv (Tayyab & Mahalanobis): compress a CNN's convolutions into basis filters and "
+               "1x1 combinations, measure the multiplications, fine-tune, and check the paper's formulas.")
+EPILOG = """examples:
+  minibasis demo                               train, compress and measure a small CNN (seconds)
+  minibasis count paper                        the paper's four nets: parameters, filters, conv mults
+  minibasis compress --depth 20 --threshold 0.9 --evaluate
+  minibasis VERB --help                        the options of one verb"""
+
+
 def build_parser(available: dict) -> argparse.ArgumentParser:
-    parser = _Parser(prog="minibasis", description=__doc__.splitlines()[0])
+    from minibasis import __version__
+
+    parser = _Parser(prog="minibasis", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"minibasis {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, (module, help_text) in available.items():
@@ -88,7 +101,10 @@ def _run_verb(argv=None) -> int:
         print(f"minibasis {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"minibasis {args.verb}: interrupted", file=sys.stderr)
+        # The verbs that write checkpoints take --resume (the run's log records the interruption).
+        hint = "" if not hasattr(args, "resume") else (
+            "; continue with the same command" + ("" if args.resume else " plus --resume"))
+        print(f"minibasis {args.verb}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -257,6 +257,15 @@ class CompressionReport:
                    else f"num_basis Q = {self.num_basis}")
         lines = [f"compression at {setting}; multiplications per image, measured on input {self.input_shape}",
                  fmt(header), fmt(["-" * w for w in widths])]
+        unprofitable = [r for r in self.layers if not r.replaced and (r.reason or "").startswith("unprofitable")]
+        if not self.replaced and unprofitable:
+            # Said first: at t = 1 (Q = min(M, D)) no conv saves multiplications, which surprises a
+            # user who checks that t = 1 reproduces the original.
+            n, total = len(unprofitable), len(self.layers)
+            which = f"all {n}" if n == total else f"{n} of the {total}"
+            lines.insert(0, f"nothing replaced: {which} convs would need as many multiplications or "
+                            "more as BasisConv2d (unprofitable); pass skip_unprofitable=False (command line: "
+                            "--replace-all) to replace them anyway")
         lines += [fmt(row) for row in rows]
         lines.append("")
         lines.append(f"layers replaced: {len(self.replaced)} of {len(self.layers)}")

@@ -3,10 +3,15 @@ wording of :mod:`minibasis.checks` (``--epochs must be a positive integer, got 0
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from minibasis.checks import energy_threshold, int_at_least
 
-__all__ = ["positive", "non_negative", "fraction", "positive_float", "thresholds", "Thresholds"]
+__all__ = ["positive", "non_negative", "fraction", "positive_float", "thresholds", "Thresholds", "device", "output_file"]
+
+#: The devices a user chooses from ("strict", a CPU stand-in that refuses host/device mix-ups as CuPy
+#: does, is accepted too: it checks the command path for device bugs on a machine without a GPU).
+DEVICES = ("numpy", "cupy")
 
 
 def _number(text: str, kind=int):
@@ -62,3 +67,23 @@ def thresholds(text: str) -> Thresholds:
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}")
     return Thresholds(values)
+
+
+def device(text: str) -> str:
+    """An array backend name (:func:`minibasis.backend.available_backends`)."""
+    from minibasis import backend
+
+    if text not in backend.available_backends():
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(DEVICES)}, got {text!r}")
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write (``-``: standard output), refused while parsing when it is a folder or its
+    folder is missing, so a long check never ends in an unwritable report."""
+    path = Path(text)
+    if text != "-" and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name (e.g. {path / 'report.json'})")
+    if text != "-" and not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder {path.parent} does not exist")
+    return text

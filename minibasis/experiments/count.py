@@ -190,7 +190,7 @@ def add_arguments(parser) -> None:
                         help="CIFAR ResNet shortcut: A zero-padding (akamaster), B 1×1 conv + BN (bearpaw) "
                              "(default: B for resnet110, the paper's net; A otherwise)")
     parser.add_argument("--layers", action="store_true", help="also print one line per conv layer")
-    parser.add_argument("--json", metavar="PATH", default=None,
+    parser.add_argument("--json", metavar="PATH", type=argtypes.output_file, default=None,
                         help="write the full report as JSON to PATH ('-' for standard output)")
 
 

@@ -27,6 +27,7 @@ from minibasis import data
 from minibasis.experiments import argtypes, common, options, runs
 from minibasis.experiments.common import peak_memory_mib
 from minibasis.experiments.loading import load_data, load_verb_model
+from minibasis.measure import input_channels
 from minibasis.experiments.errors import UserError
 
 __all__ = ["add_arguments", "run"]
@@ -38,6 +39,20 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=256)
     parser.add_argument("--limit", type=argtypes.positive, default=None, metavar="N",
                         help="evaluate only the first N test images (default: all)")
+
+
+def compression_note(model) -> str | None:
+    """One line saying that ``model`` is compressed: its BasisConv layers (Q each) among the convs
+    and the conv multiplications per 32×32 image, measured; None for a model without BasisConv."""
+    from minibasis.measure import profile
+
+    prof = profile(model, (1, input_channels(model), 32, 32))
+    basis = [r for r in prof.rows if r.Q is not None]
+    if not basis:
+        return None
+    return (f"the model is compressed: {len(basis)} of {len(prof.rows)} convs are BasisConv2d (Q per layer "
+            f"{[r.Q for r in basis]}); conv multiplications per 32x32 image: "
+            f"{prof.totals['model_conv_mults']:,} (measured)")
 
 
 def run(args) -> int:
@@ -58,6 +73,8 @@ def run(args) -> int:
     log = folder.log if folder is not None else print
     if note := common.data_note(data_spec.name, data_spec.root):
         log(note)
+    if compressed := compression_note(model):
+        log(compressed)
     model.to(run_spec.device)
     result = evaluate(model, images, labels, batch_size=run_spec.batch_size,
                       transform=data.eval_transform(normalize), progress=not run_spec.quiet,

@@ -196,5 +196,5 @@ def run(args) -> int:
         f"after fine-tuning {100 * after_acc:.2f}%")
     log(f"learnable parameters {results['learnable_params']:,}, stored values {results['stored_values']:,}")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
-        + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
+        + (f", {plot}" if plot else f" ({plots.skip_reason(history)})"))
     return 0

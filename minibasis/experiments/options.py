@@ -19,6 +19,7 @@ from pathlib import Path
 
 from minibasis import backend, data
 from minibasis.experiments import common
+from minibasis.experiments import argtypes
 from minibasis.experiments.argtypes import Thresholds, non_negative, positive
 from minibasis.experiments.errors import UserError, first_line
 
@@ -35,9 +36,7 @@ DEFAULT_THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 def add_common_arguments(parser, *, batch_size: int = 128, seed: int = 0) -> None:
     """``--device``, ``--seed``, ``--batch-size``, ``--output``, ``--overwrite`` and ``--quiet``."""
     group = parser.add_argument_group("common options")
-    # "strict" (a CPU stand-in that refuses host/device mix-ups as CuPy does) is accepted but not
-    # listed: it checks the command path for device bugs on a machine without a GPU.
-    group.add_argument("--device", choices=backend.available_backends(), default="numpy", metavar="{numpy,cupy}",
+    group.add_argument("--device", type=argtypes.device, default="numpy", metavar="{numpy,cupy}",
                        help="array backend: numpy (CPU) or cupy (NVIDIA GPU) (default: numpy)")
     group.add_argument("--seed", type=non_negative, default=seed, help=f"random seed (default: {seed})")
     group.add_argument("--batch-size", type=positive, default=batch_size, help=f"mini-batch size (default: {batch_size})")

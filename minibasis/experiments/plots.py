@@ -12,10 +12,15 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["MISSING_MESSAGE", "PlotUnavailable", "matplotlib_pyplot", "save_plot", "plot_demo",
+__all__ = ["MISSING_MESSAGE", "skip_reason", "PlotUnavailable", "matplotlib_pyplot", "save_plot", "plot_demo",
            "plot_retained_filters", "plot_accuracy_vs_retained", "plot_training_curves", "plot_accuracy_curves"]
 
 MISSING_MESSAGE = "plots skipped: matplotlib is not installed (pip install 'minibasis[plot]')"
+
+
+def skip_reason(history) -> str:
+    """Why a training plot was not written: no epoch to draw, or :data:`MISSING_MESSAGE`."""
+    return "no training plot: no epoch was trained" if not history else MISSING_MESSAGE
 
 
 class PlotUnavailable(RuntimeError):

@@ -163,5 +163,5 @@ def run(args) -> int:
     plot = plots.plot_training_curves(folder.file("training.png"), history, title=f"training {name}")
     log(f"final test accuracy {100 * final['test_acc']:.2f}% ({conv_params:,} learnable conv parameters)")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
-        + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
+        + (f", {plot}" if plot else f" ({plots.skip_reason(history)})"))
     return 0

@@ -61,7 +61,7 @@ def add_arguments(parser) -> None:
                         help="input channels (default: the first conv layer's in_channels, else 3)")
 
     for parser_ in (formulas, exactness, counts):
-        parser_.add_argument("--json", metavar="PATH", default=None,
+        parser_.add_argument("--json", metavar="PATH", type=argtypes.output_file, default=None,
                              help="also write the result as JSON to PATH ('-': the JSON on standard output, "
                                   "the table on standard error)")
 

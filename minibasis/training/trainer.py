@@ -151,6 +151,11 @@ class Trainer:
                 last = f"; the last good state is {self.checkpoint_path}" if self.epoch and self.checkpoint_path else ""
                 self._log(f"[{self.stage}] stopped: {exc}{last}")
                 raise
+            except KeyboardInterrupt:
+                last = (f"; the checkpoint {self.checkpoint_path} holds epoch {self.epoch}"
+                        if self.epoch and self.checkpoint_path else "; no checkpoint written yet")
+                self._log(f"[{self.stage}] interrupted during epoch {self.epoch + 1}/{self.epochs}{last}")
+                raise
             if self.eval_fn is not None:
                 row.update(self.eval_fn(self.model))
             self.epoch += 1
