@@ -74,7 +74,7 @@ def test_a_bad_threshold_item_is_named(tmp_path, capsys):
 
 def test_linear_blames_the_input_width():
     layer = nn.Linear(4, 3)
-    with pytest.raises(ValueError, match=r"Linear\(4, 3\) expects input of shape \(N, 4\), got \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"Linear\(4, 3\) expects input of shape \(N, in_features\) = \(N, 4\), got \(2, 5\)"):
         layer(minibasis.tensor(np.zeros((2, 5), np.float32)))
     from minibasis import functions as F
     with pytest.raises(ValueError, match=r"the input has 5 features .* the weight \(3, 4\) expects 4"):
