@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import time
 
-from minibasis import optim
-from minibasis import data
+from minibasis import data, optim
 from minibasis.experiments import argtypes, options, runs
 from minibasis.model_files import checkpoint_meta
 from minibasis.models import demo_cnn
-from minibasis.training import NonFiniteError, Trainer, eval_metrics
+from minibasis.training import Trainer, eval_metrics
 
 __all__ = ["add_arguments", "run"]
 
@@ -41,7 +40,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from minibasis import backend, compress, data, manual_seed
+    from minibasis import backend, compress, manual_seed
 
     spec = options.verb_spec(args, "demo")
     o, run_spec = spec.options, spec.run

@@ -22,8 +22,7 @@ import platform
 import time
 from pathlib import Path
 
-from minibasis import backend
-from minibasis import data
+from minibasis import backend, data
 from minibasis.experiments import argtypes, common, options, runs
 from minibasis.experiments.common import peak_memory_mib
 from minibasis.experiments.loading import load_data, load_verb_model

@@ -31,11 +31,10 @@ from minibasis.experiments import argtypes, common, options, runs
 from minibasis.experiments.loading import load_data, load_verb_model
 from minibasis.measure import stored_values
 from minibasis.model_files import checkpoint_meta
-from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, eval_metrics, conv_weight_parameters,  # noqa: F401
-                                fine_tune, freeze_all_but, non_conv_parameters, recalibrate_batch_norm)
+from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,
+                                eval_metrics, fine_tune, non_conv_parameters, recalibrate_batch_norm)
 
-__all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
-           "non_conv_parameters", "freeze_all_but", "recalibrate_batch_norm"]
+__all__ = ["add_arguments", "run", "choose_threshold"]
 
 
 def add_arguments(parser) -> None:
@@ -103,7 +102,7 @@ def choose_threshold(model, o, log) -> float:
 
 
 def run(args) -> int:
-    from minibasis import backend, data, manual_seed
+    from minibasis import backend, manual_seed
     from minibasis.experiments import plots
 
     spec = options.verb_spec(args, "finetune")

@@ -96,7 +96,7 @@ def conv_learnable_parameters(model) -> int:
 
 
 def run(args) -> int:
-    from minibasis import backend, data, manual_seed, optim
+    from minibasis import backend, manual_seed, optim
     from minibasis.experiments import plots
 
     spec = options.verb_spec(args, "train")
