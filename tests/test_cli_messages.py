@@ -134,3 +134,48 @@ def test_compress_at_t1_says_first_that_nothing_was_replaced():
     assert "--replace-all" in first
     _, report = minibasis.compress(models.resnet_cifar(8), energy_threshold=1.0, skip_unprofitable=False)
     assert report.table().startswith("compression at energy threshold t = 1.0")
+
+
+# ---------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------
+def _figure():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    return Figure()
+
+
+def test_a_one_epoch_training_plot_draws_labelled_bars():
+    from minibasis.experiments import plots
+
+    fig = _figure()
+    plots._curves(fig, [{"train_loss": 2.25, "train_acc": 0.5, "test_acc": 0.25}], "training", None)
+    loss_ax, acc_ax = fig.axes
+    assert len(loss_ax.patches) == 1 and len(acc_ax.patches) == 2
+    assert [t.get_text() for t in acc_ax.texts] == ["50.00 %", "25.00 %"]
+
+
+def test_reference_lines_and_stage_lines_carry_their_labels():
+    from minibasis.experiments import plots
+
+    fig = _figure()
+    history = [{"stage": "step1", "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.4},
+               {"stage": "step2", "train_loss": 0.9, "train_acc": 0.6, "test_acc": 0.5}]
+    plots._curves(fig, history, "fine-tuning", {"original": 0.8125, "compressed, before fine-tuning": 0.125})
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "original (81.25 %)" in legend and "compressed, before fine-tuning (12.50 %)" in legend
+    assert any(t.get_text() == "step2 →" for t in fig.axes[0].texts)
+    fig = _figure()
+    plots._accuracy_curves(fig, {"run": [(1, 0.5)]}, {"paper": 0.9}, "t", "epoch", ())
+    assert "paper (90.00 %)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_compare_reads_the_conv_mults_of_a_finetune_run():
+    from types import SimpleNamespace
+
+    from minibasis.experiments.compare import summary_row
+
+    history = SimpleNamespace(results={"compression": {"totals": {"conv_mults_after": 1234}}}, best_test_acc=None,
+                              rows=[], path="run", finished=True, stages=[("step1", 1)], epochs=1,
+                              final_test_acc=0.5, seconds=3600)
+    assert summary_row("ft", history)["conv_mults"] == 1234

@@ -55,6 +55,7 @@ def summary_row(label: str, history) -> dict:
     best = history.best_test_acc
     speeds = [row["images_per_s"] for row in history.rows if isinstance(row.get("images_per_s"), (int, float))]
     compression = results.get("compression") or {}
+    compression = compression.get("totals", compression)   # finetune's results hold the report's totals
     return {"run": label, "folder": str(history.path), "finished": history.finished,
             "stages": " + ".join(f"{stage} {count}" for stage, count in history.stages),
             "epochs": history.epochs, "final_test_acc": history.final_test_acc,

@@ -188,8 +188,11 @@ def run(args) -> int:
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
     plot = plots.plot_training_curves(folder.file("finetune.png"), history,
-                                      title=f"fine-tuning {name}" + ("" if threshold is None else f" at t = {threshold:g}"),
-                                      references={"original": original_acc})
+                                      title=f"fine-tuning {name}" + ("" if threshold is None else f" at t = {threshold:g}")
+                                      + f"; test accuracy on {len(y_test):,} {data_spec.name} test images",
+                                      references={"original": original_acc,
+                                                  "baseline start" if o.baseline else "compressed, before fine-tuning":
+                                                      before_acc})
     log(f"test accuracy: original {100 * original_acc:.2f}%, "
         f"{'baseline start' if o.baseline else 'compressed'} {100 * before_acc:.2f}%, "
         f"after fine-tuning {100 * after_acc:.2f}%")

@@ -148,33 +148,51 @@ def _wrapped(title: str, width: int) -> str:
     return "\n".join(textwrap.wrap(title, width)) if title else title
 
 
+def _one_epoch(loss_ax, acc_ax, row: dict):
+    """A single epoch as bars with their values (two lone dots would say nothing)."""
+    bars = loss_ax.bar(["training loss"], [row["train_loss"]], color="C0")
+    loss_ax.bar_label(bars, fmt="%.4f")
+    labels, values = ["train"], [100 * row["train_acc"]]
+    if "test_acc" in row:
+        labels, values = labels + ["test"], values + [100 * row["test_acc"]]
+    acc_ax.bar_label(acc_ax.bar(labels, values, color=["C0", "C1"][:len(values)]), fmt="%.2f %%")
+    loss_ax.set_xlabel("epoch 1 (the only one)")
+    acc_ax.set_xlabel("epoch 1 (the only one)")
+
+
 def _curves(fig, history: Sequence[dict], title: str, references: dict | None):
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for label, value in (references or {}).items():
-        acc_ax.axhline(100 * value, ls=":", color="gray")
-        acc_ax.annotate(label, (1, 100 * value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="gray")
+    for i, (label, value) in enumerate((references or {}).items()):
+        acc_ax.axhline(100 * value, ls=":", color=f"C{i + 2}", label=f"{label} ({100 * value:.2f} %)")
+    loss_ax.set_ylabel("training loss")
+    acc_ax.set_ylabel("accuracy (%)")
+    loss_ax.grid(alpha=0.3)
+    acc_ax.grid(alpha=0.3)
+    fig.suptitle(_wrapped(title, 110))
+    if len(history) == 1:
+        _one_epoch(loss_ax, acc_ax, history[0])
+        if references:
+            acc_ax.legend(fontsize=8)
+        return
     x = list(range(1, len(history) + 1))
     loss_ax.plot(x, [r["train_loss"] for r in history], "o-")
     loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("training loss")
-    loss_ax.grid(alpha=0.3)
     acc_ax.plot(x, [100 * r["train_acc"] for r in history], "o-", label="train")
     if any("test_acc" in r for r in history):
         acc_ax.plot([i for i, r in zip(x, history) if "test_acc" in r],
                     [100 * r["test_acc"] for r in history if "test_acc" in r], "s-", label="test")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("accuracy (%)")
     for ax in (loss_ax, acc_ax):
         ax.xaxis.get_major_locator().set_params(integer=True)
-    acc_ax.grid(alpha=0.3)
-    acc_ax.legend()
-    # Stage boundaries (fine-tuning's step 1 → step 2).
+    # Stage boundaries (fine-tuning's step 1 → step 2), labelled with the stage that starts.
     stages = [r.get("stage") for r in history]
     for i in range(1, len(stages)):
         if stages[i] != stages[i - 1]:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(i + 0.5, color="gray", ls=":")
-    fig.suptitle(_wrapped(title, 110))
+                ax.annotate(f"{stages[i]} →", (i + 0.5, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                            textcoords="offset points", fontsize=8, color="gray")
+    acc_ax.legend(fontsize=8)
 
 
 def plot_training_curves(path: Path, history: Sequence[dict], title: str = "training",
@@ -193,7 +211,7 @@ def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: st
     for label, points in curves.items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
     for i, (label, value) in enumerate(references.items()):
-        ax.axhline(100 * value, ls=":", color=f"C{len(curves) + i}", label=label)
+        ax.axhline(100 * value, ls=":", color=f"C{len(curves) + i}", label=f"{label} ({100 * value:.2f} %)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.xaxis.get_major_locator().set_params(integer=True)

@@ -160,7 +160,9 @@ def run(args) -> int:
                "test_acc": final["test_acc"], "test_loss": final["test_loss"], "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
-    plot = plots.plot_training_curves(folder.file("training.png"), history, title=f"training {name}")
+    plot = plots.plot_training_curves(folder.file("training.png"), history,
+                                      title=f"training {name}; test accuracy on {len(y_test):,} "
+                                            f"{data_spec.name} test images")
     log(f"final test accuracy {100 * final['test_acc']:.2f}% ({conv_params:,} learnable conv parameters)")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
         + (f", {plot}" if plot else f" ({plots.skip_reason(history)})"))
