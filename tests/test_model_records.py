@@ -148,3 +148,14 @@ def test_a_training_checkpoint_feeds_every_verb_that_takes_a_model(build, tmp_pa
     counted = json.loads((tmp_path / "count.json").read_text())["models"][0]
     assert counted["conv_mults_measured"] == counted["conv_mults_formula"]
     assert main(["verify", "counts", str(checkpoint), "--thresholds", "1"]) == 0
+
+
+def test_the_demos_checkpoint_and_model_evaluate(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--epochs", "1", "--num-train", "32", "--num-test", "16", "--thresholds", "1",
+                 "--output", str(out), "--quiet"]) == 0
+    model, meta = minibasis.load_model(out / "checkpoint-train.npz")
+    assert model.architecture["name"] == "demo_cnn" and meta.normalization == "none"
+    assert main(["eval", "--checkpoint", str(out / "checkpoint-train.npz"), "--dataset", "synthetic",
+                 "--limit", "8", "--output", str(tmp_path / "eval.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model"] == "demo_cnn"

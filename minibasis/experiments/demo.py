@@ -94,7 +94,7 @@ def run(args) -> int:
     folder.write_json("results.json", results)
     folder.write_csv("results.csv", [{k: v for k, v in r.items() if k != "per_layer"} for r in rows])
     from minibasis.experiments import plots
-    plot = plots.plot_demo(folder.file("demo.png"), rows, baseline_acc=baseline)
+    plot = plots.plot_demo(folder.file("demo.png"), rows, baseline_acc=baseline, test_images=len(y_test))
     mismatches = [r["threshold"] for r in rows if r["conv_mults_measured"] != r["conv_mults_formula"]]
     log("measured conv multiplications equal the formula at every threshold" if not mismatches
         else f"WARNING: measured and formula counts differ at t = {mismatches}")

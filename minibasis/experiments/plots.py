@@ -71,30 +71,34 @@ def save_plot(path: Path, draw: Callable, *args, **kwargs) -> Path | None:
 # ---------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------
-def _demo(fig, rows: Sequence[dict], baseline_acc: float | None):
+def _demo(fig, rows: Sequence[dict], baseline_acc: float | None, test_images: int | None):
     t = [r["threshold"] for r in rows]
     left, right = fig.subplots(1, 2)
     left.plot(t, [100 * r["mult_ratio_measured"] for r in rows], "o-", label="measured")
-    left.plot(t, [100 * r["mult_ratio_formula"] for r in rows], "x--", label="formula Σ(QD + MQ)·Ho·Wo")
+    left.plot(t, [100 * r["mult_ratio_formula"] for r in rows], "x--", label="formula: Σ (QD + MQ)·Ho·Wo over replaced convs\n+ Σ MD·Ho·Wo over kept ones")
     left.set_xlabel("energy threshold t")
     left.set_ylabel("conv multiplications (% of original)")
     left.invert_xaxis()
     left.grid(alpha=0.3)
-    left.legend()
-    right.plot(t, [100 * r["test_acc"] for r in rows], "o-", color="C2", label="compressed")
+    left.legend(fontsize=8)
+    right.plot(t, [100 * r["test_acc"] for r in rows], "o-", color="C2", label="compressed, before fine-tuning")
     if baseline_acc is not None:
         right.axhline(100 * baseline_acc, color="gray", ls=":", label="original")
     right.set_xlabel("energy threshold t")
-    right.set_ylabel("test accuracy (%)")
+    right.set_ylabel("test accuracy (%)" + ("" if test_images is None else f", {test_images:,} test images"))
     right.invert_xaxis()
     right.grid(alpha=0.3)
-    right.legend()
+    right.legend(fontsize=8)
+    # Each t keeps a different set of directions and nothing is retrained, so accuracy need not
+    # fall step by step as t falls; said on the figure so a reader does not take it for noise.
+    right.set_title("not retrained: accuracy need not fall monotonically with t", fontsize=8)
     fig.suptitle("minibasis demo: compression of a small CNN (synthetic data)")
 
 
-def plot_demo(path: Path, rows: Sequence[dict], baseline_acc: float | None = None) -> Path | None:
+def plot_demo(path: Path, rows: Sequence[dict], baseline_acc: float | None = None,
+              test_images: int | None = None) -> Path | None:
     """Measured vs formula conv multiplications, and accuracy, against the threshold."""
-    return save_plot(path, _demo, rows, baseline_acc, figsize=(10, 4.2))
+    return save_plot(path, _demo, rows, baseline_acc, test_images, figsize=(10, 4.2))
 
 
 def _series(rows: Sequence[dict], key: str = "model"):
@@ -124,7 +128,7 @@ def plot_retained_filters(path: Path, rows: Sequence[dict]) -> Path | None:
     return save_plot(path, _retained, rows)
 
 
-def _accuracy(fig, rows: Sequence[dict]):
+def _accuracy(fig, rows: Sequence[dict], test_images: int | None = None):
     ax = fig.subplots()
     for name, group in _series(rows).items():
         ax.plot([r["retained_filters_pct"] for r in group], [100 * r["test_acc"] for r in group], "o-", label=name)
@@ -132,15 +136,16 @@ def _accuracy(fig, rows: Sequence[dict]):
             ax.annotate(f"{r['threshold']:g}", (r["retained_filters_pct"], 100 * r["test_acc"]),
                         textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xlabel("retained filters (% of the original)")
-    ax.set_ylabel("test accuracy before fine-tuning (%)")
+    ax.set_ylabel("test accuracy before fine-tuning (%)"
+                  + ("" if test_images is None else f"\n{test_images:,} test images"))
     ax.set_title("Accuracy vs retained filters (labels: t)")
     ax.grid(alpha=0.3)
     ax.legend()
 
 
-def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict]) -> Path | None:
+def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict], test_images: int | None = None) -> Path | None:
     """Test accuracy (before fine-tuning) against the percentage of retained filters."""
-    return save_plot(path, _accuracy, rows)
+    return save_plot(path, _accuracy, rows, test_images)
 
 
 def _wrapped(title: str, width: int) -> str:

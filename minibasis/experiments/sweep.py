@@ -123,7 +123,7 @@ def run(args) -> int:
     results["complete"] = True
     write(rows)
     written = [plots.plot_retained_filters(folder.file("retained_filters.png"), rows),
-               plots.plot_accuracy_vs_retained(folder.file("accuracy_vs_retained.png"), rows)]
+               plots.plot_accuracy_vs_retained(folder.file("accuracy_vs_retained.png"), rows, len(y_test))]
     log(f"wrote {folder.file('sweep.json')}, {folder.file('sweep.csv')}"
         + (", " + ", ".join(str(p) for p in written) if all(written) else f" ({plots.MISSING_MESSAGE})"))
     log(f"done in {results['seconds']} s")
