@@ -10,7 +10,10 @@ otherwise; no graph), and the bench reports, compressed / original:
   paper's convention) and the ratio of all measured multiplications;
 * the wall-clock ratio of the evaluation: original and compressed runs are
   interleaved, ``--repeats`` times each, and the best of each is kept;
-* top-1 accuracy on the batch (real images only) and agreement with the original.
+* top-1 accuracy on the batch (real images only) and agreement with the original;
+* the same ratios for the deployed form (``minibasis.deploy``: BatchNorm folded, each conv fused
+  with its ReLU and residual add, inference only) of both networks, timed in the same
+  interleaved rounds, with the deployed outputs' largest difference from the unfused ones.
 
 Target (issue 13): wall-clock ratio ≤ 1.15 × multiplication ratio at every t in
 0.95 … 0.7 (issue 6 asked ≤ 1.25× wherever the multiplication ratio is ≤ 0.6).
@@ -159,6 +162,10 @@ def main(argv=None) -> int:
 
     base_counts, base_out = counted(original)
     base_conv, base_rest = conv_split(original, evaluate(original), args.repeats, sync)
+    deployed_original = mb.deploy(model)
+    deployed_base_counts, _ = counted(deployed_original)
+    deployed_base_conv, deployed_base_rest = conv_split(deployed_original, evaluate(deployed_original),
+                                                        args.repeats, sync)
     base_accuracy = None if labels is None else float((base_out.argmax(1) == labels).mean())
     rows = []
     for t in args.thresholds:
@@ -167,7 +174,11 @@ def main(argv=None) -> int:
         if args.fuse_bn:
             compressed = mb.fuse_batch_norm(compressed)
         counts, out = counted(compressed)
-        best = interleaved_best({"original": evaluate(original), "compressed": evaluate(compressed)}, args.repeats, sync)
+        deployed = mb.deploy(compressed)
+        deployed_counts, deployed_out = counted(deployed)
+        best = interleaved_best({"original": evaluate(original), "compressed": evaluate(compressed),
+                                 "deployed_original": evaluate(deployed_original),
+                                 "deployed_compressed": evaluate(deployed)}, args.repeats, sync)
         row = {
             "threshold": t,
             "layers_replaced": sum(1 for layer in report.layers if layer.replaced),
@@ -189,10 +200,28 @@ def main(argv=None) -> int:
                    rest_share_original=base_rest / (base_conv + base_rest))
         row["target_applies"] = TARGET_THRESHOLDS[0] <= t <= TARGET_THRESHOLDS[1]
         row["target_met"] = (row["time_ratio"] <= TARGET_SLACK * row["mult_ratio"]) if row["target_applies"] else None
+        deployed_conv, deployed_rest = conv_split(deployed, evaluate(deployed), args.repeats, sync)
+        mult_ratio = deployed_counts.conv / deployed_base_counts.conv
+        time_ratio = best["deployed_compressed"] / best["deployed_original"]
+        row["deployed"] = {
+            "conv_mults_original": deployed_base_counts.conv, "conv_mults_compressed": deployed_counts.conv,
+            "all_mults_original": deployed_base_counts.total, "all_mults_compressed": deployed_counts.total,
+            "mult_ratio": mult_ratio, "total_mult_ratio": deployed_counts.total / deployed_base_counts.total,
+            "seconds_original": best["deployed_original"], "seconds_compressed": best["deployed_compressed"],
+            "time_ratio": time_ratio, "time_over_mult_ratio": time_ratio / mult_ratio,
+            "speedup_over_unfused": best["compressed"] / best["deployed_compressed"],
+            "conv_seconds_original": deployed_base_conv, "rest_seconds_original": deployed_base_rest,
+            "conv_seconds_compressed": deployed_conv, "rest_seconds_compressed": deployed_rest,
+            "conv_time_ratio": deployed_conv / deployed_base_conv,
+            "conv_time_over_mult_ratio": deployed_conv / deployed_base_conv / mult_ratio,
+            "rest_share_original": deployed_base_rest / (deployed_base_conv + deployed_base_rest),
+            "max_abs_difference_from_unfused": float(numpy.abs(deployed_out - out).max()),
+            "target_met": (time_ratio <= TARGET_SLACK * mult_ratio) if row["target_applies"] else None,
+        }
         rows.append(row)
-        print(f"  t={t}: mult ratio {row['mult_ratio']:.3f}, time ratio {row['time_ratio']:.3f}",
-              file=sys.stderr, flush=True)
-        del compressed
+        print(f"  t={t}: mult ratio {row['mult_ratio']:.3f}, time ratio {row['time_ratio']:.3f}, "
+              f"deployed {row['deployed']['time_ratio']:.3f}", file=sys.stderr, flush=True)
+        del compressed, deployed
     common.finish_environment(env)
 
     split = [[r["threshold"], r["mult_ratio"], r["conv_seconds_original"] * 1e3, r["conv_seconds_compressed"] * 1e3,
@@ -211,6 +240,15 @@ def main(argv=None) -> int:
     print("\nInside the conv layers vs everything else (forward hooks on the conv layers, fastest hooked run):")
     print(common.format_table(["threshold", "conv mult ratio", "orig conv ms", "comp conv ms", "conv time ratio",
                                "conv time/mult", "orig rest ms", "comp rest ms", "rest share (orig)"], split))
+    deployed_table = [[r["threshold"], d["mult_ratio"], d["seconds_original"] * 1e3, d["seconds_compressed"] * 1e3,
+                       d["time_ratio"], d["time_over_mult_ratio"], d["conv_time_over_mult_ratio"],
+                       d["rest_share_original"], d["speedup_over_unfused"], d["max_abs_difference_from_unfused"],
+                       ("met" if d["target_met"] else "MISSED") if r["target_applies"] else "n/a"]
+                      for r in rows for d in [r["deployed"]]]
+    print("\nDeployed form (minibasis.deploy of the original and of each compressed network), same rounds:")
+    print(common.format_table(["threshold", "conv mult ratio", "orig ms", "comp ms", "time ratio", "time/mult",
+                               "conv time/mult", "rest share (orig)", "x unfused", "max |diff|",
+                               f"time<={TARGET_SLACK}x mult"], deployed_table))
     print(common.describe_environment(env))
     common.write_json(args.output, {"benchmark": "basisconv", "device": args.device, "repeats": args.repeats,
                                     "batch": args.batch, "inputs": source, "fuse_bn": args.fuse_bn, "original_top1_accuracy": base_accuracy,

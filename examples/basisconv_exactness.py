@@ -48,7 +48,7 @@ def single_layer() -> None:
 
 
 def conv_params(model) -> int:
-    return sum(p.size for layer in model.modules() if isinstance(layer, (nn.Conv2d, nn.BasisConv2d))
+    return sum(p.numel() for layer in model.modules() if isinstance(layer, (nn.Conv2d, nn.BasisConv2d))
                for name, p in layer.named_parameters() if not name.startswith("bn."))
 
 

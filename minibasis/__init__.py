@@ -18,6 +18,7 @@ from minibasis.counting import count_mults
 from minibasis.host_memory import get_memory_retention, set_memory_retention
 from minibasis.parallel import get_num_threads, set_num_threads
 from minibasis import functions, nn, optim
+from minibasis.functions.chunking import chunk_sizes
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,9 @@ def __getattr__(name):
     if name == "summary":
         from minibasis.model_summary import summary
         return summary
+    if name == "deploy":
+        from minibasis.deployment import deploy
+        return deploy
     if name == "fuse_batch_norm":
         from minibasis.fusion import fuse_batch_norm
         return fuse_batch_norm
@@ -47,5 +51,5 @@ def __getattr__(name):
 
 
 __all__ = ["backend", "use", "to_numpy", "manual_seed", "Tensor", "Function", "tensor", "no_grad", "gradcheck",
-           "count_mults", "set_num_threads", "get_num_threads", "set_memory_retention", "get_memory_retention", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm",
+           "count_mults", "set_num_threads", "get_num_threads", "chunk_sizes", "set_memory_retention", "get_memory_retention", "functions", "nn", "optim", "compress", "summary", "fuse_batch_norm", "deploy",
            "save_model", "load_model", "ModelMetadata", "ModelFileError"]

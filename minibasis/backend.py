@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy
 
 __all__ = [
-    "xp", "use", "current", "get_array_module", "is_host_array", "to_numpy", "asarray", "to_backend", "as_strided",
+    "xp", "use", "current", "get_array_module", "backend_of", "device_backend", "is_host_array", "to_numpy", "asarray", "to_backend", "as_strided",
     "register_backend", "available_backends", "default_dtype",
     "matmul", "tensordot", "einsum", "mul", "set_mult_recorder",
     "manual_seed", "host_rng", "random_uniform", "random_normal",
@@ -121,6 +121,26 @@ def get_array_module(*arrays) -> Any:
     if any(isinstance(a, numpy.ndarray) for a in arrays):
         return numpy
     return xp
+
+
+def backend_of(array) -> str:
+    """The name of the loaded backend that owns ``array`` ("numpy" for anything else)."""
+    for backend in _LOADED.values():
+        if backend.name != "numpy" and isinstance(array, backend.array_types):
+            return backend.name
+    return "numpy"
+
+
+#: PyTorch's device names, read as the backend that plays their part.
+DEVICE_ALIASES = {"cpu": "numpy", "cuda": "cupy"}
+
+
+def device_backend(name) -> str | None:
+    """The backend that ``name`` names (a backend name, or "cpu"/"cuda"); None if it names none."""
+    if not isinstance(name, str):
+        return None
+    name = DEVICE_ALIASES.get(name, name)
+    return name if name in _LOADERS else None
 
 
 def is_host_array(array) -> bool:

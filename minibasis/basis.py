@@ -27,7 +27,7 @@ from minibasis import backend
 from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
 
 __all__ = [
-    "EigenBasis", "eigen_basis", "filter_matrix", "basis_as_filters",
+    "EigenBasis", "eigen_basis", "energy_ratios", "basis_count", "filter_matrix", "basis_as_filters",
     "random_orthonormal_basis", "filter_correlation", "relative_error",
     "expected_relative_error", "random_basis_error_bounds", "best_random_basis",
 ]
@@ -173,6 +173,26 @@ def _singular_value_decomposition(F: np.ndarray):
         return scipy.linalg.svd(F, full_matrices=False, lapack_driver="gesvd")
 
 
+def energy_ratios(eigenvalues) -> np.ndarray:
+    """Cumulative energy fractions sum(λ[:q]) / sum(λ) for q = 1..D, of descending eigenvalues (D,).
+
+    Dividing by the last cumulative sum (not a separate sum) makes the final ratio 1.0
+    exactly, so any t <= 1 is reached within the D vectors.
+    """
+    cumulative = np.cumsum(np.asarray(eigenvalues, dtype=np.float64))
+    return cumulative / cumulative[-1]
+
+
+def basis_count(ratios, rank: int, energy_threshold) -> int:
+    """Q at threshold t: the smallest count whose energy ratio reaches t, never more than ``rank``.
+
+    ``ratios`` are :func:`energy_ratios`; the test is ``ratio >= t - ENERGY_TOLERANCE``
+    (see :data:`ENERGY_TOLERANCE`), so t = 1 keeps exactly the numerical rank.
+    """
+    q = int(np.searchsorted(ratios, float(energy_threshold) - ENERGY_TOLERANCE, side="left")) + 1
+    return min(q, int(rank))
+
+
 def eigen_basis(weight, energy_threshold=None, num_basis=None) -> EigenBasis:
     """Eigen filters of a trained convolution weight, truncated by energy or by count.
 
@@ -235,16 +255,8 @@ def eigen_basis(weight, energy_threshold=None, num_basis=None) -> EigenBasis:
 
     eigenvalues = np.zeros(d)
     eigenvalues[: sigma.size] = np.maximum(sigma, 0.0) ** 2
-    cumulative = np.cumsum(eigenvalues)
-    # Dividing by the last cumulative sum (not a separate sum) makes the final ratio 1.0
-    # exactly, so any t <= 1 is reached within min(D, M) vectors.
-    ratios = cumulative / cumulative[-1]
-
-    if energy_threshold is not None:
-        q = int(np.searchsorted(ratios, float(energy_threshold) - ENERGY_TOLERANCE, side="left")) + 1
-        q = min(q, rank)
-    else:
-        q = int(num_basis)
+    ratios = energy_ratios(eigenvalues)
+    q = basis_count(ratios, rank, energy_threshold) if energy_threshold is not None else int(num_basis)
 
     V = U[:, :q].copy()
     # Deterministic signs: the largest-|.| entry of each column positive.

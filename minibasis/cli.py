@@ -3,7 +3,9 @@
 Each verb lives in ``minibasis/experiments/<module>.py`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``. Errors that a user can fix
 (missing data, a checkpoint that does not fit, a bad option) are printed as one
-line on stderr with exit code 2, never as a traceback.
+line on stderr with exit code 2, never as a traceback. A write that finds no room (a full
+disk, a quota, a file-size limit) ends with one line naming the file and the run's last
+complete checkpoint, and exit code 74 (``EX_IOERR`` of sysexits.h).
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import importlib
 import sys
 
 from minibasis.experiments.errors import UserError, first_line
+
+EXIT_USAGE = 2          # an error the user can fix: bad option, missing data, a folder in use
+EXIT_WRITE_FAILED = 74  # no room to write (ENOSPC, EFBIG, EDQUOT, EROFS): sysexits.h's EX_IOERR
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 # verb -> (module under minibasis.experiments, one-line help)
 VERBS = {
@@ -23,6 +29,7 @@ VERBS = {
     "train": ("train", "train a zoo model from scratch, optionally with fixed random bases"),
     "eval": ("evaluate", "evaluate a model and checkpoint on a test set"),
     "compare": ("compare", "several runs' test accuracy per epoch side by side, with reference lines"),
+    "export": ("export", "write a model file as ONNX (checked in onnxruntime) or safetensors"),
     "verify": ("verify", "check the paper's formulas and the exactness of t = 1 against what executes"),
 }
 
@@ -81,11 +88,17 @@ def main(argv=None) -> int:
     from minibasis import distributed
     if distributed.launched_by_mpi():
         distributed.init()
-        return distributed.finalize(_run_verb(argv))
-    return _run_verb(argv)
+        code, on_every_rank = _run_verb(argv)
+        return distributed.finalize(code, on_every_rank)
+    return _run_verb(argv)[0]
 
 
-def _run_verb(argv=None) -> int:
+def _run_verb(argv=None) -> tuple[int, bool]:
+    """The verb's exit status, and whether every rank ends with it (an error that rank 0 decided
+    for all of them under mpirun: then only rank 0 prints it)."""
+    from minibasis import distributed
+    from minibasis.experiments import runs
+
     available = _available_verbs()
     parser = build_parser(available)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -93,22 +106,34 @@ def _run_verb(argv=None) -> int:
         args = parser.parse_args(argv, namespace=argparse.Namespace(_argv=argv))  # argv is recorded in config.json
     except SystemExit as exc:
         if exc.code == 2 and argv and argv[0] in available:
-            return 2   # a usage error of a verb, already printed on one line
+            return EXIT_USAGE, False   # a usage error of a verb, already printed on one line
         raise
+
+    def error(message: str, code: int, exc: BaseException | None = None) -> tuple[int, bool]:
+        on_every_rank = bool(getattr(exc, "on_every_rank", False))
+        if not on_every_rank or distributed.is_main_process():
+            print(f"minibasis {args.verb}: error: {message}", file=sys.stderr)
+        return code, on_every_rank
+
     try:
-        return int(args._module.run(args) or 0)
+        return int(args._module.run(args) or 0), False
     except (UserError, FileNotFoundError) as exc:
-        print(f"minibasis {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc), EXIT_USAGE, exc)
+    except OSError as exc:
+        message = runs.write_failure_message(exc)
+        if message is None:
+            raise
+        return error(message, EXIT_WRITE_FAILED, exc)
     except KeyboardInterrupt:
         # The verbs that write checkpoints take --resume (the run's log records the interruption).
         hint = "" if not hasattr(args, "resume") else (
             "; continue with the same command" + ("" if args.resume else " plus --resume"))
         print(f"minibasis {args.verb}: interrupted{hint}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED, False
 
 
-__all__ = ["main", "build_parser", "VERBS", "UserError", "first_line"]
+__all__ = ["main", "build_parser", "VERBS", "UserError", "first_line", "EXIT_USAGE", "EXIT_WRITE_FAILED",
+           "EXIT_INTERRUPTED"]
 
 if __name__ == "__main__":
     sys.exit(main())

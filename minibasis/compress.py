@@ -27,12 +27,13 @@ import types
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from minibasis import formulas
+from minibasis import allocation as allocation_module, basis as basis_math, formulas
 from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
 from minibasis.measure import check_input_shape, profile
+from minibasis.allocation import BudgetError
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
-__all__ = ["compress", "compressible", "copy_module", "CompressionReport", "LayerReport"]
+__all__ = ["compress", "compressible", "copy_module", "CompressionReport", "LayerReport", "BudgetError"]
 
 
 def copy_module(module: Module) -> Module:
@@ -147,6 +148,16 @@ class CompressionReport:
     formula_mults_before: int = 0
     formula_mults_after: int = 0
     excluded: list[LayerReport] = field(default_factory=list)
+    target_mult_ratio: float | None = None   # the budget, when Q was chosen under one
+    allocation: str | None = None            # "uniform" or "greedy" under a budget
+
+    @property
+    def energy_kept(self) -> float | None:
+        """Mean over the layers considered of the energy fraction kept (1 for a conv kept as it is):
+        the objective an allocation under a budget is judged by (:mod:`minibasis.allocation`)."""
+        if not self.layers:
+            return None
+        return sum(row.energy if row.replaced else 1.0 for row in self.layers) / len(self.layers)
 
     @property
     def mult_ratio(self) -> float | None:
@@ -177,6 +188,8 @@ class CompressionReport:
     def to_dict(self) -> dict:
         return {
             "energy_threshold": self.energy_threshold, "num_basis": self.num_basis,
+            "target_mult_ratio": self.target_mult_ratio, "allocation": self.allocation,
+            "energy_kept": self.energy_kept,
             "skip_unprofitable": self.skip_unprofitable, "input_shape": list(self.input_shape),
             "per_image": True,
             "layers": [row.to_dict() for row in self.layers],
@@ -253,8 +266,14 @@ class CompressionReport:
         def ratio(value):
             return dash if value is None else f"{value:.4f}"
 
-        setting = (f"energy threshold t = {self.energy_threshold}" if self.energy_threshold is not None
-                   else f"num_basis Q = {self.num_basis}")
+        if self.allocation is not None:
+            setting = (f"a measured budget of {self.target_mult_ratio:g} of the conv multiplications, "
+                       f"{self.allocation} allocation"
+                       + ("" if self.energy_threshold is None else f" (t = {self.energy_threshold:.6g})"))
+        elif self.energy_threshold is not None:
+            setting = f"energy threshold t = {self.energy_threshold}"
+        else:
+            setting = f"num_basis Q = {self.num_basis}"
         lines = [f"compression at {setting}; multiplications per image, measured on input {self.input_shape}",
                  fmt(header), fmt(["-" * w for w in widths])]
         unprofitable = [r for r in self.layers if not r.replaced and (r.reason or "").startswith("unprofitable")]
@@ -268,7 +287,8 @@ class CompressionReport:
                             "--replace-all) to replace them anyway")
         lines += [fmt(row) for row in rows]
         lines.append("")
-        lines.append(f"layers replaced: {len(self.replaced)} of {len(self.layers)}")
+        lines.append(f"layers replaced: {len(self.replaced)} of {len(self.layers)}; mean energy kept over "
+                     f"the layers considered {ratio(self.energy_kept)}")
         lines.append(f"conv multiplications (whole model): {self.conv_mults_before:,} -> {self.conv_mults_after:,} "
                      f"(ratio {ratio(self.mult_ratio)}; formula {self.formula_mults_before:,} -> "
                      f"{self.formula_mults_after:,})")
@@ -287,14 +307,31 @@ def compressible(model: Module) -> bool:
     return any(isinstance(m, Conv2d) for m in model.modules())
 
 
-def _check_settings(energy_threshold, num_basis) -> None:
-    if (energy_threshold is None) == (num_basis is None):
-        raise ValueError("give exactly one of energy_threshold and num_basis, got "
-                         f"energy_threshold={energy_threshold!r}, num_basis={num_basis!r}")
+def _check_settings(energy_threshold, num_basis, target_mult_ratio=None, allocation="uniform",
+                    thresholds=None) -> None:
+    given = [name for name, value in (("energy_threshold", energy_threshold), ("num_basis", num_basis),
+                                      ("target_mult_ratio", target_mult_ratio)) if value is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of energy_threshold, num_basis and target_mult_ratio, got "
+                         f"energy_threshold={energy_threshold!r}, num_basis={num_basis!r}, "
+                         f"target_mult_ratio={target_mult_ratio!r}")
     if energy_threshold is not None:
         check_energy_threshold(energy_threshold)
     if num_basis is not None:
         positive_int("num_basis", num_basis)
+    if allocation not in allocation_module.ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {allocation_module.ALLOCATIONS}, got {allocation!r}")
+    if target_mult_ratio is None and (allocation != "uniform" or thresholds is not None):
+        raise ValueError("allocation and thresholds choose Q under a budget: they need target_mult_ratio")
+    if target_mult_ratio is not None:
+        check_energy_threshold(target_mult_ratio, name="target_mult_ratio")  # a fraction in (0, 1] too
+    if thresholds is not None:
+        if allocation != "uniform":
+            raise ValueError("thresholds is the grid of the uniform allocation; greedy chooses Q per layer")
+        if isinstance(thresholds, (str, bytes)) or not len(thresholds):
+            raise ValueError(f"thresholds must be a non-empty sequence of t in (0, 1], got {thresholds!r}")
+        for t in thresholds:
+            check_energy_threshold(t, name="thresholds")
 
 
 def _select_convs(model: Module, layers) -> list[tuple[str, Conv2d]]:
@@ -344,7 +381,8 @@ def _fill_measurements(row: LayerReport, before, after) -> None:
 
 
 def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = True, layers=None,
-             num_basis=None, input_shape=(1, 3, 32, 32)):
+             num_basis=None, input_shape=(1, 3, 32, 32), *, target_mult_ratio=None, allocation: str = "uniform",
+             thresholds=None):
     """Replace ``Conv2d`` layers by ``BasisConv2d.from_conv``; return ``(new_model, report)``.
 
     Args:
@@ -355,25 +393,85 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
         skip_unprofitable: keep a conv as it is when Q/M + Q/D ≥ 1 (BasisConv would need at
             least as many multiplications).
         layers: module paths (as in ``named_modules()``) of the convs to consider; default all.
-        num_basis: Q for every selected layer instead of a threshold (exactly one of the two);
-            it must not exceed min(D, M) of any selected layer.
+        num_basis: Q for every selected layer instead of a threshold; it must not exceed
+            min(D, M) of any selected layer.
         input_shape: (N, C, H, W) of the input used to measure multiplications (one
             :func:`minibasis.measure.profile` pass before and one after); counts are per image.
+        target_mult_ratio: instead of a threshold or Q: a budget R in (0, 1]; the result's
+            whole-model conv multiplications, *measured* on ``input_shape``, are at most R times
+            the original's. Exactly one of ``energy_threshold``, ``num_basis`` and
+            ``target_mult_ratio`` is given. A budget that even Q = 1 in every layer misses raises
+            :class:`~minibasis.allocation.BudgetError` (also ``minibasis.compress.BudgetError``)
+            from the cost measurements alone, before the compressed model is built; a budget the
+            original already meets (R = 1) replaces nothing.
+        allocation: how a budget is spent (:mod:`minibasis.allocation`). ``"uniform"``, the
+            paper's: one threshold t for every layer, the largest whose measured ratio fits.
+            ``"greedy"``: Q per layer, starting from the original and repeatedly dropping the
+            basis vector whose normalized eigenvalue λ_q / Σλ (the layer's share of energy lost)
+            per multiplication saved is smallest, until the measured budget is met; a layer stays
+            a conv while that is cheaper, and its first drop takes it straight to the largest Q
+            (at most its rank) whose BasisConv is cheaper than the conv, scored by the summed
+            shares of the vectors dropped over the multiplications that saves.
+        thresholds: with ``allocation="uniform"``: the grid of t searched (default: every t at
+            which some layer's Q changes, so the largest fitting t is exact).
 
     Returns:
         ``(new_model, report)``: the copy with the replacements, in the input's training
-        mode, and a :class:`CompressionReport`; every conv kept has a ``reason``.
+        mode, and a :class:`CompressionReport`; every conv kept has a ``reason``. Under a
+        budget, ``report.allocation`` and ``report.target_mult_ratio`` say how Q was chosen
+        (``report.energy_threshold`` is the t uniform chose), and ``report.mult_ratio`` is
+        the final model's measured ratio.
+
+    Costs under a budget: each layer's multiplications as a conv and as a BasisConv at Q = 1
+    and Q = 2 are measured once (three profile passes), a BasisConv's cost being affine in Q;
+    the chosen model is then built and measured, and if that measurement missed the budget,
+    the next plan (the next smaller t, or one more greedy drop) is built and measured.
 
     A conv module shared by several paths is compressed once and replaced everywhere.
     Grouped convs (groups > 1) are kept: the eigen-basis is defined for dense filters.
     """
     if not isinstance(model, Module):
         raise TypeError(f"compress needs a minibasis.nn.Module, got {type(model).__name__}")
-    _check_settings(energy_threshold, num_basis)
+    _check_settings(energy_threshold, num_basis, target_mult_ratio, allocation, thresholds)
     shape = check_input_shape(input_shape)
     selected = _select_convs(model, layers)
-    selected_paths = {path for path, _ in selected}
+    if target_mult_ratio is not None:
+        return _compress_to_budget(model, selected, shape, float(target_mult_ratio), allocation, thresholds,
+                                   bool(skip_unprofitable))
 
+    new_model, report = _build(model, selected, shape, _same_for_all(energy_threshold, num_basis, skip_unprofitable))
+    report.energy_threshold = None if energy_threshold is None else float(energy_threshold)
+    report.num_basis = None if num_basis is None else int(num_basis)
+    report.skip_unprofitable = bool(skip_unprofitable)
+    return new_model, report
+
+
+def _same_for_all(energy_threshold, num_basis, skip_unprofitable: bool):
+    """The ``decide`` of :func:`_build` for one threshold or one Q in every layer."""
+    def decide(path, conv):
+        try:
+            candidate = BasisConv2d.from_conv(conv, energy_threshold=energy_threshold, num_basis=num_basis)
+        except ValueError as exc:
+            raise ValueError(f"layer {path!r} (weight {tuple(conv.weight.shape)}): {exc}") from exc
+        return candidate, _unprofitable_reason(candidate) if skip_unprofitable else None
+    return decide
+
+
+def _unprofitable_reason(candidate: BasisConv2d) -> str | None:
+    """Why a candidate is not worth it (Q/M + Q/D ≥ 1), or None when it saves multiplications."""
+    q, m = candidate.num_basis, candidate.out_channels
+    d = candidate.in_channels * candidate.kernel_size[0] * candidate.kernel_size[1]
+    ratio = formulas.mult_ratio(m, q, candidate.in_channels, candidate.kernel_size)
+    return None if ratio < 1 else f"unprofitable: Q/M + Q/D = {q}/{m} + {q}/{d} = {float(ratio):.4f} >= 1"
+
+
+def _build(model: Module, selected, shape, decide) -> tuple[Module, "CompressionReport"]:
+    """Copy ``model``, replace each selected dense conv as ``decide(path, conv)`` says, measure both.
+
+    ``decide`` returns ``(candidate, reason)``: the conv is replaced by ``candidate`` when
+    ``reason`` is None, kept with ``reason`` otherwise (``candidate`` None when no basis was built).
+    """
+    selected_paths = {path for path, _ in selected}
     new_model = copy_module(model)
     before = profile(new_model, shape)
     copies = dict(new_model.named_modules())
@@ -389,15 +487,9 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
             rows.append(_row(path, conv, None, f"grouped conv (groups={groups}): the eigen-basis needs "
                                                "dense filters"))
             continue
-        try:
-            candidate = BasisConv2d.from_conv(conv, energy_threshold=energy_threshold, num_basis=num_basis)
-        except ValueError as exc:
-            raise ValueError(f"layer {path!r} (weight {tuple(conv.weight.shape)}): {exc}") from exc
-        row = _row(path, conv, candidate, None)
-        q, m, d = row.Q, row.M, row.D
-        if skip_unprofitable and row.formula_ratio >= 1:
-            row.reason = (f"unprofitable: Q/M + Q/D = {q}/{m} + {q}/{d} = {float(row.formula_ratio):.4f} >= 1")
-        else:
+        candidate, reason = decide(path, conv)
+        row = _row(path, conv, candidate, reason)
+        if reason is None:
             _replace_everywhere(new_model, conv, candidate)
             row.replaced = True
         rows.append(row)
@@ -409,15 +501,106 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
         if row.mults_before == 0 and row.reason != "not in layers=":
             notes.append(f"{row.name} did not run in the forward pass of {shape} (no multiplications measured)")
     report = CompressionReport(
-        layers=rows, energy_threshold=None if energy_threshold is None else float(energy_threshold),
-        num_basis=None if num_basis is None else int(num_basis), input_shape=shape,
+        layers=rows, energy_threshold=None, num_basis=None, input_shape=shape,
         conv_mults_before=before.totals["model_conv_mults"], conv_mults_after=after.totals["model_conv_mults"],
         params_before=before.totals["model_learnable"], params_after=after.totals["model_learnable"],
         stored_before=before.totals["model_stored"], stored_after=after.totals["model_stored"],
         formula_mults_before=before.totals["formula_mults"], formula_mults_after=after.totals["formula_mults"],
-        skip_unprofitable=bool(skip_unprofitable), notes=notes, excluded=excluded,
-        _order=[r.path for r in before.rows])
+        notes=notes, excluded=excluded, _order=[r.path for r in before.rows])
     return new_model, report
+
+
+def _dense(selected) -> list[tuple[str, Conv2d]]:
+    return [(path, conv) for path, conv in selected if int(getattr(conv, "groups", 1)) == 1]
+
+
+def _measure_costs(model: Module, selected, shape) -> tuple[list[allocation_module.LayerCosts], int, int]:
+    """Each compressible conv's spectrum and measured costs; the other convs' mults; the original total.
+
+    Three profile passes: the original, and copies with every compressible conv replaced by
+    its eigen BasisConv at Q = 1 and at Q = 2 (where min(D, M) ≥ 2).
+    """
+    dense = _dense(selected)
+    before = profile(copy_module(model), shape)  # a copy: the caller's model is never run
+    probes = {}
+    for q in (1, 2):
+        probe = copy_module(model)
+        modules = dict(probe.named_modules())
+        for path, conv in dense:
+            if q <= min(conv.out_channels, conv.weight.shape[1] * conv.kernel_size[0] * conv.kernel_size[1]):
+                _replace_everywhere(probe, modules[path], BasisConv2d.from_conv(modules[path], num_basis=q))
+        probes[q] = profile(probe, shape)
+    layers = []
+    for path, conv in dense:
+        eigen = basis_math.eigen_basis(conv.weight, energy_threshold=1.0)
+        shares = eigen.eigenvalues / eigen.eigenvalues.sum()
+        m, c, kh, kw = conv.weight.shape
+        one, two = probes[1].row(path), probes[2].row(path)
+        per_vector = two.mults - one.mults if two.kind == "basisconv" else one.mults
+        layers.append(allocation_module.LayerCosts(
+            path=path, M=m, C=c, kernel=(kh, kw), ratios=basis_math.energy_ratios(eigen.eigenvalues),
+            shares=shares, rank=eigen.rank, conv_mults=before.row(path).mults,
+            basis_fixed=one.mults - per_vector, per_vector=per_vector))
+    other = before.totals["model_conv_mults"] - sum(layer.conv_mults for layer in layers)
+    return layers, other, before.totals["model_conv_mults"]
+
+
+def _compress_to_budget(model, selected, shape, target: float, allocation: str, thresholds,
+                        skip_unprofitable: bool):
+    """``compress(target_mult_ratio=...)``: choose a plan, build it, measure it, next plan if it missed."""
+    def finish(new_model, report, threshold=None, notes=()):
+        report.energy_threshold, report.target_mult_ratio, report.allocation = threshold, target, allocation
+        report.skip_unprofitable = skip_unprofitable
+        report.notes += list(notes)
+        return new_model, report
+
+    if target >= 1.0:
+        new_model, report = _build(model, selected, shape,
+                                   lambda path, conv: (None, "the original meets a budget of 1.0"))
+        return finish(new_model, report)
+    layers, other, before = _measure_costs(model, selected, shape)
+    if before == 0:
+        raise BudgetError("the model ran no conv multiplications on "
+                                            f"input {shape}: there is no budget to meet")
+    grid = None if thresholds is None else sorted((float(t) for t in thresholds), reverse=True)
+    least = allocation_module.minimum_mults(layers, other, skip_unprofitable)
+    if least / before > target:
+        raise BudgetError(
+            ("" if grid is None else f"no threshold in {grid}, and ")
+            + f"no allocation brings the conv multiplications to {target:g} of the original or less: the "
+            f"fewest reachable are {least:,} of {before:,} ({least / before:.4f}), every compressible conv "
+            "at Q = 1")
+    by_path = {layer.path: layer for layer in layers}
+    if allocation == "uniform":
+        plans = allocation_module.uniform_plans(layers, other, before, target, skip_unprofitable, thresholds)
+    else:
+        plans = ((None, plan) for plan in allocation_module.greedy_plans(layers, other, before, target,
+                                                                          skip_unprofitable))
+    missed = []
+    for threshold, plan in plans:
+        def decide(path, conv):
+            q = plan[path]
+            if q is None:
+                reason = ("kept as a conv: the greedy allocation met the budget without it"
+                          if by_path[path].basis_mults(1) < by_path[path].conv_mults
+                          else "unprofitable at every Q")
+                return None, reason
+            return BasisConv2d.from_conv(conv, num_basis=q), None
+
+        # Uniform builds exactly what compress(energy_threshold=t) builds (the plan predicted it).
+        decider = _same_for_all(threshold, None, skip_unprofitable) if allocation == "uniform" else decide
+        new_model, report = _build(model, selected, shape, decider)
+        expected = allocation_module.plan_mults(layers, plan, other)
+        if report.mult_ratio <= target:
+            notes = [f"{allocation} allocation under a budget of {target:g}: expected {expected:,} conv "
+                     f"multiplications per image from the per-layer measurements, measured {report.conv_mults_after:,}"]
+            return finish(new_model, report, threshold, missed + notes)
+        missed.append(f"a plan expected at {expected:,} measured {report.conv_mults_after:,} "
+                      f"(ratio {report.mult_ratio:.4f} > {target:g}); the next one was tried")
+    raise BudgetError(
+        f"no threshold in {grid} brings the conv multiplications to {target:g} of the original or less; "
+        "add smaller thresholds" if grid is not None else
+        f"no {allocation} plan measured within a budget of {target:g}")
 
 
 class _CallableModule(types.ModuleType):

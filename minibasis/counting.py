@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import defaultdict
 from typing import Iterator
 
 from minibasis import backend
 
-__all__ = ["count_mults", "MultCounter", "UNCOUNTED"]
+__all__ = ["count_mults", "count_apart", "MultCounter", "UNCOUNTED", "time_ops", "OpTimer"]
 
 #: What is deliberately not counted (documented, so a reader knows what "total" means).
 UNCOUNTED = ("add", "subtract", "divide", "exp", "log", "sqrt", "maximum/comparison (relu, max-pool)",
              "sum/mean reductions", "copies, padding, im2col/col2im data movement")
 
 _counters: list["MultCounter"] = []
+_timers: list["OpTimer"] = []
+_timed_depth = 0  # op scopes open while timing: only the outermost one is timed
 _op_stack: list[tuple[str, bool]] = []  # (op name, is a convolution op)
 _layer_stack: list[str] = []
 _phase = "forward"
@@ -80,6 +83,13 @@ class MultTally:
         for key, n in self._select():
             if key[3]:
                 out[key[2]] += n
+        return dict(out)
+
+    def by_op_and_layer(self) -> dict[tuple[str, str], int]:
+        """(op name, module path) → multiplications."""
+        out: dict[tuple[str, str], int] = defaultdict(int)
+        for key, n in self._select():
+            out[(key[1], key[2])] += n
         return dict(out)
 
     def as_dict(self) -> dict:
@@ -153,23 +163,67 @@ def count_mults() -> Iterator[MultCounter]:
             backend.set_mult_recorder(None)
 
 
+@contextlib.contextmanager
+def count_apart() -> Iterator[MultCounter]:
+    """Count the block's multiplications in a counter of their own, hidden from every counter
+    already active: e.g. a distillation teacher's forward pass inside a student's training step,
+    whose products must not appear in the student's counts."""
+    outer = list(_counters)
+    _counters.clear()
+    try:
+        with count_mults() as counter:
+            yield counter
+    finally:
+        _counters[:] = outer
+        if outer:
+            backend.set_mult_recorder(_dispatch)
+
+
 def active() -> bool:
-    """Whether any counter is listening (callers skip bookkeeping otherwise)."""
-    return bool(_counters)
+    """Whether any counter or timer is listening (callers skip bookkeeping otherwise)."""
+    return bool(_counters) or bool(_timers)
+
+
+class OpTimer:
+    """Wall seconds spent inside ops, keyed like the counts: ``seconds[(phase, op, layer, is_conv)]``."""
+
+    def __init__(self):
+        self.seconds: dict[tuple, float] = defaultdict(float)
+
+
+@contextlib.contextmanager
+def time_ops() -> Iterator[OpTimer]:
+    """Time every op executed inside the block (the outermost op scope; work on worker threads is inside it)."""
+    timer = OpTimer()
+    _timers.append(timer)
+    try:
+        yield timer
+    finally:
+        _timers.remove(timer)
 
 
 @contextlib.contextmanager
 def op_scope(name: str, is_conv: bool, phase: str, layer: str | None = None):
     """Attribute the multiplications inside to op ``name`` in ``phase`` (and ``layer`` if given)."""
-    global _phase
+    global _phase, _timed_depth
     previous = _phase
     _phase = phase
     _op_stack.append((name, is_conv))
     if layer is not None:
         _layer_stack.append(layer)
+    timing = bool(_timers)
+    timed = timing and _timed_depth == 0
+    _timed_depth += timing
+    start = time.perf_counter() if timed else 0.0
     try:
         yield
     finally:
+        if timed:
+            elapsed = time.perf_counter() - start
+            key = (phase, name, _layer_stack[-1] if _layer_stack else "", is_conv)
+            for timer in _timers:
+                timer.seconds[key] += elapsed
+        _timed_depth -= timing
         _op_stack.pop()
         if layer is not None:
             _layer_stack.pop()

@@ -17,6 +17,17 @@ sizes that reached it. Each row gives
   reduction speaks of these), and ``stored``: its parameters plus persistent buffers,
   i.e. what a deployment stores, the fixed basis included.
 
+With ``timing=True`` a second, timed pass follows the counted one (which doubles as its
+warm-up), and each row also gets ``forward_seconds`` (the layer module's wall time, its
+hooks included), ``backward_seconds`` (with ``backward=True``: the wall time of the backward
+ops the layer created), ``share`` of the whole pass and ``mults_per_second`` (measured).
+The rest of the network is grouped by kind of op in ``Profile.timing["groups"]`` (batch
+norm, activations, adds, pooling, linear, other ops, and the time outside any op: the
+framework's own Python), each with its time, share and measured mults; the shares of rows
+and groups sum to 1. ``Profile.timing["outside_conv_share"]`` is the part of the time spent
+outside the conv layers. Times are wall clock on whatever else the machine is doing:
+compare rows within one profile, not across machines.
+
 Usage::
 
     prof = minibasis.measure.profile(model, (1, 3, 32, 32))
@@ -26,14 +37,25 @@ from __future__ import annotations
 
 import json
 import numbers
+import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from minibasis import backend, formulas
+from minibasis import backend, counting, formulas
 from minibasis.autograd import no_grad, tensor
 from minibasis.counting import count_mults
 from minibasis.nn import BasisConv2d, Conv2d, Module
+from minibasis.nn.inference import FusedConv2d, InferenceError, InferenceModule
 
-__all__ = ["profile", "Profile", "LayerProfile", "conv_layers", "check_input_shape", "stored_values",
+#: Conv-like layers that get a row: a deployed model's fused convs read like their source layers.
+CONV_LAYER_TYPES = (Conv2d, BasisConv2d, FusedConv2d)
+#: Kinds of the ops outside the conv layers in the timing table, by op name (anything else: "other ops").
+OP_KINDS = {"batch_norm": "batch norm", "relu": "activations", "add": "adds", "maxpool2d": "pooling",
+            "avgpool2d": "pooling", "globalavgpool2d": "pooling", "linear": "linear"}
+#: The timing table's group for time spent outside every op (module calls, Tensor bookkeeping).
+OUTSIDE_OPS = "outside ops (framework)"
+
+__all__ = ["profile", "Profile", "LayerProfile", "timing_table", "conv_layers", "check_input_shape", "stored_values",
            "learnable_values", "input_channels"]
 
 
@@ -46,10 +68,11 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
 
 
 def conv_layers(model: Module) -> list[tuple[str, Module]]:
-    """(path, layer) for every Conv2d and BasisConv2d of ``model``, outermost only, in module order."""
+    """(path, layer) for every Conv2d, BasisConv2d (and deployed FusedConv2d) of ``model``, outermost only, in
+    module order."""
     found: list[tuple[str, Module]] = []
     for path, module in model.named_modules():
-        if isinstance(module, (Conv2d, BasisConv2d)):
+        if isinstance(module, CONV_LAYER_TYPES):
             if any(path.startswith(parent + ".") for parent, _ in found):
                 continue  # a conv inside a conv-like layer belongs to that layer
             found.append((path, module))
@@ -68,7 +91,7 @@ def input_channels(model: Module, default: int = 3) -> int:
 
 def learnable_values(module: Module) -> int:
     """Scalars in ``module.parameters()`` (what training can change; the fixed basis is a buffer)."""
-    return sum(int(p.size) for p in module.parameters())
+    return sum(p.numel() for p in module.parameters())
 
 
 def stored_values(module: Module) -> int:
@@ -101,6 +124,10 @@ class LayerProfile:
     backward_mults: int | None
     learnable: int
     stored: int
+    forward_seconds: float | None = None   # with timing=True
+    backward_seconds: float | None = None  # with timing=True and backward=True
+    share: float | None = None             # of the whole timed pass (forward + backward)
+    mults_per_second: float | None = None  # measured mults of the batch over the timed seconds
 
     @property
     def D(self) -> int:
@@ -135,6 +162,7 @@ class Profile:
     rows: list[LayerProfile]
     input_shape: tuple[int, ...]
     totals: dict = field(default_factory=dict)
+    timing: dict | None = None  # with timing=True: see the module docstring
 
     def row(self, path: str) -> LayerProfile:
         for r in self.rows:
@@ -143,8 +171,11 @@ class Profile:
         raise KeyError(f"no conv layer at {path!r}; the conv layers are {[r.path for r in self.rows]}")
 
     def to_dict(self) -> dict:
-        return {"input_shape": list(self.input_shape), "per_image": True,
-                "rows": [r.to_dict() for r in self.rows], "totals": dict(self.totals)}
+        out = {"input_shape": list(self.input_shape), "per_image": True,
+               "rows": [r.to_dict() for r in self.rows], "totals": dict(self.totals)}
+        if self.timing is not None:
+            out["timing"] = self.timing
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -173,9 +204,41 @@ class Profile:
                    + ("" if t.get("backward_mults") is None else f", backward measured {t['backward_mults']:,}"))
         out.append(f"conv layers: {t['learnable']:,} learnable parameters, {t['stored']:,} stored values; "
                    f"whole model: {t['model_learnable']:,} learnable, {t['model_stored']:,} stored")
+        if self.timing is not None:
+            out.append(self.timing_table())
         return "\n".join(out)
 
+    def timing_table(self) -> str:
+        """Where the time went: one line per conv layer, then the rest of the network by kind of op."""
+        return timing_table([r.to_dict() for r in self.rows], self.timing, self.input_shape[0])
+
     __str__ = table
+
+
+def timing_table(rows: list[dict], timing: dict, batch: int) -> str:
+    """The text of a profile's timing (``rows``: :meth:`LayerProfile.to_dict` of its timed rows)."""
+    t = timing
+    backward = t["backward_seconds"] is not None
+    header = ("layer", "kind", "forward ms") + (("backward ms",) if backward else ()) + ("share", "Gmults/s")
+    ms = (lambda s: "-" if s is None else f"{1e3 * s:.2f}")
+    rate = (lambda r: "-" if not r else f"{r / 1e9:.2f}")
+    lines = [(r["path"], r["kind"], ms(r["forward_seconds"])) + ((ms(r["backward_seconds"]),) if backward else ())
+             + (f"{100 * r['share']:.1f} %", rate(r["mults_per_second"])) for r in rows]
+    lines += [(g["kind"], "rest", ms(g["forward_seconds"])) + ((ms(g["backward_seconds"]),) if backward else ())
+              + (f"{100 * g['share']:.1f} %", rate(g["mults_per_second"])) for g in t["groups"]]
+    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(header)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    total = t["forward_seconds"] + (t["backward_seconds"] or 0.0)
+    out = [f"wall time of one {'forward + backward' if backward else 'forward'} pass of batch {batch} "
+           "(noisy on a busy machine)", fmt(header), fmt(["-" * w for w in widths])]
+    out += [fmt(line) for line in lines]
+    out.append(f"total {1e3 * total:.2f} ms; conv layers {1e3 * t['conv_seconds']:.2f} ms; "
+               f"outside the conv layers {1e3 * (total - t['conv_seconds']):.2f} ms "
+               f"({100 * t['outside_conv_share']:.1f} % of the time)")
+    return "\n".join(out)
 
 
 def _array_module_and_dtype(model: Module):
@@ -193,11 +256,15 @@ def _per_image(name: str, n: int, batch: int) -> int:
     return n // batch
 
 
+def _is_basis(module: Module) -> bool:
+    return getattr(module, "num_basis", None) is not None  # a BasisConv2d, or a FusedConv2d made from one
+
+
 def _formula_mults(module: Module, output) -> int:
     if output is None:
         return 0
     ho, wo = output
-    if isinstance(module, BasisConv2d):
+    if _is_basis(module):
         return formulas.basisconv_mults(module.out_channels, module.num_basis, module.in_channels,
                                         module.kernel_size, ho, wo)
     groups = getattr(module, "groups", 1)
@@ -209,15 +276,116 @@ def _layer_sum(by_layer: dict[str, int], path: str) -> int:
     return sum(n for key, n in by_layer.items() if key == path or key.startswith(path + "."))
 
 
-def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False) -> Profile:
+def _inside(layer: str, path: str) -> bool:
+    return layer == path or layer.startswith(path + ".")
+
+
+def _timed_pass(model: Module, x, layers, backward: bool) -> tuple[dict, dict, float, float | None]:
+    """One pass of ``model(x)`` (and its backward): (conv path → forward seconds, op seconds by key,
+    forward seconds, backward seconds or None). The conv layers' forward time is their module call's
+    wall time (their hooks included); everything else is timed per op (counting.time_ops)."""
+    forward_seconds: dict[str, float] = defaultdict(float)
+    started: dict[int, float] = {}
+
+    def start(module, args):
+        started[id(module)] = time.perf_counter()
+
+    def stop(module, args, output):
+        forward_seconds[paths[id(module)]] += time.perf_counter() - started.pop(id(module))
+
+    paths = {id(module): path for path, module in layers}
+    # the pre-hook first and the post-hook last, so the layer's own hooks fall inside its time
+    handles = []
+    for _, module in layers:
+        hooks = module.__dict__.get("_forward_pre_hooks")
+        handles.append(module.register_forward_pre_hook(start))
+        if hooks:
+            hooks.move_to_end(handles[-1].id, last=False)
+        handles.append(module.register_forward_hook(stop))
+    try:
+        with counting.time_ops() as timer:
+            begin = time.perf_counter()
+            if backward:
+                out = model(x)
+                middle = time.perf_counter()
+                out.sum().backward()
+                end = time.perf_counter()
+            else:
+                with no_grad():
+                    model(x)
+                middle = end = time.perf_counter()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(forward_seconds), dict(timer.seconds), middle - begin, (end - middle) if backward else None
+
+
+def _timing(rows: list, layers, timed_pass: tuple, batch: int, backward: bool, counter) -> tuple[list, dict]:
+    """Rows with their times and the timing summary (see the module docstring)."""
+    conv_forward, op_seconds, forward_total, backward_total = timed_pass
+    total = forward_total + (backward_total or 0.0)
+    conv_paths = [path for path, _ in layers]
+    conv_backward: dict[str, float] = defaultdict(float)
+    groups: dict[str, dict] = {}
+
+    def group(kind: str) -> dict:
+        return groups.setdefault(kind, {"kind": kind, "forward_seconds": 0.0,
+                                        "backward_seconds": 0.0 if backward else None, "mults": 0})
+
+    for (phase, op, layer, _), seconds in op_seconds.items():
+        owner = next((path for path in conv_paths if _inside(layer, path)), None)
+        if owner is not None:
+            if phase == "backward":
+                conv_backward[owner] += seconds
+            continue  # a conv layer's forward ops are inside its module's time
+        group(OP_KINDS.get(op, "other ops"))[f"{phase}_seconds"] += seconds
+    for phase, tally in (("forward", counter.forward), ("backward", counter.backward)):
+        for (op, layer), n in tally.by_op_and_layer().items():
+            if not any(_inside(layer, path) for path in conv_paths):
+                group(OP_KINDS.get(op, "other ops"))["mults"] += n
+    timed = sum(conv_forward.values()) + sum(conv_backward.values()) + sum(
+        g["forward_seconds"] + (g["backward_seconds"] or 0.0) for g in groups.values())
+    outside = group(OUTSIDE_OPS)
+    outside["forward_seconds"] = max(0.0, forward_total - sum(conv_forward.values()) - sum(
+        g["forward_seconds"] for g in groups.values() if g is not outside))
+    if backward:
+        outside["backward_seconds"] = max(0.0, total - timed - outside["forward_seconds"])
+    for g in groups.values():
+        seconds = g["forward_seconds"] + (g["backward_seconds"] or 0.0)
+        g["share"] = seconds / total if total else 0.0
+        g["mults_per_second"] = g["mults"] / seconds if seconds else None
+    timed_rows = []
+    for r in rows:
+        seconds = conv_forward.get(r.path, 0.0) + conv_backward.get(r.path, 0.0)
+        mults = batch * (r.mults + (r.backward_mults or 0))
+        timed_rows.append(LayerProfile(**{
+            **{f: getattr(r, f) for f in r.__dataclass_fields__},
+            "forward_seconds": conv_forward.get(r.path, 0.0),
+            "backward_seconds": conv_backward.get(r.path, 0.0) if backward else None,
+            "share": seconds / total if total else 0.0,
+            "mults_per_second": mults / seconds if seconds else None}))
+    conv_seconds = sum(conv_forward.values()) + sum(conv_backward.values())
+    order = list(dict.fromkeys(list(OP_KINDS.values()) + ["other ops", OUTSIDE_OPS]))
+    summary = {"forward_seconds": forward_total, "backward_seconds": backward_total, "conv_seconds": conv_seconds,
+               "outside_conv_share": 1.0 - conv_seconds / total if total else 0.0,
+               "groups": sorted(groups.values(), key=lambda g: order.index(g["kind"]))}
+    return timed_rows, summary
+
+
+def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False, timing: bool = False) -> Profile:
     """Measure ``model`` on a zero input of ``input_shape`` (N, C, H, W); counts are per image.
 
+    ``timing``: also time one more pass (see the module docstring); the batch size of
+    ``input_shape`` then matters (a batch of 1 times mostly the framework's own overhead).
     The model's modes are restored afterwards and its parameters are not changed; with
     ``backward=True`` the gradients the backward pass leaves are cleared again.
     """
     if not isinstance(model, Module):
         raise TypeError(f"profile needs a minibasis.nn.Module, got {type(model).__name__}")
     shape = check_input_shape(input_shape)
+    if backward and isinstance(model, InferenceModule):
+        raise InferenceError("profile(backward=True): a deployed model is inference-only and has no backward pass "
+                             "(profile the source model's backward)")
     batch = shape[0]
     layers = conv_layers(model)
     sizes: dict[int, tuple] = {}
@@ -228,7 +396,9 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
     xp, dtype = _array_module_and_dtype(model)
     handles = [module.register_forward_hook(record) for _, module in layers]
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in modes:
+        object.__setattr__(m, "training", False)  # eval mode, without Module.train (a deployed model refuses it)
+    timed = None
     try:
         x = tensor(xp.zeros(shape, dtype=dtype))
         with count_mults() as counter:
@@ -237,6 +407,13 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
             else:
                 with no_grad():
                     model(x)
+        for handle in handles:
+            handle.remove()
+        handles = []
+        if timing:
+            if backward:
+                model.zero_grad()
+            timed = _timed_pass(model, x, layers, backward)
     finally:
         for handle in handles:
             handle.remove()
@@ -250,7 +427,7 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
     rows = []
     for path, module in layers:
         in_hw, out_hw = sizes.get(id(module), (None, None))
-        basis = isinstance(module, BasisConv2d)
+        basis = _is_basis(module)
         rows.append(LayerProfile(
             path=path, kind="basisconv" if basis else "conv", M=module.out_channels, C=module.in_channels,
             groups=int(getattr(module, "groups", 1)), k=tuple(module.kernel_size), stride=tuple(module.stride),
@@ -271,4 +448,7 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
         "model_learnable": learnable_values(model), "model_stored": stored_values(model),
         "layers": len(rows), "basisconv_layers": sum(r.kind == "basisconv" for r in rows),
     }
-    return Profile(rows=rows, input_shape=shape, totals=totals)
+    summary = None
+    if timed is not None:
+        rows, summary = _timing(rows, layers, timed, batch, backward, counter)
+    return Profile(rows=rows, input_shape=shape, totals=totals, timing=summary)

@@ -34,9 +34,13 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from minibasis import backend
 from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
 from minibasis.serialization import NPZ, CheckpointError, load, load_torch_checkpoint, save, sniff_format
+from minibasis.serialization.safetensors_format import (SAFETENSORS_SUFFIX, is_safetensors, load_safetensors,
+                                                        save_safetensors)
 from minibasis.training.checkpoints import CHECKPOINT_FORMAT
 
 __all__ = ["MODEL_FORMAT", "ModelFileError", "ModelMetadata", "save_model", "load_model", "model_record",
@@ -71,8 +75,9 @@ class ModelFileError(CheckpointError):
 class ModelMetadata:
     """What a model file says about its model (:func:`load_model` returns it beside the model).
 
-    ``format`` is :data:`MODEL_FORMAT` (:func:`save_model` files and the training checkpoints
-    that carry its record), "legacy" (files of earlier verbs, plain state ``.npz``) or "torch" (PyTorch checkpoints).
+    ``format`` is :data:`MODEL_FORMAT` (:func:`save_model` files, ``.npz`` or ``.safetensors``, and the
+    training checkpoints that carry its record), "legacy" (files of earlier verbs, plain state ``.npz`` /
+    ``.safetensors``), "torch" (PyTorch checkpoints) or "onnx" (an ONNX graph, :func:`minibasis.onnx.load_model`).
     ``normalization`` is a key of :data:`minibasis.data.NORMALIZATIONS`, "none" (inputs only
     scaled to [0, 1]) or None (not recorded, or a (mean, std) pair of no known name).
     """
@@ -220,7 +225,9 @@ def model_record(model: Module, *, normalization=None, dataset: str | None = Non
     if dataset is not None and not isinstance(dataset, str):
         raise TypeError(f"save_model: dataset must be a str or None, got {type(dataset).__name__}")
     name, mean, std = _normalization(normalization)
-    return {"format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
+    graph = getattr(model, "graph_bytes", None)  # an imported ONNX network: its graph rebuilds it
+    return {**({} if graph is None else {"onnx_graph": np.frombuffer(graph, dtype=np.uint8)}),
+            "format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
             "num_classes": None if num_classes is None else int(num_classes), "dataset": dataset,
             "normalization": {"name": name, "mean": None if mean is None else list(mean),
                               "std": None if std is None else list(std)},
@@ -255,7 +262,8 @@ def save_model(model: Module, path, *, normalization=None, dataset: str | None =
     record = model_record(model, normalization=normalization, dataset=dataset, **metadata)
     if not distributed.is_main_process():
         return
-    save({**record, "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
+    write = save_safetensors if os.fspath(path).endswith(SAFETENSORS_SUFFIX) else save
+    write({**record, "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
 
 
 # ---------------------------------------------------------------------------
@@ -275,9 +283,12 @@ class _Contents:
     normalization: tuple = (None, None, None)
     version: str | None = None
     extra: dict = field(default_factory=dict)
+    graph: bytes | None = None             # an imported ONNX network's graph (minibasis.onnx)
 
 
 def _read(source: str) -> _Contents:
+    if is_safetensors(source):  # the same record as an .npz, or a plain state dict
+        return _from_npz(load_safetensors(source), source)
     if sniff_format(source) == NPZ:
         return _from_npz(load(source), source)
     return _from_torch(load_torch_checkpoint(source), source)
@@ -305,7 +316,8 @@ def _from_record(record, state, source: str, **extra) -> _Contents:
         return _Contents(state=state, format=MODEL_FORMAT, architecture=architecture,
                          layout=record.get("basis_layout") or {}, num_classes=record.get("num_classes"),
                          dataset=record.get("dataset"), normalization=(norm.get("name"), mean, std),
-                         version=record.get("minibasis_version"), extra={**(record.get("extra") or {}), **extra})
+                         version=record.get("minibasis_version"), extra={**(record.get("extra") or {}), **extra},
+                         graph=None if record.get("onnx_graph") is None else bytes(np.asarray(record["onnx_graph"])))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelFileError(f"{source}: malformed {MODEL_FORMAT} record: {exc}", source=source) from None
 
@@ -431,6 +443,18 @@ def _reconcile(contents: _Contents, architecture, kwargs: dict, source: str) -> 
     return file_name, {**file_kwargs, **explicit}
 
 
+def _load_onnx(source: str, architecture, kwargs: dict) -> tuple[Module, ModelMetadata]:
+    """An ONNX graph (:func:`minibasis.onnx.load_model`): the file is its own architecture."""
+    if architecture is not None or kwargs:
+        raise ModelFileError(f"{source}: an ONNX file describes its own network; got architecture={architecture!r} "
+                             f"{_describe_kwargs(kwargs)}", source=source)
+    from minibasis.onnx import load_model as load_onnx
+
+    model = load_onnx(source)
+    return model, ModelMetadata(architecture={"name": "onnx", "kwargs": {}}, num_classes=_head_classes(model),
+                                format="onnx", extra={"input_shape": list(model.input_shape)})
+
+
 def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetadata]:
     """Rebuild the model stored at ``path``; returns ``(model in eval mode, ModelMetadata)``.
 
@@ -448,15 +472,22 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
     from minibasis.models import get_model
 
     source = os.fspath(path)
+    if source.endswith(".onnx"):
+        return _load_onnx(source, architecture, kwargs)
     contents = _read(source)
     if not isinstance(contents.state, dict) or not contents.state:
         raise ModelFileError(f"{source} holds no model weights", source=source)
-    name, build_kwargs = _reconcile(contents, architecture, kwargs, source)
-    try:
-        model = get_model(name, **build_kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}",
-                             source=source) from None
+    if contents.graph is not None:  # an imported ONNX network, compressed or fine-tuned here
+        from minibasis.onnx.importer import model_from_bytes
+        name, build_kwargs = "onnx", {}
+        model = model_from_bytes(contents.graph, source, contents.architecture["kwargs"].get("input_shape"))
+    else:
+        name, build_kwargs = _reconcile(contents, architecture, kwargs, source)
+        try:
+            model = get_model(name, **build_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}",
+                                 source=source) from None
     apply_basis_layout(model, contents.layout, source=source)
     try:
         model.load_state_dict(contents.state)

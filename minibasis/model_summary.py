@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from minibasis.counting import count_mults
-from minibasis.measure import Profile, check_input_shape, conv_layers, learnable_values, profile, stored_values
+from minibasis.measure import (Profile, check_input_shape, conv_layers, learnable_values, profile, stored_values,
+                               timing_table)
 from minibasis.nn import Module
 
 __all__ = ["summary", "Summary", "SummaryRow"]
@@ -58,6 +59,8 @@ class Summary(Profile):
         unlisted = t["mults"] - sum(r.mults for r in self.rows)
         if unlisted:
             lines.append(f"  of which in no listed layer (ops in a parent's forward): {unlisted:,}")
+        if self.timing is not None:
+            lines += ["", timing_table(self.timing["conv_layers"], self.timing, self.input_shape[0])]
         return "\n".join(lines)
 
     __str__ = table
@@ -75,12 +78,16 @@ def _layers(model: Module) -> list[tuple[str, Module]]:
     return found
 
 
-def summary(model: Module, input_shape=(1, 3, 32, 32)) -> Summary:
+def summary(model: Module, input_shape=(1, 3, 32, 32), timing: bool = False) -> Summary:
     """Per layer of ``model``: output shape for ``input_shape`` (N, C, H, W), learnable parameters,
-    stored values (parameters + persistent buffers) and measured multiplications per image."""
+    stored values (parameters + persistent buffers) and measured multiplications per image.
+
+    ``timing``: also where the time of a forward pass goes (:func:`minibasis.measure.profile`'s
+    timing: per conv layer and the rest by kind of op), in ``.timing`` and at the end of the table."""
     if not isinstance(model, Module):
         raise TypeError(f"summary needs a minibasis.nn.Module, got {type(model).__name__}")
     shape = check_input_shape(input_shape)
+    timing_pass = bool(timing)
     layers = _layers(model)
     outputs: dict[int, tuple] = {}
 
@@ -104,4 +111,8 @@ def summary(model: Module, input_shape=(1, 3, 32, 32)) -> Summary:
             for path, module in layers]
     totals = {"learnable": prof.totals["model_learnable"], "stored": prof.totals["model_stored"],
               "mults": prof.totals["model_mults"], "conv_mults": prof.totals["model_conv_mults"]}
-    return Summary(rows=rows, input_shape=shape, totals=totals)
+    timing = None
+    if timing_pass:  # a pass of its own, outside the counter above (which counts one pass)
+        timed = profile(model, shape, timing=True)
+        timing = {**timed.timing, "conv_layers": [r.to_dict() for r in timed.rows]}
+    return Summary(rows=rows, input_shape=shape, totals=totals, timing=timing)

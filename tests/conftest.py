@@ -106,6 +106,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def launcher():
+    """The MPI launcher (``minibasis.distributed.launcher.find_launcher``) for tests that start
+    ``mpirun`` themselves; they skip with the reason where there is none or no mpi4py."""
+    import importlib.util
+
+    from minibasis.distributed.launcher import find_launcher
+
+    found = find_launcher()
+    if found is None:
+        pytest.skip("no MPI launcher (mpirun/mpiexec) found beside python or on PATH: pip install '.[mpi]'")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed: pip install '.[mpi]'")
+    return found
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     path = shared_path()
     if not path.is_dir():

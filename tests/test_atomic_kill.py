@@ -2,10 +2,13 @@
 
 A helper process imports minibasis once and then, on request, forks a writer child that
 saves generation after generation of a ~4 MB training state to one path with
-``minibasis.io.save``; the test kills each child with SIGKILL after a random delay
-spanning a few writes, so the kill lands before, inside and between writes (the writer
-prints ``begin g`` / ``done g`` around each save, which tells us where it was). After
-every kill:
+``minibasis.io.save``; the test kills each child with SIGKILL at a random point: right
+after it starts, or a random fraction of one write's duration after it began its first,
+second or third write (the writer prints ``begin g`` / ``done g`` around each save, which
+tells us where it was, and the durations seen so far are the time scale, so a loaded
+machine stretches the delays with the writes). It goes on killing until the kills have
+landed inside writes often enough and the checkpoint has moved on, with a cap on the
+number of kills. After every kill:
 
 * the checkpoint loads with ``minibasis.io.load`` and equals *exactly* the last
   completed generation, or the one being written when the kill came (a kill after the
@@ -29,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +43,10 @@ from minibasis import io
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NUM_KILLS = 30
+MIN_KILLS = 30           # at least this many kills ...
+MAX_KILLS = 200          # ... and more until the coverage below is reached, but never more than this
+MIN_INSIDE_WRITES = 8    # kills that landed inside a write (old checkpoint kept, or new one renamed)
+MIN_WRITES_COMPLETED = 5
 CHECKPOINT = "checkpoint.npz"
 
 # Shared by the test and the helper process: the state of generation g, exactly reproducible.
@@ -155,25 +162,31 @@ class ForkServer:
 
     def _read(self):
         for line in self.proc.stdout:
-            self.lines.put(line.strip())
-        self.lines.put(None)
+            self.lines.put((time.monotonic(), line.strip()))
+        self.lines.put((time.monotonic(), None))
 
     def send(self, text: str) -> None:
         self.proc.stdin.write(text + "\n")
         self.proc.stdin.flush()
 
-    def until(self, prefix: str, log: list[str], timeout: float = 30.0) -> str:
-        """Read lines until one starts with ``prefix``; the writer's begin/done lines go to ``log``."""
+    def until(self, prefix: str, log: list[str], timeout: float = 30.0, times: list[float] | None = None) -> str:
+        """Read lines until one starts with ``prefix``; the lines before it (the writer's begin/done
+        lines) go to ``log``, and the moments they arrived to ``times`` when given. A line that
+        starts with ``begin``/``done`` is also logged when it is the one waited for."""
         while True:
             try:
-                line = self.lines.get(timeout=timeout)
+                arrived, line = self.lines.get(timeout=timeout)
             except queue.Empty:
                 raise AssertionError(f"helper process silent for {timeout} s while waiting for {prefix!r}") from None
             if line is None:
                 raise AssertionError(f"helper process ended: {self.proc.stderr.read()[-2000:]}")
-            if line.startswith(prefix):
+            if line.startswith(prefix) and not line.startswith(("begin", "done")):
                 return line[len(prefix):].strip()
             log.append(line)
+            if times is not None:
+                times.append(arrived)
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
 
     def close(self):
         if self.proc.poll() is None:
@@ -196,18 +209,34 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_previous_checkpoint(tm
 
     server = ForkServer(path)
     child = None
+    durations: list[float] = []  # seconds from "begin g" to "done g" as seen here: the load included
+    kills = 0
+
+    def inside() -> int:
+        return outcomes["killed inside a write, old checkpoint kept"] + outcomes["killed after the rename, new checkpoint"]
+
     try:
-        write_seconds = float(server.until("ready", []))
-        for _ in range(NUM_KILLS):
+        durations.append(float(server.until("ready", [])))
+        while kills < MIN_KILLS or inside() < MIN_INSIDE_WRITES or writes_completed < MIN_WRITES_COMPLETED:
+            assert kills < MAX_KILLS, (f"{kills} kills and still not enough coverage: {writes_completed} writes "
+                                       f"completed, {outcomes}")
+            kills += 1
             log: list[str] = []
+            times: list[float] = []
             server.send(f"fork {file_gen + 1}")
-            child = int(server.until("pid", log))
-            # Up to ~3 writes: the kill lands at every phase of a write, and sometimes before the first.
-            threading.Event().wait(rng.uniform(0.0, 3.0 * write_seconds))
+            child = int(server.until("pid", log, times=times))
+            write_seconds = float(np.median(durations[-10:]))
+            if rng.uniform() < 0.1:  # right away: before (or at the very start of) the first write
+                threading.Event().wait(rng.uniform(0.0, 0.2 * write_seconds))
+            else:  # somewhere in or just after the 1st, 2nd or 3rd write
+                server.until(f"begin {file_gen + 1 + rng.integers(0, 3)}", log, times=times)
+                threading.Event().wait(rng.uniform(0.0, 1.2 * write_seconds))
             os.kill(child, signal.SIGKILL)
             server.send(f"reap {child}")
-            assert int(server.until("status", log)) == -signal.SIGKILL
+            assert int(server.until("status", log, times=times)) == -signal.SIGKILL
             child = None
+            durations.extend(times[i + 1] - times[i] for i in range(len(log) - 1)
+                             if log[i].startswith("begin") and log[i + 1].startswith("done"))
 
             begun = [int(line.split()[1]) for line in log if line.startswith("begin")]
             done = [int(line.split()[1]) for line in log if line.startswith("done")]
@@ -257,11 +286,9 @@ def test_sigkill_during_checkpoint_writes_never_loses_the_previous_checkpoint(tm
     assert_state_equal(io.load(path), make_state(file_gen + 1))
     assert sorted(n for n in os.listdir(folder) if n != CHECKPOINT) == leftovers
 
-    summary = (f"{NUM_KILLS} kills, write ≈ {write_seconds * 1e3:.0f} ms, {writes_completed} writes completed: "
+    summary = (f"{kills} kills, write ≈ {np.median(durations) * 1e3:.0f} ms, {writes_completed} writes completed: "
                f"{outcomes}; leftover temporaries: {sum(v == 'torn' for v in temps_seen.values())} torn, "
                f"{sum(v == 'complete' for v in temps_seen.values())} complete")
     print(summary)
-    # The test must have exercised the dangerous window, and the checkpoint must have moved on.
-    inside = outcomes["killed inside a write, old checkpoint kept"] + outcomes["killed after the rename, new checkpoint"]
-    assert inside >= NUM_KILLS // 4, summary
-    assert writes_completed >= 5, summary
+    # The loop above ran until the dangerous window was exercised and the checkpoint moved on.
+    assert inside() >= MIN_INSIDE_WRITES and writes_completed >= MIN_WRITES_COMPLETED, summary

@@ -152,8 +152,8 @@ def test_report_matches_fresh_counts_and_formulas():
         assert Fraction(row.mults_after, row.mults_before) == row.formula_ratio == Fraction(q, m) + Fraction(q, d)
         assert row.params_before == m * d + m and row.params_after == m * q + m
         assert 0 < row.energy <= 1
-    assert report.params_before == sum(p.size for p in model.parameters())
-    assert report.params_after == sum(p.size for p in new_model.parameters())
+    assert report.params_before == sum(p.numel() for p in model.parameters())
+    assert report.params_after == sum(p.numel() for p in new_model.parameters())
     assert report.params_before - report.params_after == sum(r.params_before - r.params_after for r in report.layers)
 
 

@@ -184,6 +184,8 @@ def test_batches_are_copies_not_views_of_the_dataset():
     images, labels = identifiable_dataset(6)
     before = images.copy()
     for x, _ in DataLoader((images, labels), batch_size=4):
+        x.data[...] = -1  # the array the yielded Tensor wraps
+    for x, _ in DataLoader((images, labels), batch_size=4, as_tensors=False):
         x[...] = -1
     np.testing.assert_array_equal(images, before)
 
@@ -464,7 +466,7 @@ def test_synthetic_is_learned_by_a_small_cnn_within_two_epochs():
     )
     assert 9_000 < sum(p.numel() for p in net.parameters()) < 11_000
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    loader = DataLoader((x_train, y_train), batch_size=64, shuffle=True, seed=0, transform=normalize)
+    loader = DataLoader((x_train, y_train), batch_size=64, shuffle=True, seed=0, transform=normalize, as_tensors=False)
     for _ in range(2):
         for x, y in loader:
             loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))

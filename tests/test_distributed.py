@@ -25,7 +25,7 @@ from minibasis import distributed as dist
 from minibasis import nn
 from minibasis.data import DataLoader, RandomCrop, RandomHorizontalFlip, Compose
 from minibasis.distributed.comm import Communicator
-from minibasis.distributed.launcher import Launcher, find_launcher, launcher_env, mpirun_command
+from minibasis.distributed.launcher import Launcher, launcher_env, mpirun_command
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -328,16 +328,6 @@ def test_mpirun_command_adds_open_mpi_flags_only_for_open_mpi():
 # ---------------------------------------------------------------------------
 # Real multi-process runs under mpirun
 # ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def launcher():
-    found = find_launcher()
-    if found is None:
-        pytest.skip("no MPI launcher (mpirun/mpiexec) found beside python or on PATH: pip install '.[mpi]'")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed: pip install '.[mpi]'")
-    return found
-
-
 def _mpirun(launcher, n: int, script: str, *args: str, timeout: float):
     env = launcher_env(threads=1)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

@@ -104,7 +104,7 @@ def test_report_gives_stored_values_beside_learnable_parameters():
     assert row.params_after == 16 * 4 + 16                      # coefficients + bias
     assert row.stored_after == 16 * 4 + 16 + 4 * 27             # ... + the basis, stored but not learned
     assert report.stored_after == sum(v.size for v in new_model.state_dict().values())
-    assert report.params_after == sum(p.size for p in new_model.parameters())
+    assert report.params_after == sum(p.numel() for p in new_model.parameters())
     totals = report.to_dict()["totals"]
     assert totals["stored_after"] == report.stored_after and totals["params_after"] == report.params_after
     assert "stored values" in report.table()

@@ -17,7 +17,7 @@ def _conv_layers(model):
 
 def _learnable_conv_params(model):
     """Scalars in the conv layers' parameters(), without the BatchNorm inside a BasisConv2d."""
-    return sum(p.size for layer in _conv_layers(model) for name, p in layer.named_parameters()
+    return sum(p.numel() for layer in _conv_layers(model) for name, p in layer.named_parameters()
                if p.requires_grad and not name.startswith("bn."))
 
 
@@ -25,7 +25,7 @@ def test_plain_net_has_the_papers_conv_parameter_count():
     model = models.table3_cnn()
     assert len(_conv_layers(model)) == 3
     assert _learnable_conv_params(model) == PAPER_CONV_PARAMS
-    assert sum(p.size for p in model.parameters()) == PAPER_CONV_PARAMS + FC_PARAMS
+    assert sum(p.numel() for p in model.parameters()) == PAPER_CONV_PARAMS + FC_PARAMS
 
 
 def test_basis_twin_has_the_papers_conv_parameter_count():
@@ -36,7 +36,7 @@ def test_basis_twin_has_the_papers_conv_parameter_count():
     assert all(m.basis_bias is not None and m.bias is not None and m.bn is not None for m in layers)
     assert _learnable_conv_params(model) == PAPER_TWIN_CONV_PARAMS
     bn_params = 2 * (32 + 32 + 64)
-    assert sum(p.size for p in model.parameters()) == PAPER_TWIN_CONV_PARAMS + bn_params + FC_PARAMS
+    assert sum(p.numel() for p in model.parameters()) == PAPER_TWIN_CONV_PARAMS + bn_params + FC_PARAMS
     for m in layers:
         flat = m.basis.reshape(m.num_basis, -1).astype(np.float64)
         np.testing.assert_allclose(flat @ flat.T, np.eye(m.num_basis), atol=1e-6)

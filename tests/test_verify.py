@@ -19,6 +19,7 @@ import minibasis as mb
 from minibasis import backend, formulas, nn, verify
 from minibasis.cli import main
 from minibasis.functions import conv as conv_module
+from minibasis.functions import smallest_chunks
 from minibasis.verify import layer_formulas
 
 
@@ -128,7 +129,7 @@ def test_without_hypothesis_installed_numpy_draws_the_cases(monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis → ImportError
     report = verify.check_formulas(10, seed=0)
     assert report.engine == "numpy" and report.passed and len(report.outcomes) == 10
-    assert main(["verify", "formulas", "--cases", "5"]) == 0
+    assert main(["verify", "formulas", "--cases", "7"]) == 0  # one case per stratum
     assert "NumPy draws" in capsys.readouterr().out
 
 
@@ -158,14 +159,15 @@ def test_a_gemm_count_without_its_batch_is_found_and_shrunk(batch_dropped_from_g
     report = verify.check_formulas(200, seed=0)
     assert not report.passed
     case = report.counterexample
-    # The smallest layer whose GEMM has a batch dimension: a 1×1 conv (one batched GEMM over the images)
-    # on two images, or a grouped conv (one batched GEMM over the groups) with two groups of one channel.
-    assert (case.kernel_size, case.height, case.width) == ((1, 1), 1, 1)
-    assert (case.batch, case.groups) in {(2, 1), (1, 2)}
-    assert case.in_channels == case.out_channels == case.groups
-    assert {"conv forward mults", "conv backward mults"} & {c.check for c in report.counterexample_outcome.failures}
+    # The first stratum (im2col) finds it in the smallest layer of its stratum: a 1×1 kernel on one pixel
+    # (padded to im2col), two images; BasisConv's 1×1 stage is one batched GEMM over the images, so at
+    # batch 2 it counts what it counts at batch 1.
+    assert (case.batch, case.kernel_size, case.height, case.width) == (2, (1, 1), 1, 1)
+    assert case.in_channels == case.out_channels == case.groups == 1
+    failures = {c.check for c in report.counterexample_outcome.failures}
+    assert failures == {"basisconv mults at batch N = N × batch 1"}
     assert "FAILED" in report.table() and "reproduce it with" in report.table()
-    with pytest.raises(AssertionError, match="ward mults"):
+    with pytest.raises(AssertionError, match="at batch N"):
         exec(report.snippet, {})
 
 
@@ -175,7 +177,7 @@ def test_a_backward_pass_that_forgets_a_term_is_found(weight_gradient_not_counte
     failures = {c.check for c in report.counterexample_outcome.failures}
     assert "conv backward mults" in failures and "conv forward mults" not in failures
     case = report.counterexample
-    assert case.weight_grad and (case.batch, case.in_channels, case.out_channels, case.height) == (1, 1, 1, 1)
+    assert case.weight_grad and (case.batch, case.in_channels, case.out_channels, case.height) == (2, 1, 1, 1)
     with pytest.raises(AssertionError, match="backward mults"):
         exec(report.snippet, {})
 
@@ -185,7 +187,7 @@ def test_an_off_by_one_output_size_is_found(off_by_one_output_size):
     assert not report.passed
     case = report.counterexample
     # A minimal layer on which floor and ceil differ: a stride that does not divide the remainder.
-    assert (case.batch, case.in_channels, case.out_channels, case.kernel_size) == (1, 1, 1, (1, 1))
+    assert (case.batch, case.in_channels, case.out_channels, case.kernel_size) == (2, 1, 1, (1, 1))
     padding = (0, 0) if case.padding == "valid" else case.padding
     sizes = (case.height, case.width)
     assert any((size + 2 * padding[axis] - 1) % case.stride[axis] for axis, size in enumerate(sizes))
@@ -198,7 +200,7 @@ def test_an_off_by_one_output_size_in_the_conv_forward_is_found(conv_forward_one
     report = verify.check_formulas(200, seed=0)
     assert not report.passed
     case = report.counterexample
-    assert case.stride == (2, 1) and (case.batch, case.in_channels, case.height, case.width) == (1, 1, 1, 1)
+    assert case.stride == (2, 1) and (case.batch, case.in_channels, case.height, case.width) == (2, 1, 1, 1)
     failure = report.counterexample_outcome.failures[0]
     assert failure.check == "conv runs" and "raised" in report.table()
     with pytest.raises(ValueError, match=re.escape(failure.measured.split(": ", 1)[1])):
@@ -232,9 +234,9 @@ def test_cli_passes_and_writes_json(capsys, tmp_path):
 
 
 def test_cli_json_on_standard_output(capsys):
-    assert main(["verify", "formulas", "--cases", "5", "--json", "-"]) == 0
+    assert main(["verify", "formulas", "--cases", "7", "--json", "-"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["cases_run"] == 5 and "PASSED" in captured.err
+    assert json.loads(captured.out)["cases_run"] == 7 and "PASSED" in captured.err
 
 
 @pytest.mark.parametrize("argv", [["verify", "formulas", "--cases", "0"], ["verify", "formulas", "--seed", "-1"],
@@ -255,7 +257,7 @@ def test_snippets_pass_on_the_engine_for_drawn_cases(seed):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         case = layer_formulas.draw_case(rng)
-        for kind in ("conv", "basisconv") if case.basisconv_applies else ("conv",):
+        for kind in ("conv", "basisconv", "linear") if case.basisconv_applies else ("conv", "linear"):
             exec(layer_formulas.snippet(case, kind), {})  # raises AssertionError on any mismatch
 
 
@@ -270,7 +272,7 @@ def test_a_snippet_runs_standalone():
 def test_snippet_rejects_an_unknown_kind():
     case = layer_formulas.draw_case(np.random.default_rng(0))
     with pytest.raises(ValueError, match="kind"):
-        layer_formulas.snippet(case, "linear")
+        layer_formulas.snippet(case, "pool")
 
 
 # -- exactness --------------------------------------------------------------------------------------
@@ -441,3 +443,18 @@ def test_counts_cli_names_an_input_the_model_refuses(capsys):
     assert main(["verify", "counts", "table3_cnn", "--thresholds", "0.9", "--in-channels", "1"]) == 2
     err = capsys.readouterr().err
     assert "cannot run on an input of shape (1, 1, 32, 32)" in err and "Traceback" not in err
+
+
+def test_counts_at_a_batch_catch_a_slip_in_the_chunk_loops_that_batch_one_misses(monkeypatch):
+    from counting_mutations import SLIPS
+
+    SLIPS["conv forward, strided: chunks after the first uncounted"].plant(monkeypatch.setattr)
+    mb.manual_seed(0)
+    with smallest_chunks():  # 8×8 images: a batch of 3 in 3 chunks (ResNet-20's 32×32 at 128: ~10 chunks)
+        report = verify.check_counts(SmallNet(), thresholds=(), input_shape=(1, 3, 8, 8), batch=3)
+    assert not report.passed
+    rows = {r.path: r for r in report.rows}
+    assert rows["conv0"].passed  # not strided
+    conv1 = rows["conv1"]
+    assert (conv1.mults, conv1.backward_mults) == (conv1.formula_mults, conv1.backward_formula)  # batch 1 is right
+    assert conv1.batch_mults != conv1.mults and "MISMATCH" in report.table()

@@ -5,6 +5,7 @@ Every product goes through ``backend.mul`` / ``backend.matmul`` so it is counted
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 from minibasis import backend
 from minibasis.autograd.tensor import Function, Tensor, as_tensor, sum_to
@@ -217,6 +218,135 @@ class GetItem(Function):
 def _is_basic_index(index) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in items)
+
+
+def check_axis(axis, ndim: int, op: str) -> int:
+    """``axis`` as a non-negative int below ``ndim`` (negative counts from the end)."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{op}: dim must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{op}: dim {axis} is out of range for {ndim} axes (expected [{-ndim}, {ndim - 1}])")
+    return int(axis) % ndim
+
+
+def check_dtype(dtype, op: str):
+    """``dtype`` (a name or a type) as the active array module's dtype object."""
+    try:
+        return _xp(None).dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{op}: {dtype!r} is neither a dtype nor a backend "
+                        f"({', '.join(backend.available_backends())}, cpu, cuda)") from None
+
+
+def flattened_shape(shape: tuple, start_dim: int, end_dim: int) -> tuple:
+    """``shape`` with axes ``start_dim`` … ``end_dim`` (inclusive) merged into one."""
+    ndim = max(len(shape), 1)  # a 0-d tensor flattens to one element, as in PyTorch
+    start, end = check_axis(start_dim, ndim, "flatten"), check_axis(end_dim, ndim, "flatten")
+    if start > end:
+        raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim}")
+    shape = tuple(shape) or (1,)
+    merged = 1
+    for n in shape[start:end + 1]:
+        merged *= n
+    return shape[:start] + (merged,) + shape[end + 1:]
+
+
+class Copy(Function):
+    """A copy with its own memory (``Tensor.clone``); the gradient passes through unchanged."""
+
+    def forward(self, a):
+        return a.copy()
+
+    def backward(self, gy):
+        return gy
+
+
+class ToBackend(Function):
+    """The array moved to backend ``name``; the gradient goes back to the input's backend."""
+
+    def __init__(self, name: str):
+        self.name_to = name
+
+    def forward(self, a):
+        self.source = backend.backend_of(a)
+        return backend.to_backend(a, self.name_to)
+
+    def backward(self, gy):
+        return backend.to_backend(gy, self.source)
+
+
+class ValuesIndices(NamedTuple):
+    """What ``max(dim)`` / ``min(dim)`` return, as PyTorch's ``torch.return_types.max``."""
+
+    values: Tensor
+    indices: Tensor
+
+
+class Extreme(Function):
+    """The maximum (or minimum) along one axis; backward routes gy to the selected elements."""
+
+    def __init__(self, which: str, axis: int, keepdims: bool):
+        self.which, self.axis, self.keepdims = which, axis, keepdims
+
+    def forward(self, a):
+        xp = _xp(a)
+        index = xp.expand_dims((xp.argmax if self.which == "max" else xp.argmin)(a, axis=self.axis), self.axis)
+        self.index, self.in_shape = index, a.shape
+        values = xp.take_along_axis(a, index, axis=self.axis)
+        return values if self.keepdims else values.squeeze(self.axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        gy = gy if self.keepdims else xp.expand_dims(gy, self.axis)
+        positions = xp.arange(self.in_shape[self.axis]).reshape(
+            [-1 if i == self.axis else 1 for i in range(len(self.in_shape))])
+        # A select, not a product: the gradient lands where the index points.
+        return xp.where(positions == self.index, gy, 0).astype(gy.dtype, copy=False)
+
+
+class ExtremeAll(Function):
+    """The maximum (or minimum) of all elements; ties share the gradient equally (as PyTorch)."""
+
+    def __init__(self, which: str):
+        self.which = which
+
+    def forward(self, a):
+        self.a = a
+        self.y = a.max() if self.which == "max" else a.min()
+        return self.y
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        hit = self.a == self.y
+        return xp.where(hit, gy / hit.sum(), 0).astype(gy.dtype, copy=False)
+
+
+def extreme(x: Tensor, which: str, dim, keepdim: bool):
+    """``x.max()`` / ``x.min()``: a 0-d tensor without ``dim``, else ``(values, indices)``."""
+    if dim is None:
+        if x.numel() == 0:
+            raise ValueError(f"{which}() of an empty tensor")
+        return ExtremeAll(which)(x)
+    fn = Extreme(which, check_axis(dim, x.ndim, which), bool(keepdim))
+    values = fn(x)
+    index = fn.index if keepdim else fn.index.squeeze(fn.axis)
+    return ValuesIndices(values, Tensor(index.astype(_xp(index).int64, copy=False)))
+
+
+def arg_extreme(x: Tensor, which: str, dim, keepdim: bool) -> Tensor:
+    """``x.argmax(dim)`` / ``x.argmin(dim)``: int64 indices, outside the graph."""
+    xp, data = _xp(x.data), x.data
+    find = xp.argmax if which == "max" else xp.argmin
+    if dim is None:
+        index = find(data.reshape(-1))
+        if keepdim:
+            index = index.reshape((1,) * data.ndim)
+    else:
+        axis = check_axis(dim, x.ndim, f"arg{which}")
+        index = find(data, axis=axis)
+        if keepdim:
+            index = xp.expand_dims(index, axis)
+    return Tensor(xp.asarray(index).astype(xp.int64))
 
 
 class Cast(Function):

@@ -83,12 +83,22 @@ class Tensor:
     def ndim(self) -> int:
         return self.data.ndim
 
-    @property
-    def size(self) -> int:
-        return self.data.size
+    def size(self, dim: int | None = None):
+        """The shape as a tuple, or the length of axis ``dim`` (PyTorch's ``size()``).
+
+        Unlike NumPy's ``.size`` attribute this is a method and it is not the element
+        count: use :meth:`numel` for that.
+        """
+        if dim is None:
+            return tuple(self.data.shape)
+        return self.data.shape[ops.check_axis(dim, self.ndim, "size")]
+
+    def dim(self) -> int:
+        """Number of axes (PyTorch's ``dim()``, the same as ``ndim``)."""
+        return self.data.ndim
 
     def numel(self) -> int:
-        """Number of elements (PyTorch's ``numel()``; the same as the NumPy-style ``.size``)."""
+        """Number of elements (PyTorch's ``numel()``)."""
         return int(self.data.size)
 
     @property
@@ -114,8 +124,30 @@ class Tensor:
         """A host NumPy copy of the data (a copy from the GPU under CuPy)."""
         return backend.to_numpy(self.data)
 
-    def item(self) -> float:
+    def __array__(self, dtype=None, copy=None):
+        """NumPy's view of a host tensor (``numpy.asarray(t)``), as PyTorch allows for CPU
+        tensors; a device tensor refuses (use ``.numpy()``, which copies explicitly)."""
+        if not backend.is_host_array(self.data):
+            raise TypeError(f"a tensor on backend {backend.backend_of(self.data)!r} does not convert "
+                            "implicitly to a NumPy array; use .numpy()")
+        data = self.data if dtype is None else self.data.astype(dtype, copy=False)
+        return data.copy() if copy else data
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def item(self):
+        """The value of a one-element tensor as a Python number."""
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
         return self.data.item()
+
+    def tolist(self):
+        """The values as (nested) Python lists of numbers."""
+        return self.data.tolist()
 
     def detach(self) -> "Tensor":
         """The same data, cut from the graph."""
@@ -129,8 +161,32 @@ class Tensor:
         self.grad = None
 
     def astype(self, dtype) -> "Tensor":
-        from minibasis.autograd import ops
         return ops.Cast(dtype)(self)
+
+    def to(self, target) -> "Tensor":
+        """This tensor cast to a dtype (``"float64"``, ``numpy.float64``) or moved to a backend
+        (``"numpy"``, ``"cupy"``; also ``"cpu"``/``"cuda"``), differentiably.
+
+        Returns ``self`` when nothing changes, as PyTorch does. Moving a tensor does not switch
+        the active backend (``minibasis.use``).
+        """
+        device = backend.device_backend(target)
+        if device is not None:
+            return self if backend.backend_of(self.data) == device else ops.ToBackend(device)(self)
+        dtype = ops.check_dtype(target, "to")
+        return self if self.dtype == dtype else ops.Cast(dtype)(self)
+
+    def float(self) -> "Tensor":
+        """``to("float32")``."""
+        return self.to("float32")
+
+    def double(self) -> "Tensor":
+        """``to("float64")``."""
+        return self.to("float64")
+
+    def clone(self) -> "Tensor":
+        """A copy with its own memory that stays in the graph (gradients flow back to self)."""
+        return ops.Copy()(self)
 
     # -- backward ---------------------------------------------------------
     def backward(self, grad=None, retain_graph: bool = False) -> None:
@@ -144,7 +200,7 @@ class Tensor:
             raise RuntimeError(f"backward() on a tensor of shape {self.shape} that does not require grad "
                                "and has no graph (computed under no_grad, detached, or from constants only)")
         if grad is None:
-            if self.size != 1:
+            if self.numel() != 1:
                 raise ValueError(
                     f"backward() without a gradient needs a scalar tensor, got shape {self.shape}; "
                     "pass grad= with that shape")
@@ -159,78 +215,115 @@ class Tensor:
 
     # -- operators (the Tensor's own algebra lives in autograd.ops) -----------
     def __add__(self, other):
-        from minibasis.autograd import ops
         return ops.add(self, other)
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        from minibasis.autograd import ops
         return ops.sub(self, other)
 
     def __rsub__(self, other):
-        from minibasis.autograd import ops
         return ops.sub(other, self)
 
     def __mul__(self, other):
-        from minibasis.autograd import ops
         return ops.mul(self, other)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        from minibasis.autograd import ops
         return ops.div(self, other)
 
     def __rtruediv__(self, other):
-        from minibasis.autograd import ops
         return ops.div(other, self)
 
     def __neg__(self):
-        from minibasis.autograd import ops
         return ops.Neg()(self)
 
     def __pow__(self, exponent):
-        from minibasis.autograd import ops
         return ops.Pow(exponent)(self)
 
     def __matmul__(self, other):
-        from minibasis.autograd import ops
         return ops.matmul(self, other)
 
     def __rmatmul__(self, other):
-        from minibasis.autograd import ops
         return ops.matmul(other, self)
 
     def __getitem__(self, index):
-        from minibasis.autograd import ops
         return ops.GetItem(index)(self)
 
     def reshape(self, *shape) -> "Tensor":
-        from minibasis.autograd import ops
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return ops.Reshape(_dims(shape))(self)
+
+    def view(self, *shape) -> "Tensor":
+        """PyTorch's ``view``: the same as :meth:`reshape` here (arrays need not be contiguous)."""
+        return self.reshape(*shape)
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Tensor":
+        """Merge axes ``start_dim`` … ``end_dim`` (inclusive) into one; all of them by default."""
+        return ops.Reshape(ops.flattened_shape(self.shape, start_dim, end_dim))(self)
+
+    def unsqueeze(self, dim: int) -> "Tensor":
+        """Insert an axis of length 1 at ``dim`` (in [-ndim - 1, ndim])."""
+        shape = list(self.shape)
+        shape.insert(ops.check_axis(dim, self.ndim + 1, "unsqueeze"), 1)
         return ops.Reshape(tuple(shape))(self)
 
+    def squeeze(self, dim=None) -> "Tensor":
+        """Drop axes of length 1: all of them, or those among ``dim`` (an int or a tuple); a
+        named axis whose length is not 1 stays, as in PyTorch."""
+        axes = range(self.ndim) if dim is None else [
+            ops.check_axis(d, self.ndim, "squeeze") for d in (dim if isinstance(dim, (tuple, list)) else (dim,))]
+        drop = {a for a in axes if self.shape[a] == 1}
+        return ops.Reshape(tuple(n for i, n in enumerate(self.shape) if i not in drop))(self)
+
     def transpose(self, *axes) -> "Tensor":
-        from minibasis.autograd import ops
-        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-        return ops.Transpose(tuple(axes) if axes else None)(self)
+        """NumPy's ``transpose(*axes)`` (all axes reversed without arguments); PyTorch's
+        two-axis swap is :meth:`permute` or ``transpose`` with the full permutation."""
+        axes = _dims(axes)
+        return ops.Transpose(axes if axes else None)(self)
+
+    def permute(self, *dims) -> "Tensor":
+        """Reorder the axes: ``x.permute(0, 2, 3, 1)`` (NCHW → NHWC)."""
+        dims = _dims(dims)
+        if len(dims) != self.ndim:
+            raise ValueError(f"permute: got {len(dims)} dims {dims} for a tensor with {self.ndim} axes")
+        return ops.Transpose(dims)(self)
+
+    def max(self, dim=None, keepdim: bool = False):
+        """The largest element (a 0-d tensor), or with ``dim`` the pair ``(values, indices)``
+        along that axis, as in PyTorch. Gradients go to the selected elements (shared
+        equally among ties in the full reduction)."""
+        return ops.extreme(self, "max", dim, keepdim)
+
+    def min(self, dim=None, keepdim: bool = False):
+        """As :meth:`max`, for the smallest element."""
+        return ops.extreme(self, "min", dim, keepdim)
+
+    def argmax(self, dim=None, keepdim: bool = False) -> "Tensor":
+        """Indices (int64, no gradient) of the largest elements along ``dim``; of the flattened
+        tensor without ``dim``."""
+        return ops.arg_extreme(self, "max", dim, keepdim)
+
+    def argmin(self, dim=None, keepdim: bool = False) -> "Tensor":
+        """As :meth:`argmax`, for the smallest elements."""
+        return ops.arg_extreme(self, "min", dim, keepdim)
 
     def sum(self, axis=None, keepdims: bool = False) -> "Tensor":
-        from minibasis.autograd import ops
         return ops.Sum(axis, keepdims)(self)
 
     def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
-        from minibasis.autograd import ops
         return ops.Mean(axis, keepdims)(self)
 
     def exp(self) -> "Tensor":
-        from minibasis.autograd import ops
         return ops.Exp()(self)
 
     def log(self) -> "Tensor":
-        from minibasis.autograd import ops
         return ops.Log()(self)
+
+
+def _dims(args: tuple) -> tuple:
+    """``f(2, 3)`` and ``f((2, 3))`` alike: the dims as one tuple."""
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
 
 
 def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
@@ -431,3 +524,9 @@ def _accumulate_leaf(leaf: Tensor, grad) -> None:
         leaf.grad = Tensor(grad.copy())
     else:
         leaf.grad.data += grad
+
+
+# The Tensor's operators live in ops, which builds on Function and Tensor above; importing it
+# here, once both exist, binds them for every method without an import per call (and without
+# a cycle: ops finds this module complete).
+from minibasis.autograd import ops  # noqa: E402

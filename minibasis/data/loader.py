@@ -1,4 +1,4 @@
-"""In-memory datasets and a reproducible mini-batch loader (host-side NumPy).
+"""In-memory datasets and a reproducible mini-batch loader (host-side NumPy, yielding Tensors).
 
 Reproducibility contract: the sample order of an epoch is a pure function of (seed, epoch)
 (``epoch_permutation``), and the generator handed to the transform of a batch is a pure function
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from minibasis.autograd import Tensor
 from minibasis.checks import non_negative_int, positive_int
 
 __all__ = ["ArrayDataset", "DataLoader", "epoch_permutation", "augmentation_generator"]
@@ -106,7 +107,7 @@ class ArrayDataset:
 
 
 class DataLoader:
-    """Iterate over a dataset in mini-batches of numpy arrays ``(x, y)``.
+    """Iterate over a dataset in mini-batches ``(x, y)``: Tensors, as PyTorch's loader yields.
 
     Args:
         dataset: a tuple ``(images, labels)`` of numpy arrays (wrapped in ``ArrayDataset``), or
@@ -118,6 +119,10 @@ class DataLoader:
         transform: optional ``transform(x, rng)`` applied to each image batch (see
             ``minibasis.data.transforms``); ``rng`` is a ``numpy.random.Generator`` derived from
             (seed, epoch, batch index).
+        as_tensors: yield ``(x, y)`` as :class:`minibasis.Tensor` (default) wrapping the host
+            arrays, without a copy and without moving them to the active backend (as PyTorch
+            yields CPU tensors: ``x.to("cupy")`` moves one); False yields the NumPy arrays
+            themselves. Transforms always receive NumPy arrays; the trainer takes either.
 
     ``epoch`` counts completed passes: it selects the order and the augmentation of the next
     pass and goes up by one when a pass runs to its end (a pass abandoned early repeats).
@@ -132,6 +137,7 @@ class DataLoader:
         seed: int | None = None,
         drop_last: bool = False,
         transform: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        as_tensors: bool = True,
     ):
         if isinstance(dataset, tuple):
             if len(dataset) != 2:
@@ -154,6 +160,9 @@ class DataLoader:
         self.seed = _non_negative_int("DataLoader: seed", seed)
         self.drop_last = bool(drop_last)
         self.transform = transform
+        if not isinstance(as_tensors, bool):
+            raise TypeError(f"DataLoader: as_tensors must be a bool, got {as_tensors!r}")
+        self.as_tensors = as_tensors
         self._epoch = 0
 
     @property
@@ -182,7 +191,11 @@ class DataLoader:
             return num_samples // self.batch_size
         return math.ceil(num_samples / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _batch(self, x: np.ndarray, y: np.ndarray) -> tuple:
+        """What the loader yields for one batch: Tensors or the arrays (``as_tensors``)."""
+        return (Tensor(x), Tensor(y)) if self.as_tensors else (x, y)
+
+    def __iter__(self) -> Iterator[tuple]:
         epoch = self._epoch
         num_samples = len(self.dataset)
         if self.shuffle:
@@ -195,7 +208,7 @@ class DataLoader:
             if self.transform is not None:
                 rng = augmentation_generator(self.seed, epoch, batch_index)
                 x = self.transform(x, rng)
-            yield x, y
+            yield self._batch(x, y)
         self._epoch = epoch + 1
 
     def _fetch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,5 +227,6 @@ class DataLoader:
     def __repr__(self) -> str:
         return (
             f"DataLoader({self.dataset!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-            f"seed={self.seed}, drop_last={self.drop_last}, transform={self.transform!r}, epoch={self._epoch})"
+            f"seed={self.seed}, drop_last={self.drop_last}, transform={self.transform!r}, "
+            f"as_tensors={self.as_tensors}, epoch={self._epoch})"
         )

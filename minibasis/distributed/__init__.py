@@ -43,6 +43,7 @@ from minibasis.distributed.comm import (
     is_initialized,
     is_main_process,
     launched_by_mpi,
+    main_process_decides,
 )
 from minibasis.distributed.reduce import (
     DEFAULT_BUCKET_BYTES,
@@ -60,7 +61,7 @@ shard_indices = shard_batches
 
 __all__ = [
     "init", "get_world", "is_initialized", "get_rank", "get_world_size", "get_local_rank", "is_main_process",
-    "barrier", "abort", "finalize", "describe", "launched_by_mpi", "Communicator", "SingleProcess",
+    "barrier", "abort", "finalize", "describe", "launched_by_mpi", "main_process_decides", "Communicator", "SingleProcess",
     "MPICommunicator", "NCCLReducer", "DistributedError",
     "broadcast_parameters", "GradientReducer", "allreduce_gradients", "allreduce_metrics", "global_counts",
     "DEFAULT_BUCKET_BYTES",

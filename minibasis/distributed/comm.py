@@ -29,6 +29,7 @@ __all__ = [
     "Communicator", "SingleProcess", "MPICommunicator", "NCCLReducer",
     "init", "get_world", "is_initialized", "get_rank", "get_world_size", "get_local_rank",
     "is_main_process", "barrier", "abort", "finalize", "launched_by_mpi", "DistributedError",
+    "main_process_decides",
 ]
 
 REDUCE_OPS = ("sum", "max", "min")
@@ -358,6 +359,43 @@ def barrier() -> None:
     get_world().barrier()
 
 
+def main_process_decides(fn, *args, **kwargs):
+    """Call ``fn(*args, **kwargs)`` on rank 0 only and give every rank its result, or raise its
+    exception on every rank.
+
+    For what must happen once and be agreed on before anything else is written, such as
+    checking and creating a run folder: were each rank to look for itself, one could see the
+    files another has just written. The exception raised on every rank carries
+    ``on_every_rank = True``, so that a command line can end all ranks with the same status
+    without aborting them (:func:`finalize`). In one process this is ``fn(*args, **kwargs)``.
+    """
+    world = get_world()
+    if world.size == 1:
+        return fn(*args, **kwargs)
+    outcome = None
+    if world.rank == 0:
+        try:
+            outcome = (True, fn(*args, **kwargs))
+        except Exception as exc:  # handed to every rank below, raised there
+            outcome = (False, _picklable(exc))
+    succeeded, value = world.broadcast_object(outcome, root=0)
+    if succeeded:
+        return value
+    value.on_every_rank = True
+    raise value
+
+
+def _picklable(exc: Exception) -> Exception:
+    """``exc`` itself when it survives pickling (how MPI sends objects), else a DistributedError
+    with its type and message."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return DistributedError(f"{type(exc).__name__}: {exc}")
+
+
 def abort(code: int = 1, message: str | None = None) -> None:
     """Print ``message`` (with the rank) and end every rank with exit status ``code``."""
     world = get_world()
@@ -367,12 +405,14 @@ def abort(code: int = 1, message: str | None = None) -> None:
     world.abort(code)
 
 
-def finalize(exit_code: int) -> int:
+def finalize(exit_code: int, on_every_rank: bool = False) -> int:
     """Call at the end of a program with its exit status. A non-zero status on one rank of
     several aborts all of them (a rank that simply returned would leave the others blocked in
-    their next collective, or in MPI's own finalization); zero is returned unchanged."""
+    their next collective, or in MPI's own finalization), unless ``on_every_rank`` says that
+    every rank ends with this status (an error from :func:`main_process_decides`); the status
+    is returned."""
     world = get_world()
-    if exit_code and world.size > 1:
+    if exit_code and world.size > 1 and not on_every_rank:
         abort(int(exit_code), f"exiting with status {exit_code}; aborting all {world.size} ranks")
     return exit_code
 

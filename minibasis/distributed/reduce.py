@@ -80,7 +80,7 @@ class _Bucket:
 
     def __init__(self, params: list[Parameter], xp, dtype, flags: int):
         self.params = params
-        self.offsets = numpy.cumsum([0] + [p.size for p in params]).tolist()
+        self.offsets = numpy.cumsum([0] + [p.numel() for p in params]).tolist()
         # The last ``flags`` entries count, per parameter of the whole reducer, how many ranks
         # had a gradient (only the final bucket carries them).
         self.flags = flags

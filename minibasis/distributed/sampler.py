@@ -183,9 +183,10 @@ class ShardedDataLoader(DataLoader):
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool = False, seed: int | None = None,
-                 drop_last: bool = False, transform=None, *, uneven: str = "pad", rank: int | None = None,
-                 world_size: int | None = None, exact_augmentation: bool = True):
-        super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, transform=transform)
+                 drop_last: bool = False, transform=None, as_tensors: bool = True, *, uneven: str = "pad",
+                 rank: int | None = None, world_size: int | None = None, exact_augmentation: bool = True):
+        super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, transform=transform,
+                         as_tensors=as_tensors)
         if seed is None and world_size is None:
             self.seed = get_world().broadcast_object(self.seed, root=0)
         self.sampler = ShardedSampler(len(self.dataset), self.batch_size, shuffle=self.shuffle, seed=self.seed,
@@ -196,12 +197,13 @@ class ShardedDataLoader(DataLoader):
     def from_loader(cls, loader: DataLoader, *, uneven: str = "pad", rank: int | None = None,
                     world_size: int | None = None, exact_augmentation: bool = True) -> "ShardedDataLoader":
         """The sharded twin of a ``DataLoader``: same dataset, global batch size, shuffling, seed,
-        ``drop_last``, transform and current epoch. A training loop written for ``DataLoader``
+        ``drop_last``, transform, ``as_tensors`` and current epoch. A training loop written for ``DataLoader``
         becomes data-parallel by swapping its loader for this one."""
         if not isinstance(loader, DataLoader):
             raise TypeError(f"from_loader expects a minibasis.data.DataLoader, got {type(loader).__name__}")
         sharded = cls(loader.dataset, loader.batch_size, shuffle=loader.shuffle, seed=loader.seed,
-                      drop_last=loader.drop_last, transform=loader.transform, uneven=uneven, rank=rank,
+                      drop_last=loader.drop_last, transform=loader.transform, as_tensors=loader.as_tensors,
+                      uneven=uneven, rank=rank,
                       world_size=world_size, exact_augmentation=exact_augmentation)
         sharded.set_epoch(loader.epoch)
         return sharded
@@ -225,7 +227,7 @@ class ShardedDataLoader(DataLoader):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple]:
         epoch = self._epoch
         self.sampler.seed = self.seed
         rank, size = self.sampler.rank, self.sampler.world_size
@@ -236,13 +238,13 @@ class ShardedDataLoader(DataLoader):
                 x, y = self._fetch(global_index)
                 rng = augmentation_generator(self.seed, epoch, batch_index)
                 x = self.transform(x, rng)
-                yield x[mine], y[mine]
+                yield self._batch(x[mine], y[mine])
                 continue
             x, y = self._fetch(global_index[mine])
             if self.transform is not None:
                 rng = augmentation_generator(self.seed, epoch, batch_index, rank)
                 x = self.transform(x, rng)
-            yield x, y
+            yield self._batch(x, y)
         self._epoch = epoch + 1
 
     def __repr__(self) -> str:

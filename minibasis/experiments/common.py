@@ -4,6 +4,8 @@ named and saved, notes on stderr, and the process's peak memory.
 * :func:`shared_dir`: the read-only shared folder (``$MINIBASIS_SHARED``, else
   ``../shared`` beside the repository or the current directory), its ``data`` folder and its
   pretrained akamaster ResNets.
+* :func:`find_model_file`: a model file's path, a bare file name looked up among the shared
+  models (``resnet20-12fca82f.th``) as ``--checkpoint auto`` finds them.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from pathlib import Path
 
 from minibasis.experiments.errors import UserError
 
-__all__ = ["shared_dir", "default_data_dir", "pretrained_dir", "pretrained_checkpoint", "data_note", "note",
-           "save_model_file", "peak_memory_mib"]
+__all__ = ["shared_dir", "default_data_dir", "pretrained_dir", "pretrained_checkpoint", "find_model_file", "data_note",
+           "note", "save_model_file", "peak_memory_mib"]
 
 #: Said once whenever a verb evaluates on the shared CIFAR-10 (docs/models.md has the details).
 SHARED_CIFAR10_NOTE = ("note: the shared CIFAR-10 images are JPEG re-encodings of the originals; PyTorch gets "
@@ -33,6 +35,17 @@ def shared_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return repo_sibling
+
+
+def find_model_file(name) -> Path:
+    """``name`` as a path; where no such file exists and ``name`` is a bare file name (no
+    folder), the first ``<shared>/models/*/<name>``, so ``resnet20-12fca82f.th`` names the shared
+    pretrained file as ``--checkpoint auto`` finds it. Existence is the caller's to check."""
+    path = Path(name)
+    if path.is_file() or path.name != str(name):
+        return path
+    matches = sorted((shared_dir() / "models").glob(f"*/{path.name}"))
+    return matches[0] if matches else path
 
 
 def peak_memory_mib() -> float | None:
@@ -81,8 +94,11 @@ def note(message: str) -> None:
 
 def save_model_file(path: Path, model, normalize: str, dataset: str | None) -> None:
     """:func:`minibasis.save_model` with the normalization and dataset the model was used with."""
+    from minibasis.experiments import runs
     from minibasis.model_files import save_model
     try:
         save_model(model, path, normalization=normalize, dataset=dataset)
     except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line names the run's last complete checkpoint
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -14,7 +14,8 @@ For each model (one 32×32 image, eval mode, no graph):
   from the input size that reached it. GFLOPs in the paper's sense are conv
   multiplications / 10⁹.
 
-A MODEL may also be a model file (a minibasis ``model.npz`` or a PyTorch ``.th``/``.pth``):
+A MODEL may also be a model file (a minibasis ``model.npz`` / ``.safetensors``, a PyTorch ``.th``/``.pth``
+or an ONNX graph ``.onnx``, counted at its own input size):
 it is counted as the file describes it — compressed and random-basis models with their BasisConv
 layout — e.g. ``minibasis count docs/results/table3-basis/model.npz``.
 
@@ -98,11 +99,12 @@ def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> di
 def _is_model_file(name: str) -> bool:
     from pathlib import Path
 
-    return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt") or Path(name).is_file()
+    return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt", ".onnx", ".safetensors") or Path(name).is_file()
 
 
 def _load_file(path: str):
-    """(model, description, config) of a model file (:func:`options.model_argument`)."""
+    """(model, description, config) of a model file (:func:`loading.model_argument`; a bare file name
+    may name a shared model, :func:`common.find_model_file`)."""
     from pathlib import Path
 
     from minibasis.experiments.loading import model_argument, model_operand
@@ -111,6 +113,16 @@ def _load_file(path: str):
     label = Path(path).name if Path(path).parent.name in ("", ".") else f"{Path(path).parent.name}/{Path(path).name}"
     return model, label, {"num_classes": metadata.num_classes, "file": str(path),
                           "architecture": metadata.architecture.get("name")}
+
+
+def _input_of(model, name: str) -> tuple[int, int]:
+    """(image size, channels) to count at: an imported ONNX graph's own input, else 32×32 RGB."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return 32, 3
+    if len(shape) != 4 or shape[2] != shape[3]:
+        raise UserError(f"{name}: counts are taken on square (N, C, S, S) images; the graph's input is {shape}")
+    return shape[3], shape[1]
 
 
 def model_config(name: str, num_classes: int | None, depth: int | None, shortcut: str | None) -> dict[str, Any]:
@@ -181,7 +193,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="model names (table3_cnn, alexnet, vgg16, vgg16_bn, resnet20/32/44/56/110/1202, "
                              "resnet_cifar --depth D, densenet190, densenet_bc --depth D), 'paper' for the "
-                             "paper's four nets, or model files (model.npz, .th/.pth)")
+                             "paper's four nets, or model files (model.npz, .safetensors, .th/.pth, .onnx)")
     parser.add_argument("--num-classes", type=argtypes.positive, default=None,
                         help="output classes (default: 100 for the paper's CIFAR-100 nets alexnet, vgg16, "
                              "resnet110, densenet190; 10 otherwise)")
@@ -190,6 +202,11 @@ def add_arguments(parser) -> None:
                         help="CIFAR ResNet shortcut: A zero-padding (akamaster), B 1×1 conv + BN (bearpaw) "
                              "(default: B for resnet110, the paper's net; A otherwise)")
     parser.add_argument("--layers", action="store_true", help="also print one line per conv layer")
+    parser.add_argument("--timing", action="store_true",
+                        help="also time one forward pass of a batch of --batch zero images: per conv layer and for "
+                             "the rest of the network by kind (batch norm, activations, adds, pooling, linear), "
+                             "with the share of the time outside the conv layers (wall clock: noisy on a busy machine)")
+    parser.add_argument("--batch", type=argtypes.positive, default=64, help="batch size of the --timing pass (default 64)")
     parser.add_argument("--json", metavar="PATH", type=argtypes.output_file, default=None,
                         help="write the full report as JSON to PATH ('-' for standard output)")
 
@@ -223,8 +240,15 @@ def run(args) -> int:
             builds.append((zoo_name, model, _describe(zoo_name, config), config))
     reports = []
     for name, model, description, config in builds:
-        report = {"model": name, "description": description, "config": config, **count_model(model)}
+        report = {"model": name, "description": description, "config": config,
+                  **count_model(model, *_input_of(model, name))}
         report["paper"] = _paper_figures(name, config)
+        if o.timing:
+            timed = profile(model, (o.batch,) + tuple(report["input_shape"][1:]), timing=True)
+            report["timing"] = {**timed.timing, "batch": o.batch,
+                                "layers": [{"layer": r.path, "forward_seconds": r.forward_seconds, "share": r.share,
+                                            "mults_per_second": r.mults_per_second} for r in timed.rows],
+                                "table": timed.timing_table()}
         if report["conv_mults_measured"] != report["conv_mults_formula"]:
             print(f"warning: {name}: measured conv mults {report['conv_mults_measured']:,} differ from the "
                   f"formula's {report['conv_mults_formula']:,}", file=sys.stderr)
@@ -236,6 +260,9 @@ def run(args) -> int:
     if o.layers:
         for report in reports:
             print("\n" + format_layers(report), file=text_out)
+    for report in reports:
+        if "timing" in report:
+            print(f"\n{report['description']}: " + report["timing"].pop("table"), file=text_out)
     if any(r["paper"] for r in reports):
         print("\nparams: all parameters, BatchNorm weights and biases included (the paper's Table 1); "
               "filters: Σ M, and Σ min(M, D) as in the paper's Table 2; GFLOPs: measured conv multiplications "

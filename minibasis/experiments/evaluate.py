@@ -25,7 +25,7 @@ from pathlib import Path
 from minibasis import backend, data
 from minibasis.experiments import argtypes, common, options, runs
 from minibasis.experiments.common import peak_memory_mib
-from minibasis.experiments.loading import load_data, load_verb_model
+from minibasis.experiments.loading import inference_form, load_data, load_verb_model
 from minibasis.measure import input_channels
 from minibasis.experiments.errors import UserError
 
@@ -38,6 +38,7 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=256)
     parser.add_argument("--limit", type=argtypes.positive, default=None, metavar="N",
                         help="evaluate only the first N test images (default: all)")
+    options.add_deploy_argument(parser)
 
 
 def compression_note(model) -> str | None:
@@ -75,14 +76,14 @@ def run(args) -> int:
     if compressed := compression_note(model):
         log(compressed)
     model.to(run_spec.device)
-    result = evaluate(model, images, labels, batch_size=run_spec.batch_size,
+    result = evaluate(inference_form(model, o.deploy), images, labels, batch_size=run_spec.batch_size,
                       transform=data.eval_transform(normalize), progress=not run_spec.quiet,
                       desc=f"eval {description}")
     summary = {
         "model": description, "num_classes": num_classes,
         "checkpoint": None if spec.model.checkpoint is None else str(spec.model.checkpoint),
         "dataset": data_spec.name, "data": str(data_spec.root),
-        "normalize": normalize, "batch_size": run_spec.batch_size, "device": run_spec.device,
+        "normalize": normalize, "batch_size": run_spec.batch_size, "device": run_spec.device, "deployed": o.deploy,
         **result.as_dict(),
         "data_load_seconds": round(load_seconds, 3),
         "peak_rss_mib": None if (peak := peak_memory_mib()) is None else round(peak, 1),
@@ -96,6 +97,8 @@ def run(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, summary)
     except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line says so in one line, in the log too
         raise UserError(f"cannot write {path}: {exc}") from None
     log(f"wrote {path}")
     return 0

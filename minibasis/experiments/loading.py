@@ -16,20 +16,27 @@ from minibasis.experiments import common
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.experiments.options import DataSpec, ModelSpec, VerbSpec, _model_file
 
-__all__ = ["model_operand", "model_argument", "describe", "LoadedModel", "load_verb_model", "normalization",
-           "load_data"]
+__all__ = ["model_operand", "model_file", "model_argument", "describe", "LoadedModel", "load_verb_model", "normalization",
+           "load_data", "inference_form"]
 
 
 def model_operand(text: str, option: str = "MODEL", **kwargs) -> ModelSpec:
     """A positional model argument (``count``, ``verify``): a zoo name built with ``kwargs``, or a
-    model file (anything with a file suffix or an existing path) read as it describes itself."""
+    model file (anything with a file suffix or an existing path; a bare file name may name a shared
+    model, :func:`common.find_model_file`) read as it describes itself."""
     from minibasis.models import MODELS
 
     if text in MODELS and not Path(text).exists():
         return ModelSpec(model=text, kwargs=kwargs, defaults={"model": text}, checkpoint=None)
     if Path(text).suffix or Path(text).exists():
-        return ModelSpec(model=None, kwargs={}, defaults={}, checkpoint=_model_file(option, text))
+        return model_file(text, option)
     raise UserError(f"{option} {text!r} is neither a model file nor a zoo model; known models: {', '.join(MODELS)}")
+
+
+def model_file(text: str, option: str) -> ModelSpec:
+    """A model file named by ``option`` (``MODEL``, ``--teacher``), read as it describes itself; a bare
+    file name may name a shared model (:func:`common.find_model_file`)."""
+    return ModelSpec(model=None, kwargs={}, defaults={}, checkpoint=_model_file(option, common.find_model_file(text)))
 
 
 def model_argument(spec: ModelSpec):
@@ -132,3 +139,15 @@ def load_data(spec: DataSpec, *, num_train=None, num_test=None, seed=0, train_su
         raise UserError(f"{spec.name} files not found under {spec.root}: {first_line(exc)}") from None
     except ValueError as exc:  # DatasetError, malformed files
         raise UserError(first_line(exc)) from None
+
+
+def inference_form(model, deploy: bool, image_shape=(3, 32, 32)):
+    """``model`` as the verb evaluates it: :func:`minibasis.deploy` of it with ``--deploy``, else itself."""
+    if not deploy:
+        return model
+    from minibasis import deploy as deployed
+
+    try:
+        return deployed(model, (1,) + tuple(image_shape))
+    except ValueError as exc:
+        raise UserError(f"--deploy: {first_line(exc)}") from None

@@ -23,8 +23,8 @@ from minibasis.experiments import argtypes
 from minibasis.experiments.argtypes import Thresholds, non_negative, positive
 from minibasis.experiments.errors import UserError, first_line
 
-__all__ = ["DEFAULT_THRESHOLDS", "add_common_arguments", "add_model_arguments", "add_data_arguments", "RunSpec", "ModelSpec", "DataSpec",
-           "VerbSpec", "verb_spec"]
+__all__ = ["DEFAULT_THRESHOLDS", "add_common_arguments", "add_model_arguments", "add_data_arguments",
+           "add_budget_arguments", "add_deploy_argument", "RunSpec", "ModelSpec", "DataSpec", "VerbSpec", "verb_spec"]
 
 #: The paper's Figure 2 thresholds.
 DEFAULT_THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -83,6 +83,24 @@ def add_data_arguments(parser, *, dataset: str = "cifar10", normalize: str = "im
                        help="per-channel input normalization (default: what the model file records; else "
                             f"{normalize}); the shared akamaster ResNets were trained with ImageNet statistics")
     parser.set_defaults(_normalize_default=normalize)
+
+
+def add_budget_arguments(group) -> None:
+    """``--target-mult-ratio`` and ``--allocation`` (:func:`minibasis.compress` under a measured budget)."""
+    from minibasis.allocation import ALLOCATIONS
+    group.add_argument("--target-mult-ratio", type=argtypes.fraction, default=None,
+                       help="instead of --threshold: a budget; the measured conv multiplications of the "
+                            "compressed network are at most this fraction of the original's (e.g. 0.45)")
+    group.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                       help="with --target-mult-ratio: uniform, one threshold t for every layer, the largest that "
+                            "fits (the paper's), or greedy, Q per layer by energy kept per multiplication "
+                            "(default: uniform)")
+
+
+def add_deploy_argument(parser) -> None:
+    parser.add_argument("--deploy", action="store_true",
+                        help="evaluate the deployed form (minibasis.deploy: BatchNorm folded, each conv fused with its "
+                             "ReLU and residual add, inference only): the same outputs to float rounding, faster")
 
 
 # ---------------------------------------------------------------------------

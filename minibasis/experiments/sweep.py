@@ -23,7 +23,7 @@ import time
 
 from minibasis import data
 from minibasis.experiments import argtypes, common, options, runs
-from minibasis.experiments.loading import load_data, load_verb_model
+from minibasis.experiments.loading import inference_form, load_data, load_verb_model
 from minibasis.training import evaluate, format_duration, read_json
 
 __all__ = ["add_arguments", "run"]
@@ -40,6 +40,7 @@ def add_arguments(parser) -> None:
                         help="replace every conv, even where BasisConv needs as many multiplications or more")
     parser.add_argument("--resume", action="store_true",
                         help="continue the sweep in --output: keep its measured rows, measure the missing thresholds")
+    options.add_deploy_argument(parser)
     options.add_common_arguments(parser, batch_size=256)
 
 
@@ -72,8 +73,8 @@ def run(args) -> int:
     transform = data.eval_transform(normalize)
 
     def accuracy(m, label: str) -> float:
-        return evaluate(m, x_test, y_test, batch_size=run_spec.batch_size, transform=transform,
-                        progress=not run_spec.quiet, desc=f"  {label}").accuracy
+        return evaluate(inference_form(m, o.deploy), x_test, y_test, batch_size=run_spec.batch_size,
+                        transform=transform, progress=not run_spec.quiet, desc=f"  {label}").accuracy
 
     done, original_acc = _done_rows(folder, thresholds) if run_spec.resume else ({}, None)
     if run_spec.resume:
@@ -84,7 +85,8 @@ def run(args) -> int:
     log(f"original: test accuracy {100 * original_acc:.2f}%")
     results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None,
                "dataset": data_spec.name, "test_images": int(len(y_test)), "normalize": normalize,
-               "replace_all": o.replace_all, "device": backend.current(), "test_acc_original": original_acc,
+               "replace_all": o.replace_all, "deployed": o.deploy, "device": backend.current(),
+               "test_acc_original": original_acc,
                "mults_unit": "multiplications per image, conv layers only (the paper's convention)",
                "params_unit": "params: learnable parameters; stored: parameters + persistent buffers (bases included)",
                "complete": False, "thresholds": []}

@@ -91,7 +91,7 @@ def conv_learnable_parameters(model) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, (Conv2d, BasisConv2d)):
-            total += sum(p.size for p in m.parameters(recurse=False) if p.requires_grad)
+            total += sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
     return total
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import minibasis
 from minibasis import data
-from minibasis.experiments import argtypes, options
+from minibasis.experiments import argtypes, common, options
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.experiments.loading import load_data, model_argument, model_operand, normalization
 from minibasis.experiments.options import DataSpec
@@ -25,10 +25,14 @@ def add_arguments(parser) -> None:
 
     formulas = sub.add_parser("formulas", help="random layer geometries: measured mults and parameters vs the "
                                                "closed forms (hypothesis shrinks a failure)",
-                              description="Draw random Conv2d/BasisConv2d geometries, run them forward and backward, "
-                                          "and compare measured multiplications and parameter counts with the "
-                                          "paper's closed forms.")
-    formulas.add_argument("--cases", type=argtypes.positive, default=200, help="geometries to try (default: 200)")
+                              description="Draw random Conv2d/BasisConv2d geometries, stratified by the conv path "
+                                          "the engine takes, run them forward and backward, and compare measured "
+                                          "multiplications and parameter counts with the paper's closed forms; "
+                                          "at batch N, in one piece and in N chunks, the counts must be N times "
+                                          "batch 1's.")
+    formulas.add_argument("--cases", type=argtypes.positive, default=200,
+                          help="geometries to try, shared out over the conv paths (default: 200; at least 7 to "
+                               "reach every path)")
     formulas.add_argument("--seed", type=argtypes.non_negative, default=0, help="seed of the search (default: 0)")
     formulas.add_argument("--no-hypothesis", action="store_true",
                           help="draw with NumPy even when hypothesis is installed (no shrinking)")
@@ -40,9 +44,10 @@ def add_arguments(parser) -> None:
     _add_model_argument(exactness)
     exactness.add_argument("--dtype", choices=("float32", "float64"), default="float64",
                            help="precision of the comparison (default: float64)")
-    exactness.add_argument("--data", type=Path, default=None,
-                           help="folder holding cifar-10-batches-py: the first --images test images (default: "
-                                "Gaussian inputs)")
+    exactness.add_argument("--data", default=None,
+                           help="folder holding cifar-10-batches-py: the first --images test images; 'none': "
+                                "Gaussian inputs (default: the shared data folder where it holds CIFAR-10, "
+                                "else Gaussian inputs)")
     exactness.add_argument("--images", type=argtypes.positive, default=64, help="inputs to compare on (default: 64)")
     exactness.add_argument("--normalize", choices=("imagenet", "cifar10", "none"), default=None,
                            help="normalization of the --data images (default: the model file's, else imagenet, as "
@@ -52,11 +57,15 @@ def add_arguments(parser) -> None:
                                            "mults vs the closed forms",
                             description="Profile the model as it is and compressed at each threshold (one forward "
                                         "and one backward pass) and compare every conv layer's measured "
-                                        "multiplications with the closed forms.")
+                                        "multiplications with the closed forms, at batch 1 and per image at "
+                                        "--batch.")
     _add_model_argument(counts)
     counts.add_argument("--thresholds", type=argtypes.thresholds, default="1,0.9",
                         help="comma-separated energy thresholds to compress at (default: 1,0.9)")
     counts.add_argument("--input-size", type=argtypes.positive, default=32, help="input height and width (default: 32)")
+    counts.add_argument("--batch", type=argtypes.positive, default=128,
+                        help="also measure at this batch size, where the engine runs its multi-chunk, threaded "
+                             "loops: the per-image counts must equal batch 1's (default: 128)")
     counts.add_argument("--in-channels", type=argtypes.positive, default=None,
                         help="input channels (default: the first conv layer's in_channels, else 3)")
 
@@ -74,18 +83,24 @@ def _add_model_argument(parser) -> None:
 
 
 def _input_images(o, metadata):
-    """The first ``--images`` CIFAR-10 test images of ``--data``, normalized as ``--normalize`` or the
-    model file says (:func:`loading.normalization`); None without ``--data``."""
+    """The first ``--images`` CIFAR-10 test images of ``--data`` (default: the shared data folder where
+    it holds CIFAR-10), normalized as ``--normalize`` or the model file says
+    (:func:`loading.normalization`); None (Gaussian inputs) with ``--data none`` or no CIFAR-10."""
     if o.data is None:
+        shared = common.default_data_dir()
+        root = shared if (shared / "cifar-10-batches-py").is_dir() else None
+    else:
+        root = None if o.data.lower() == "none" else Path(o.data)
+    if root is None:
         return None
-    spec = DataSpec("cifar10", o.data, o.normalize, "imagenet")
+    spec = DataSpec("cifar10", root, o.normalize, "imagenet")
     _, (x_test, _) = load_data(spec, num_test=o.images)
     return data.eval_transform(normalization(spec, metadata))(x_test)
 
 
 def _model(o, seed: int):
-    """``(model, metadata or None)`` of MODEL_OR_FILE (:func:`options.model_argument`); a zoo model's
-    random initialization is seeded by ``--seed``."""
+    """``(model, metadata or None)`` of MODEL_OR_FILE (:func:`loading.model_argument`; a bare file
+    name may name a shared model); a zoo model's random initialization is seeded by ``--seed``."""
     minibasis.manual_seed(seed)
     return model_argument(model_operand(o.model, "MODEL_OR_FILE"))
 
@@ -109,7 +124,7 @@ def run(args) -> int:
         channels = input_channels(model) if o.in_channels is None else o.in_channels
         shape = (1, channels, o.input_size, o.input_size)
         try:
-            result = verify.check_counts(model, thresholds, input_shape=shape)
+            result = verify.check_counts(model, thresholds, input_shape=shape, batch=o.batch)
         except ValueError as exc:  # the model refuses this input (channels, size)
             raise UserError(f"{o.model} cannot run on an input of shape {shape}: {first_line(exc)}") from None
     print(result.table(), file=sys.stderr if o.json == "-" else sys.stdout)

@@ -8,7 +8,7 @@ from minibasis import backend, parallel
 from minibasis.autograd import Function, Tensor, as_tensor
 from minibasis.autograd.ops import Reshape
 
-__all__ = ["relu", "linear", "flatten", "concat", "pad", "dropout"]
+__all__ = ["relu", "linear", "flatten", "concat", "pad", "dropout", "dropout2d"]
 
 
 def _check_float(name: str, **arrays) -> None:
@@ -204,14 +204,20 @@ def pad(x: Tensor, widths: Sequence[tuple[int, int]], value: float = 0.0) -> Ten
 
 
 class Dropout(Function):
-    """Inverted dropout: kept units are scaled by 1/(1 − p) so evaluation needs no rescaling."""
+    """Inverted dropout: kept units are scaled by 1/(1 − p) so evaluation needs no rescaling.
 
-    def __init__(self, p: float):
-        self.p = p
+    ``channels``: one draw per (sample, channel) of an (N, C, ...) input, so whole feature
+    maps are dropped (``dropout2d``); the mask broadcasts over the spatial axes, and the
+    product is still one multiplication per element.
+    """
+
+    def __init__(self, p: float, channels: bool = False):
+        self.p, self.channels = p, channels
 
     def forward(self, x):
         xp = backend.get_array_module(x)
-        keep = xp.random.random_sample(x.shape) >= self.p
+        shape = x.shape[:2] + (1,) * (x.ndim - 2) if self.channels else x.shape
+        keep = xp.random.random_sample(shape) >= self.p
         self.mask = xp.where(keep, x.dtype.type(1.0 / (1.0 - self.p)), x.dtype.type(0)).astype(x.dtype)
         return backend.mul(x, self.mask)
 
@@ -233,3 +239,13 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     if not training or p == 0.0:
         return as_tensor(x)
     return Dropout(p)(x)
+
+
+def dropout2d(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """Zero whole channels of x (N, C, H, W) with probability ``p`` in training; identity in evaluation."""
+    check_dropout_probability(p)
+    if len(tuple(x.shape)) != 4:
+        raise ValueError(f"dropout2d expects input of shape (N, C, H, W), got {tuple(x.shape)}")
+    if not training or p == 0.0:
+        return as_tensor(x)
+    return Dropout(p, channels=True)(x)

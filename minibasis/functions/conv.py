@@ -64,18 +64,26 @@ Multiplications recorded (all under op ``conv2d``, which counts as convolution):
   that needs both costs exactly twice the forward; the bias gradient is a sum.
 
 Without a graph (``no_grad``) nothing is kept for backward.
+
+Paths. :func:`conv_path` names the way a conv goes (``CONV_PATHS``): "pointwise"
+(1×1, stride 1, unpadded: GEMMs on a view of x), "kn2row", "depthwise-same" (the
+shifted products above), "same-runs" (im2col by shifted runs), "strided" and
+"im2col" (im2col by the strided view; "strided": a stride above 1); a grouped conv
+takes the same paths as an ungrouped one. Inside ``with trace_paths() as paths:``
+every conv2d forward appends its path to ``paths``, so a check can say which paths it ran.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from minibasis import backend, parallel
 from minibasis.autograd import Function, Tensor
 from minibasis.checks import ArgumentTypeError, non_negative_pair, positive_int, positive_pair
 
 __all__ = ["conv2d", "Conv2dFunction", "im2col", "col2im", "conv_output_shape", "check_padding", "resolve_padding",
-           "set_im2col_budget",
+           "set_im2col_budget", "conv_path", "trace_paths", "CONV_PATHS",
            "IM2COL_BUDGET_BYTES", "CHUNK_TARGET_BYTES", "KN2ROW_CHANNEL_RATIO", "PARALLEL_MIN_BYTES",
            "POINTWISE_CHUNK_BYTES"]
 
@@ -89,6 +97,23 @@ PARALLEL_MIN_BYTES = 2 ** 20
 POINTWISE_CHUNK_BYTES = 4 * 2 ** 20
 #: Forward by kn2row when a "same" conv has M < KN2ROW_CHANNEL_RATIO · C (measured crossover).
 KN2ROW_CHANNEL_RATIO = 0.75
+
+
+#: The forward paths of a conv (see the module docstring), in the order :func:`conv_path` tries them.
+CONV_PATHS = ("pointwise", "kn2row", "depthwise-same", "same-runs", "strided", "im2col")
+
+_path_traces: list[list[str]] = []  # the lists of the open trace_paths() blocks
+
+
+@contextlib.contextmanager
+def trace_paths() -> Iterator[list[str]]:
+    """Yields a list that receives the path (``CONV_PATHS``) of every conv2d forward run inside the block."""
+    paths: list[str] = []
+    _path_traces.append(paths)
+    try:
+        yield paths
+    finally:
+        _path_traces.remove(paths)
 
 
 def set_im2col_budget(num_bytes: int) -> int:
@@ -381,6 +406,22 @@ def _kn2row_forward(x, weight, out):
     return out
 
 
+def conv_path(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple = (1, 1),
+              groups: int = 1) -> str:
+    """The path (one of ``CONV_PATHS``) a conv of C → M channels with this geometry takes; ``padding``
+    is (top, bottom, left, right) or (ph, pw)."""
+    kernel, stride, dilation, padding = tuple(kernel), tuple(stride), tuple(dilation), _four(padding)
+    if _is_pointwise(kernel, stride, padding):
+        return "pointwise"
+    if _uses_kn2row(m, c, kernel, stride, padding, dilation, groups):
+        return "kn2row"
+    if _uses_depthwise_shifts(m, c, kernel, stride, padding, dilation, groups):
+        return "depthwise-same"
+    if _is_same(kernel, stride, padding, dilation):
+        return "same-runs"
+    return "strided" if stride != (1, 1) else "im2col"
+
+
 def _uses_depthwise_shifts(m: int, c: int, kernel, stride, padding, dilation, groups: int) -> bool:
     return groups == c == m and kernel != (1, 1) and _is_same(kernel, stride, padding, dilation)
 
@@ -464,9 +505,6 @@ class Conv2dFunction(Function):
     def _geometry(self):
         return self.kernel, self.stride, self.padding, self.dilation
 
-    def _depthwise_shifts(self, m: int, c: int) -> bool:
-        return _uses_depthwise_shifts(m, c, self.kernel, self.stride, self.padding, self.dilation, self.groups)
-
     def _chunk_backward(self, gy, gx, start: int, stop: int):
         """Images [start, stop) of an im2col conv's backward: writes gx's slice, returns the weight-gradient part."""
         g, m, c = self.groups, gy.shape[1], self.x_shape[1]
@@ -529,7 +567,10 @@ class Conv2dFunction(Function):
         self.x_shape = x.shape
         self.wg = wg if need_x else None
         self.x = x if need_w else None  # backward rebuilds the columns from x
-        if _is_pointwise(kernel, self.stride, self.padding):
+        self.path = path = conv_path(m, c, kernel, self.stride, self.padding, self.dilation, g)
+        for trace in _path_traces:
+            trace.append(path)
+        if path == "pointwise":
             # A batched GEMM on the view: (g, M/g, C/g) @ (n, g, C/g, P) → (n, g, M/g, P), already NCHW,
             # written into y, chunk by chunk on the engine threads: the per-image GEMMs then run
             # single-threaded inside the pooled section instead of waking the BLAS's own threads, which
@@ -549,12 +590,12 @@ class Conv2dFunction(Function):
             self.step = _chunk_size(n, per_image, workers)
             y = backend.get_array_module(x).empty((n, m, ho, wo), dtype=x.dtype)
             step = self.step
-            if _uses_kn2row(m, c, kernel, self.stride, self.padding, self.dilation, g):
+            if path == "kn2row":
                 step = _chunk_size(n, kh * kw * m * ho * wo * x.dtype.itemsize, workers)
 
                 def chunk_forward(start, stop):
                     _kn2row_forward(x[start:stop], weight, y[start:stop])
-            elif self._depthwise_shifts(m, c):
+            elif path == "depthwise-same":
                 taps = weight.reshape(c, kh, kw)
 
                 def chunk_forward(start, stop):
@@ -579,9 +620,9 @@ class Conv2dFunction(Function):
         gw = gb = None
         xp = backend.get_array_module(gy)
         gx = xp.empty(self.x_shape, dtype=gy.dtype) if need_x else None
-        if _is_pointwise(self.kernel, self.stride, self.padding):
+        if self.path == "pointwise":
             chunk_backward = self._pointwise_chunk_backward
-        elif self._depthwise_shifts(m, c):
+        elif self.path == "depthwise-same":
             chunk_backward = self._depthwise_chunk_backward
         else:
             chunk_backward = self._chunk_backward

@@ -56,7 +56,8 @@ def _constructor(name: str) -> Callable[..., Module]:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)} (a model class of your own: "
+                         f"minibasis.models.register_model({name!r}, constructor) makes it known)") from None
 
 
 def get_model(name: str, **kwargs) -> Module:

@@ -229,32 +229,45 @@ class BasisConv2d(Module):
     def to_conv(self) -> Conv2d:
         """One ``Conv2d`` computing what this layer computes (in eval mode, if it has a BatchNorm).
 
-        Convolution is linear, so the stages fold: with the BatchNorm's inference
-        affine map g ↦ a·g + c (a = γ/√(var + ε), c = β − a·mean; a = 1, c = 0 without
-        one), y = W·(a·(x ∗ e + basis_bias) + c) + bias becomes one conv with weight
-        Σ_j W_ij a_j e_j (M, C, kh, kw) and bias bias + W·(a·basis_bias + c). Same
+        Convolution is linear, so the stages fold: with the coefficients and bias of
+        :meth:`folded_coefficients` (W·diag(a) and W·(a·basis_bias + c) + bias) the layer is one
+        conv with weight Σ_j W_ij a_j e_j (M, C, kh, kw) and that bias. Same
         stride, padding, dilation, dtype and device; it costs the original M·D·Ho·Wo.
         """
+        coeffs, bias = self.folded_coefficients()
+        weight = backend.tensordot(coeffs, self._buffers["basis"], axes=1)  # (M, C, kh, kw)
+        xp = backend.get_array_module(coeffs)
+        conv = Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                      dilation=self.dilation, bias=bias is not None)
+        conv.weight.data = xp.ascontiguousarray(weight).astype(coeffs.dtype, copy=False)
+        if bias is not None:
+            conv.bias.data = bias
+        return conv
+
+    def folded_coefficients(self):
+        """(coeffs (M, Q), bias (M,) or None) of the 1×1 stage with the basis bias and the BatchNorm folded in.
+
+        With the BatchNorm's inference affine map g ↦ a·g + c (a = γ/√(var + ε),
+        c = β − a·mean; a = 1, c = 0 without one), y = W·(a·(x ∗ e + basis_bias) + c) + bias
+        = (W·diag(a))·(x ∗ e) + W·(a·basis_bias + c) + bias: the basis stage keeps its fixed
+        filters and loses its bias, the 1×1 stage takes everything else (eval mode). The bias is
+        None when the layer has no bias, no basis bias and no BatchNorm.
+        """
         xp = backend.get_array_module(self.coeffs.data)
-        coeffs, basis = self.coeffs.data, self._buffers["basis"]
+        coeffs = self.coeffs.data
         m, q = coeffs.shape
+        if self.bn is None and self.basis_bias is None:
+            return coeffs.copy(), None if self.bias is None else self.bias.data.copy()
         scale = xp.ones(q, dtype=coeffs.dtype)
         shift = self.basis_bias.data if self.basis_bias is not None else xp.zeros(q, dtype=coeffs.dtype)
         if self.bn is not None:
             scale, offset = self.bn.inference_affine()
             shift = backend.mul(scale, shift) + offset
+        bias = backend.matmul(coeffs, shift)
+        if self.bias is not None:
+            bias = bias + self.bias.data
         scaled = backend.mul(coeffs, scale.reshape(1, q))  # W·diag(a)
-        weight = backend.tensordot(scaled, basis, axes=1)  # (M, C, kh, kw)
-        needs_bias = self.bias is not None or self.basis_bias is not None or self.bn is not None
-        conv = Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-                      dilation=self.dilation, bias=needs_bias)
-        conv.weight.data = xp.ascontiguousarray(weight).astype(coeffs.dtype, copy=False)
-        if needs_bias:
-            bias = backend.matmul(coeffs, shift)
-            if self.bias is not None:
-                bias = bias + self.bias.data
-            conv.bias.data = bias.astype(coeffs.dtype, copy=False)
-        return conv
+        return scaled.astype(coeffs.dtype, copy=False), bias.astype(coeffs.dtype, copy=False)
 
     # -- computation --------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

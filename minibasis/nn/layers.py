@@ -11,11 +11,12 @@ from minibasis.autograd import Tensor
 from minibasis.functions.basic import check_dropout_probability
 from minibasis.functions.conv import check_padding, resolve_padding
 from minibasis.functions.pooling import check_flag
+from minibasis.functions.loss import check_loss_settings
 from minibasis.functions.normalization import check_batch_norm_settings
 from minibasis.nn.module import Module, Parameter
 
-__all__ = ["Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d", "ReLU", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d", "Dropout", "Flatten", "Sequential", "Identity"]
+__all__ = ["Conv2d", "Linear", "BatchNorm2d", "BatchNorm1d", "ReLU", "Softmax", "LogSoftmax", "CrossEntropyLoss",
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Dropout2d", "Flatten", "Sequential", "Identity"]
 
 
 def uniform_parameter(shape: tuple, bound: float) -> Parameter:
@@ -144,8 +145,68 @@ class BatchNorm1d(_BatchNorm):
 
 
 class ReLU(Module):
+    """max(x, 0).
+
+    ``inplace`` is accepted so PyTorch code runs unchanged, and recorded, but the output is
+    always a new array: a layer's input may be saved by the op that made it (a conv keeps
+    its input for the weight gradient, an addition's operands are shared with a residual
+    branch), and overwriting it would silently change their gradients. Memory use is that
+    of ``inplace=False``.
+    """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = check_flag("inplace", inplace)
+
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(x)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+class Softmax(Module):
+    """Softmax along axis ``dim`` (required: the class axis, 1 for (N, K) logits)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if not _is_int(dim):
+            raise TypeError(f"{type(self).__name__}: dim must be an int (1 for (N, K) logits), got {dim!r}")
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.softmax(x, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class LogSoftmax(Softmax):
+    """Log-softmax along axis ``dim``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.log_softmax(x, self.dim)
+
+
+class CrossEntropyLoss(Module):
+    """``loss(logits (N, K), labels (N,))``: softmax cross-entropy, PyTorch's definition.
+
+    ``reduction`` "mean" (default), "sum" or "none" (one loss per row);
+    ``label_smoothing`` ε in [0, 1] mixes the one-hot target with ε/K on every class.
+    Class weights and ``ignore_index`` are not supported.
+    """
+
+    def __init__(self, *, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__()
+        check_loss_settings(reduction, label_smoothing)
+        self.reduction, self.label_smoothing = reduction, label_smoothing
+
+    def forward(self, logits: Tensor, labels) -> Tensor:
+        return F.cross_entropy(logits, labels, self.reduction, self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        text = f"reduction={self.reduction!r}"
+        return text + (f", label_smoothing={self.label_smoothing}" if self.label_smoothing else "")
 
 
 class MaxPool2d(Module):
@@ -200,6 +261,17 @@ class Dropout(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Dropout2d(Dropout):
+    """Channel dropout: each (sample, channel) map of an (N, C, H, W) input is zeroed whole
+    with probability ``p`` (the rest scaled by 1/(1 − p)) in training; identity in evaluation."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout2d(x, self.p, self.training)
 
 
 class Flatten(Module):

@@ -235,7 +235,7 @@ class Module:
                     yield (f"{path}.{name}" if path else name), b
 
     def num_parameters(self, learnable_only: bool = False) -> int:
-        return sum(p.size for p in self.parameters() if p.requires_grad or not learnable_only)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not learnable_only)
 
     # -- modes ------------------------------------------------------------
     def train(self, mode: bool = True) -> "Module":
@@ -267,16 +267,18 @@ class Module:
     def to(self, device=None, dtype=None) -> "Module":
         """Move every parameter and buffer to backend ``device`` and/or cast the floating ones to ``dtype``.
 
-        ``device`` is a backend name ("numpy", "cupy", ...); a floating dtype (``np.float64``,
+        ``device`` is a backend name ("numpy", "cupy", ...; PyTorch's "cpu" and "cuda" name
+        numpy and cupy); a floating dtype (``np.float64``,
         "float64") in its place is taken as ``dtype``, as in PyTorch's ``module.to(dtype)``.
         The active backend is NOT switched: inputs and anything created afterwards follow
         ``minibasis.use(name)``, the one global switch (call it too, to run the model on
         the device). Integer buffers keep their dtype. Gradients are dropped. Returns self.
         """
-        if device is not None and not (isinstance(device, str) and device in backend.available_backends()):
+        if device is not None and backend.device_backend(device) is None:
             if dtype is not None:
                 raise ValueError(f"Module.to: unknown backend {device!r}; expected one of {backend.available_backends()}")
             device, dtype = None, device
+        device = backend.device_backend(device)
         if dtype is not None:
             dtype = self._floating_dtype(dtype)
 
@@ -331,7 +333,7 @@ class Module:
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True) -> tuple[list[str], list[str]]:
-        """Copy arrays (NumPy, CuPy or Tensors) into this module's parameters and buffers.
+        """Copy arrays (NumPy, CuPy, Tensors, or PyTorch tensors) into this module's parameters and buffers.
 
         Keys must match ``state_dict()`` exactly when ``strict`` (PyTorch's
         ``num_batches_tracked`` entries are ignored); every shape must match.
@@ -353,6 +355,8 @@ class Module:
                 continue
             value = incoming[key]
             value = value.data if isinstance(value, Tensor) else value
+            if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor (duck-typed: torch is optional)
+                value = value.detach().cpu().numpy()
             shape = tuple(getattr(value, "shape", ()))
             if shape != tuple(target.shape):
                 raise ValueError(f"load_state_dict: {key!r} has shape {shape}, the model expects {tuple(target.shape)}")

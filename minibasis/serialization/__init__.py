@@ -10,6 +10,7 @@
 * :mod:`~.torch_formats`: PyTorch's zip and legacy containers
   (:func:`load_torch_object`, :func:`load_torch_checkpoint`), without torch.
 * :mod:`~.formats`: :func:`sniff_format` and :func:`read_weights` (any weights file → name → array).
+* :mod:`~.safetensors_format`: ``.safetensors`` model records and state dicts (the ``safetensors`` extra).
 
 Files from outside are untrusted: every problem raises :class:`CheckpointError` (a
 ``ValueError``) naming the file and what is wrong, or :class:`UnsafePickleError` when a

@@ -25,6 +25,8 @@ _UMASK = _current_umask()
 def atomic_write(path, mode: str = "wb", *, encoding: str | None = None, newline: str | None = None) -> Iterator:
     """Open a temporary file beside ``path`` for writing; on success flush, fsync and
     ``os.replace`` it onto ``path``; on any exception remove it and leave ``path`` as it was.
+    An ``OSError`` of the write itself (``ENOSPC``, ``EFBIG``, ...) is raised with ``path`` as
+    its ``filename``.
 
     ``mode`` is "wb" (binary) or "w" (text, UTF-8 unless ``encoding`` says otherwise).
     The new file gets the permissions of the file it replaces, or 0o666 minus the umask.
@@ -55,9 +57,13 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None, newline
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_path, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_path)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, temp_path):
+            # A failed write, flush, fsync or rename (a full disk, a file-size limit) names the
+            # file the caller asked for, not the temporary that is gone now.
+            raise OSError(exc.errno, exc.strerror, path) from exc
         raise
     _fsync_directory(directory)
 

@@ -20,6 +20,7 @@ from minibasis.training.finetune import (coefficient_parameters, conv_weight_par
 from minibasis.training.history import RunHistory, load_run
 from minibasis.training.guard import AnomalyDetector, NonFiniteError
 from minibasis.training.progress import ProgressBar, format_duration
+from minibasis.training.distill import Distillation
 from minibasis.training.trainer import Trainer, format_row
 
 __all__ = ["Trainer", "fine_tune", "recalibrate_batch_norm", "evaluate", "eval_metrics", "EvalResult", "CheckpointError",
@@ -27,4 +28,4 @@ __all__ = ["Trainer", "fine_tune", "recalibrate_batch_norm", "evaluate", "eval_m
            "capture_rng_state", "restore_rng_state", "seed_device_rng", "CHECKPOINT_FORMAT", "RunFolder",
            "write_json", "write_csv", "read_json", "ProgressBar", "format_duration", "format_row",
            "coefficient_parameters", "conv_weight_parameters", "non_conv_parameters", "freeze_all_but",
-           "to_device_batch", "RunHistory", "load_run"]
+           "to_device_batch", "RunHistory", "load_run", "Distillation"]

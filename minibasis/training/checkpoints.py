@@ -1,9 +1,10 @@
 """Training checkpoints and the random states that make a resumed run exact.
 
 A checkpoint (``minibasis.serialization.save``, atomic) holds ``format``, ``model`` (the state dict),
-``optimizer`` (hyper-parameters and momentum buffers), ``scheduler`` and ``meta`` (epoch,
-loader state, every random state a step draws from, metrics history, and what the caller
-adds, e.g. the architecture). Problems raise :class:`CheckpointError` naming the file.
+``optimizer`` (hyper-parameters and per-parameter state: SGD's momentum buffers, Adam's step
+count and moments), ``scheduler`` (settings and epoch) and ``meta`` (epoch, loader state,
+every random state a step draws from, metrics history, and what the caller adds, e.g. the
+model record). Problems raise :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 

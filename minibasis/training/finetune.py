@@ -75,7 +75,8 @@ def recalibrate_batch_norm(model, images, *, batch_size: int = 256, transform=No
 def fine_tune(model, loader, *, step1_params: list | None = None, epochs1: int = 15, lr1: float = 0.1, lr1_step: int = 5,
               epochs2: int = 10, lr2: float = 5e-4, momentum: float = 0.9, weight_decay: float = 1e-4,
               eval_fn=None, folder=None, seed: int = 0, detect_anomaly: bool = False, progress: bool = True,
-              resume: bool = False, extra_meta: dict | None = None, on_step_end=None) -> list[dict]:
+              resume: bool = False, extra_meta: dict | None = None, on_step_end=None, teacher=None,
+              distill_weight: float = 0.0, temperature: float = 4.0) -> list[dict]:
     """The paper's two steps on ``model``; returns the metrics rows of every epoch.
 
     Step 1 (stage ``step1``) trains ``step1_params`` only (default: the coefficients of a
@@ -84,8 +85,28 @@ def fine_tune(model, loader, *, step1_params: list | None = None, epochs1: int =
     (``requires_grad`` False). ``on_step_end(stage, model)`` runs after each step. With a
     ``folder``, each step checkpoints every epoch and ``resume`` continues from there. On
     return ``Conv2d`` weights stay frozen and every other parameter requires a gradient.
+
+    Distillation (both steps): with a ``teacher`` (e.g. the uncompressed original, a separate
+    model) and ``distill_weight`` w > 0, the loss is
+    (1 − w)·CE + w·T²·KL(softmax(teacher/T) ‖ softmax(student/T)), T = ``temperature``
+    (:class:`~minibasis.training.distill.Distillation`: the teacher runs in eval mode under
+    ``no_grad`` and never changes; its multiplications are counted apart and each metrics row
+    carries them as ``teacher_mults``). With w = 0 or no teacher the loss is the plain
+    cross-entropy, exactly as without these arguments.
     """
     from minibasis import optim
+    from minibasis.training.distill import Distillation
+
+    distillation = None
+    if teacher is not None or distill_weight:
+        if teacher is None:
+            raise ValueError(f"fine_tune: distill_weight={distill_weight!r} needs a teacher")
+        if teacher is model:
+            raise ValueError("fine_tune: the teacher must be a separate model (e.g. copy_module of the original), "
+                             "not the model being trained")
+        distillation = Distillation(teacher, distill_weight, temperature)   # validates both numbers
+        if distillation.weight == 0:
+            distillation = None
 
     if step1_params is None:
         step1_params = coefficient_parameters(model)
@@ -93,7 +114,7 @@ def fine_tune(model, loader, *, step1_params: list | None = None, epochs1: int =
             raise ValueError("fine_tune: the model has no BasisConv2d coefficients to train in step 1 "
                              "(compress it first, or pass step1_params, e.g. conv_weight_parameters(model))")
     common = dict(eval_fn=eval_fn, folder=folder, seed=seed, detect_anomaly=detect_anomaly, progress=progress,
-                  extra_meta=extra_meta)
+                  extra_meta=extra_meta, distillation=distillation)
     freeze_all_but(model, step1_params)
     optimizer1 = optim.SGD(step1_params, lr=lr1, momentum=momentum, weight_decay=weight_decay)
     scheduler1 = optim.StepLR(optimizer1, step_size=lr1_step, gamma=0.1)

@@ -93,8 +93,13 @@ class RunFolder:
         if not self.quiet:
             print(message, flush=True)
         stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.path / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"{stamp}  {message}\n")
+        try:
+            with open(self.path / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"{stamp}  {message}\n")
+        except OSError as exc:  # a write error names the log, not just "No space left on device"
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.path / "log.txt")) from exc
 
     def write_config(self, config: dict) -> None:
         self.write_json("config.json", config)

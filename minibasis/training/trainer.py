@@ -53,9 +53,11 @@ class Trainer:
     Args:
         model: the network (its ``parameters()`` with ``requires_grad`` are trained by ``optimizer``).
         optimizer: an ``optim`` optimizer over the parameters to train.
-        train_loader: a ``data.DataLoader`` yielding host batches (x (N, C, H, W) float, y (N,) int).
+        train_loader: a ``data.DataLoader`` yielding batches (x (N, C, H, W) float, y (N,) int), as
+            Tensors or arrays.
         epochs: number of epochs of this stage (≥ 0).
-        scheduler: optional, stepped once per epoch (``StepLR``).
+        scheduler: optional, stepped once per epoch (``optim.lr_scheduler``: StepLR, MultiStepLR,
+            CosineAnnealingLR).
         eval_fn: optional ``eval_fn(model) -> dict`` (e.g. test accuracy), run after every epoch.
         folder: a :class:`RunFolder` or a path (checkpoints, metrics, log); None keeps
             everything in memory.
@@ -68,6 +70,10 @@ class Trainer:
             written (tests use it to kill a run at a known point).
         extra_meta: JSON-able facts stored in every checkpoint's ``meta`` (e.g. the model's
             architecture and BasisConv layout, so the checkpoint can rebuild the model).
+        distillation: optional :class:`~minibasis.training.distill.Distillation`; its loss
+            (labels and a frozen teacher's soft targets) replaces ``loss_fn``, and each metrics
+            row gets ``teacher_mults``, the teacher's measured multiplications of that epoch
+            (counted apart: they never enter a counter active around the training).
         sync_every: read the loss on the host (guard check) every N steps; default 1 on the
             NumPy backend, 50 on a device. With N > 1 the guard still names the first
             non-finite step and its loss exactly; the module is then looked up with the
@@ -79,7 +85,7 @@ class Trainer:
                  stage: str = "train", seed: int = 0, detect_anomaly: bool = False, progress: bool = True,
                  on_epoch_end: Callable[["Trainer", dict], None] | None = None,
                  loss_fn: Callable = F.cross_entropy, extra_meta: dict | None = None,
-                 sync_every: int | None = None):
+                 sync_every: int | None = None, distillation=None):
         from minibasis.checks import non_negative_int, positive_int
 
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -87,7 +93,7 @@ class Trainer:
         self.folder = folder if folder is None or isinstance(folder, RunFolder) else RunFolder(folder, quiet=True)
         self.stage, self.seed = stage, int(seed)
         self.detect_anomaly, self.progress, self.on_epoch_end = detect_anomaly, progress, on_epoch_end
-        self.loss_fn = loss_fn
+        self.loss_fn, self.distillation = loss_fn, distillation
         self.extra_meta = dict(extra_meta or {})
         self.sync_every = _default_sync_every() if sync_every is None else positive_int("sync_every", sync_every)
         self.epoch = 0          # completed epochs of this stage
@@ -179,6 +185,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum, correct, seen = 0, 0, 0   # loss_sum and correct: device scalars until read
         unchecked: list[tuple[int, np.ndarray, object]] = []   # (step, host batch, loss) since the last read
+        teacher_mults = None if self.distillation is None else self.distillation.teacher_mults
         start = time.perf_counter()
         bar = ProgressBar(len(self.train_loader.dataset), desc=f"[{self.stage}] epoch {epoch + 1}/{self.epochs}",
                           enabled=self.progress and dist.is_main_process())
@@ -186,12 +193,14 @@ class Trainer:
         # NumPy's overflow/invalid warnings would only repeat, less precisely, what the
         # non-finite guard reports (step, loss, module).
         with (detector if detector is not None else contextlib.nullcontext()), np.errstate(all="ignore"):
-            for x_host, y_host in self.train_loader:
+            for batch in self.train_loader:
+                # The loader may yield Tensors (its default) or arrays; the batch is read on the host.
+                x_host, y_host = (backend.to_numpy(part) for part in batch)
                 x, y = to_device_batch(x_host, y_host)
                 if detector is not None:
                     detector.reset()
                 logits = model(x)
-                loss = self.loss_fn(logits, y)
+                loss = self.loss_fn(logits, y) if self.distillation is None else self.distillation(logits, y, x)
                 unchecked.append((self.global_step + 1, x_host, loss.data))
                 if detector is not None or len(unchecked) >= self.sync_every or bar.due():
                     self._check(unchecked, detector)
@@ -220,9 +229,12 @@ class Trainer:
             totals = dist.allreduce_metrics({"loss": total_loss, "correct": correct, "seen": seen})
             total_loss, correct, seen = totals["loss"], int(totals["correct"]), int(totals["seen"])
             elapsed = dist.allreduce_metrics({"elapsed": elapsed}, op="max")["elapsed"]
-        return {"stage": self.stage, "epoch": epoch + 1, "lr": lr, "train_loss": total_loss / max(seen, 1),
-                "train_acc": correct / max(seen, 1), "seconds": round(elapsed, 3),
-                "images_per_s": round(seen / elapsed, 1) if elapsed > 0 else None}
+        row = {"stage": self.stage, "epoch": epoch + 1, "lr": lr, "train_loss": total_loss / max(seen, 1),
+               "train_acc": correct / max(seen, 1), "seconds": round(elapsed, 3),
+               "images_per_s": round(seen / elapsed, 1) if elapsed > 0 else None}
+        if teacher_mults is not None:
+            row["teacher_mults"] = self.distillation.teacher_mults - teacher_mults
+        return row
 
     def _check(self, unchecked: list, detector) -> None:
         """Read the losses of the unchecked steps (one host read); raise at the first non-finite."""

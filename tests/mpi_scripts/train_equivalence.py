@@ -100,7 +100,7 @@ def distributed_run(variant: str, out: Path) -> None:
         total, indices = 0.0, []
         for x, y in loader:
             # Recover which samples this rank got (the data are distinct random floats).
-            indices.extend(int(np.flatnonzero((images == xi).all(axis=(1, 2, 3)))[0]) for xi in x)
+            indices.extend(int(np.flatnonzero((images == xi).all(axis=(1, 2, 3)))[0]) for xi in np.asarray(x))
             opt.zero_grad()
             if counts is None:
                 with minibasis.count_mults() as counter:
