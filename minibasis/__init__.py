@@ -43,7 +43,7 @@ def __getattr__(name):
     if name in ("save_model", "load_model", "ModelMetadata", "ModelFileError"):
         from minibasis import model_files
         return getattr(model_files, name)
-    if name in ("basis", "formulas", "models", "data", "io", "compress_module", "experiments", "distributed",
+    if name in ("basis", "formulas", "models", "data", "io", "serialization", "experiments", "distributed",
                 "measure", "training", "verify"):
         import importlib
         return importlib.import_module(f"minibasis.{name}")

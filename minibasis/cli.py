@@ -34,8 +34,32 @@ VERBS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2 (``argument --epochs: must be ...`` reads
+    ``--epochs must be ...``)."""
+
+    def error(self, message):
+        if message.startswith("argument ") and ": " in message:
+            option, _, reason = message.removeprefix("argument ").partition(": ")
+            message = f"{option.split('/')[-1]} {reason}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+DESCRIPTION = ("BasisConv (Tayyab & Mahalanobis): compress a CNN's convolutions into basis filters and "
+               "1x1 combinations, measure the multiplications, fine-tune, and check the paper's formulas.")
+EPILOG = """examples:
+  minibasis demo                               train, compress and measure a small CNN (seconds)
+  minibasis count paper                        the paper's four nets: parameters, filters, conv mults
+  minibasis compress --depth 20 --threshold 0.9 --evaluate
+  minibasis VERB --help                        the options of one verb"""
+
+
 def build_parser(available: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minibasis", description=__doc__.splitlines()[0])
+    from minibasis import __version__
+
+    parser = _Parser(prog="minibasis", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"minibasis {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb, (module, help_text) in available.items():
@@ -75,9 +99,15 @@ def _run_verb(argv=None) -> tuple[int, bool]:
     from minibasis import distributed
     from minibasis.experiments import runs
 
-    parser = build_parser(_available_verbs())
-    args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # recorded in config.json
+    available = _available_verbs()
+    parser = build_parser(available)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv, namespace=argparse.Namespace(_argv=argv))  # argv is recorded in config.json
+    except SystemExit as exc:
+        if exc.code == 2 and argv and argv[0] in available:
+            return EXIT_USAGE, False   # a usage error of a verb, already printed on one line
+        raise
 
     def error(message: str, code: int, exc: BaseException | None = None) -> tuple[int, bool]:
         on_every_rank = bool(getattr(exc, "on_every_rank", False))
@@ -95,7 +125,10 @@ def _run_verb(argv=None) -> tuple[int, bool]:
             raise
         return error(message, EXIT_WRITE_FAILED, exc)
     except KeyboardInterrupt:
-        print(f"minibasis {args.verb}: interrupted", file=sys.stderr)
+        # The verbs that write checkpoints take --resume (the run's log records the interruption).
+        hint = "" if not hasattr(args, "resume") else (
+            "; continue with the same command" + ("" if args.resume else " plus --resume"))
+        print(f"minibasis {args.verb}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED, False
 
 

@@ -33,7 +33,7 @@ from minibasis.measure import check_input_shape, profile
 from minibasis.allocation import BudgetError
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
-__all__ = ["compress", "copy_module", "CompressionReport", "LayerReport", "BudgetError"]
+__all__ = ["compress", "compressible", "copy_module", "CompressionReport", "LayerReport", "BudgetError"]
 
 
 def copy_module(module: Module) -> Module:
@@ -276,6 +276,15 @@ class CompressionReport:
             setting = f"num_basis Q = {self.num_basis}"
         lines = [f"compression at {setting}; multiplications per image, measured on input {self.input_shape}",
                  fmt(header), fmt(["-" * w for w in widths])]
+        unprofitable = [r for r in self.layers if not r.replaced and (r.reason or "").startswith("unprofitable")]
+        if not self.replaced and unprofitable:
+            # Said first: at t = 1 (Q = min(M, D)) no conv saves multiplications, which surprises a
+            # user who checks that t = 1 reproduces the original.
+            n, total = len(unprofitable), len(self.layers)
+            which = f"all {n}" if n == total else f"{n} of the {total}"
+            lines.insert(0, f"nothing replaced: {which} convs would need as many multiplications or "
+                            "more as BasisConv2d (unprofitable); pass skip_unprofitable=False (command line: "
+                            "--replace-all) to replace them anyway")
         lines += [fmt(row) for row in rows]
         lines.append("")
         lines.append(f"layers replaced: {len(self.replaced)} of {len(self.layers)}; mean energy kept over "
@@ -291,6 +300,11 @@ class CompressionReport:
         return "\n".join(lines)
 
     __str__ = table
+
+
+def compressible(model: Module) -> bool:
+    """Whether ``model`` has an ordinary ``Conv2d`` for :func:`compress` to replace."""
+    return any(isinstance(m, Conv2d) for m in model.modules())
 
 
 def _check_settings(energy_threshold, num_basis, target_mult_ratio=None, allocation="uniform",

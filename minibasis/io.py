@@ -11,7 +11,7 @@ names where they always were:
 * :func:`read_weights`: any of those files → name → array, the format sniffed once.
 
 Every problem with a file raises :class:`CheckpointError` (a ``ValueError``) naming the file,
-or :class:`~minibasis.safe_pickle.UnsafePickleError` when a pickle asks for something refused.
+or :class:`~minibasis.serialization.UnsafePickleError` when a pickle asks for something refused.
 """
 from minibasis.serialization import (
     CheckpointError, atomic_write, load, load_torch_checkpoint, load_torch_object, read_weights, save,

@@ -13,10 +13,14 @@ holds everything needed to rebuild a model with nothing restated::
     extra               further metadata given to save_model (JSON-like values, arrays)
     state_dict          name → array
 
+:func:`model_record` is that header without the weights: training checkpoints
+(``checkpoint-*.npz``, :mod:`minibasis.training.checkpoints`) carry it in their ``meta`` under
+``"model_file"``, so a checkpoint rebuilds its model exactly as a model file does.
+
 :func:`load_model` also reads what the command-line verbs wrote before this format existed
-(``format: "minibasis-model/1"`` files and ``checkpoint-*.npz`` training checkpoints), plain
-``.npz`` state dicts (given an architecture) and PyTorch checkpoints (``.th``/``.pth``, without
-torch), inferring akamaster's CIFAR ResNets from their keys.
+(``format: "minibasis-model/1"`` files and checkpoints recording ``{"model": name, **kwargs}``),
+plain ``.npz`` state dicts (given an architecture) and PyTorch checkpoints (``.th``/``.pth``,
+without torch), inferring akamaster's CIFAR ResNets from their keys.
 
 A BasisConv layout is applied to a freshly built zoo model by :func:`apply_basis_layout`, which
 replaces each listed convolution with an untrained ``BasisConv2d`` of the recorded shape (via
@@ -37,31 +41,43 @@ from minibasis.nn import BasisConv2d, Conv2d, Linear, Module
 from minibasis.serialization import NPZ, CheckpointError, load, load_torch_checkpoint, save, sniff_format
 from minibasis.serialization.safetensors_format import (SAFETENSORS_SUFFIX, is_safetensors, load_safetensors,
                                                         save_safetensors)
+from minibasis.training.checkpoints import CHECKPOINT_FORMAT
 
-__all__ = ["MODEL_FORMAT", "LEGACY_MODEL_FORMAT", "TRAIN_CHECKPOINT_FORMAT", "ModelFileError", "ModelMetadata",
-           "save_model", "load_model", "basis_layout", "apply_basis_layout"]
+__all__ = ["MODEL_FORMAT", "ModelFileError", "ModelMetadata", "save_model", "load_model", "model_record",
+           "checkpoint_meta",
+           "basis_layout", "apply_basis_layout"]
 
-#: The format written by :func:`save_model`.
+#: The format of the record :func:`save_model` writes (and training checkpoints carry).
 MODEL_FORMAT = "minibasis-model-1"
-#: What ``minibasis.experiments.options.save_model_file`` wrote (architecture as model/depth/num_classes).
-LEGACY_MODEL_FORMAT = "minibasis-model/1"
-#: The training checkpoints of ``train``/``finetune`` (model state under "model", facts under "meta").
-TRAIN_CHECKPOINT_FORMAT = "minibasis-train-checkpoint/1"
-
+#: The key of a training checkpoint's ``meta`` that holds the :func:`model_record`.
+CHECKPOINT_RECORD_KEY = "model_file"
+#: What the verbs wrote before :data:`MODEL_FORMAT` (read, never written).
+_OLD_MODEL_FORMAT = "minibasis-model/1"
 
 
 class ModelFileError(CheckpointError):
     """A model file cannot be turned into a model: unknown or contradicting architecture,
-    weights that do not fit, malformed metadata. A ``ValueError``; names the file."""
+    weights that do not fit, malformed metadata. A ``ValueError``; names the file.
+
+    When a caller's argument contradicts the file, ``argument`` names it (``"architecture"``,
+    ``"depth"``, ``"num_classes"``, ...), ``given`` is the caller's value and ``recorded`` the
+    file's, so that a command line can word the message in its own option names. ``source``
+    is the file.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, argument: str | None = None,
+                 given=None, recorded=None):
+        super().__init__(message)
+        self.source, self.argument, self.given, self.recorded = source, argument, given, recorded
 
 
 @dataclass(frozen=True)
 class ModelMetadata:
     """What a model file says about its model (:func:`load_model` returns it beside the model).
 
-    ``format`` is "minibasis-model-1" (:func:`save_model`, ``.npz`` or ``.safetensors``), "legacy"
-    (files of earlier verbs, training checkpoints, plain state ``.npz`` / ``.safetensors``), "torch"
-    (PyTorch checkpoints) or "onnx" (an ONNX graph, :func:`minibasis.onnx.load_model`).
+    ``format`` is :data:`MODEL_FORMAT` (:func:`save_model` files, ``.npz`` or ``.safetensors``, and the
+    training checkpoints that carry its record), "legacy" (files of earlier verbs, plain state ``.npz`` /
+    ``.safetensors``), "torch" (PyTorch checkpoints) or "onnx" (an ONNX graph, :func:`minibasis.onnx.load_model`).
     ``normalization`` is a key of :data:`minibasis.data.NORMALIZATIONS`, "none" (inputs only
     scaled to [0, 1]) or None (not recorded, or a (mean, std) pair of no known name).
     """
@@ -189,6 +205,41 @@ def _head_classes(model: Module) -> int | None:
 # ---------------------------------------------------------------------------
 # save_model
 # ---------------------------------------------------------------------------
+def model_record(model: Module, *, normalization=None, dataset: str | None = None, **metadata) -> dict:
+    """What :func:`save_model` writes except the weights: format, architecture, BasisConv layout,
+    class count, dataset, normalization, version and ``extra`` (see the module doc). Training
+    checkpoints store it too, so they rebuild their model as a model file does. The arguments
+    are :func:`save_model`'s."""
+    from minibasis import __version__
+
+    if not isinstance(model, Module):
+        raise TypeError(f"save_model: expected a minibasis Module, got {type(model).__name__}")
+    architecture = metadata.pop("architecture", None) or getattr(model, "architecture", None)
+    if architecture is None:
+        raise ValueError("save_model: the model has no .architecture (it was not built by a zoo constructor); "
+                         "pass architecture='<zoo name>' or architecture={'name': ..., 'kwargs': {...}}")
+    architecture = _architecture_record(architecture, "save_model: architecture")
+    num_classes = metadata.pop("num_classes", None)
+    if num_classes is None:
+        num_classes = architecture["kwargs"].get("num_classes", _head_classes(model))
+    if dataset is not None and not isinstance(dataset, str):
+        raise TypeError(f"save_model: dataset must be a str or None, got {type(dataset).__name__}")
+    name, mean, std = _normalization(normalization)
+    graph = getattr(model, "graph_bytes", None)  # an imported ONNX network: its graph rebuilds it
+    return {**({} if graph is None else {"onnx_graph": np.frombuffer(graph, dtype=np.uint8)}),
+            "format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
+            "num_classes": None if num_classes is None else int(num_classes), "dataset": dataset,
+            "normalization": {"name": name, "mean": None if mean is None else list(mean),
+                              "std": None if std is None else list(std)},
+            "minibasis_version": __version__, "extra": dict(metadata)}
+
+
+def checkpoint_meta(model: Module, *, normalization=None, dataset: str | None = None) -> dict:
+    """The ``extra_meta`` a :class:`~minibasis.training.Trainer` stores in every checkpoint so that
+    :func:`load_model` rebuilds the model from it: ``{"model_file": model_record(model, ...)}``."""
+    return {CHECKPOINT_RECORD_KEY: model_record(model, normalization=normalization, dataset=dataset)}
+
+
 def save_model(model: Module, path, *, normalization=None, dataset: str | None = None, **metadata) -> None:
     """Write ``model`` and what rebuilds it to ``path`` (one ``.npz``, atomically; see the module doc).
 
@@ -206,32 +257,13 @@ def save_model(model: Module, path, *, normalization=None, dataset: str | None =
 
     Under mpirun only rank 0 writes (every rank holds the same weights).
     """
-    from minibasis import __version__, distributed
+    from minibasis import distributed
 
-    if not isinstance(model, Module):
-        raise TypeError(f"save_model: expected a minibasis Module, got {type(model).__name__}")
-    architecture = metadata.pop("architecture", None) or getattr(model, "architecture", None)
-    if architecture is None:
-        raise ValueError("save_model: the model has no .architecture (it was not built by a zoo constructor); "
-                         "pass architecture='<zoo name>' or architecture={'name': ..., 'kwargs': {...}}")
-    architecture = _architecture_record(architecture, "save_model: architecture")
-    num_classes = metadata.pop("num_classes", None)
-    if num_classes is None:
-        num_classes = architecture["kwargs"].get("num_classes", _head_classes(model))
-    if dataset is not None and not isinstance(dataset, str):
-        raise TypeError(f"save_model: dataset must be a str or None, got {type(dataset).__name__}")
-    name, mean, std = _normalization(normalization)
+    record = model_record(model, normalization=normalization, dataset=dataset, **metadata)
     if not distributed.is_main_process():
         return
-    graph = getattr(model, "graph_bytes", None)  # an imported ONNX network: its graph rebuilds it
     write = save_safetensors if os.fspath(path).endswith(SAFETENSORS_SUFFIX) else save
-    write({**({} if graph is None else {"onnx_graph": np.frombuffer(graph, dtype=np.uint8)}),
-           "format": MODEL_FORMAT, "architecture": architecture, "basis_layout": basis_layout(model),
-          "num_classes": None if num_classes is None else int(num_classes), "dataset": dataset,
-          "normalization": {"name": name, "mean": None if mean is None else list(mean),
-                            "std": None if std is None else list(std)},
-          "minibasis_version": __version__, "extra": dict(metadata),
-          "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
+    write({**record, "state_dict": {k: backend.to_numpy(v) for k, v in model.state_dict().items()}}, path)
 
 
 # ---------------------------------------------------------------------------
@@ -262,47 +294,55 @@ def _read(source: str) -> _Contents:
     return _from_torch(load_torch_checkpoint(source), source)
 
 
-def _legacy_architecture(record, source: str) -> dict | None:
-    """``{"model", "depth", "num_classes"}`` (the verbs' record) → ``{"name", "kwargs"}``."""
+def _old_architecture(record, source: str) -> dict | None:
+    """``{"model": name, **constructor arguments}`` (the verbs' record before :data:`MODEL_FORMAT`)
+    → ``{"name", "kwargs"}``; the oldest files wrote ``depth: None`` for models without one."""
     if record is None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("model"), str):
-        raise ModelFileError(f"{source}: malformed architecture record {record!r:.120}")
-    kwargs = {key: record[key] for key in ("depth", "num_classes") if record.get(key) is not None}
+        raise ModelFileError(f"{source}: malformed architecture record {record!r:.120}", source=source)
+    kwargs = {key: value for key, value in record.items()
+              if key != "model" and not (key in ("depth", "num_classes") and value is None)}
     return {"name": record["model"], "kwargs": kwargs}
+
+
+def _from_record(record, state, source: str, **extra) -> _Contents:
+    """A :func:`model_record` (of a model file or a checkpoint's meta) with its weights."""
+    try:
+        architecture = _architecture_record(record["architecture"], f"{source}: architecture")
+        norm = record.get("normalization") or {}
+        mean = tuple(norm["mean"]) if norm.get("mean") is not None else None
+        std = tuple(norm["std"]) if norm.get("std") is not None else None
+        return _Contents(state=state, format=MODEL_FORMAT, architecture=architecture,
+                         layout=record.get("basis_layout") or {}, num_classes=record.get("num_classes"),
+                         dataset=record.get("dataset"), normalization=(norm.get("name"), mean, std),
+                         version=record.get("minibasis_version"), extra={**(record.get("extra") or {}), **extra},
+                         graph=None if record.get("onnx_graph") is None else bytes(np.asarray(record["onnx_graph"])))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{source}: malformed {MODEL_FORMAT} record: {exc}", source=source) from None
 
 
 def _from_npz(content, source: str) -> _Contents:
     if not isinstance(content, dict):
-        raise ModelFileError(f"{source} holds a {type(content).__name__}, not a model")
+        raise ModelFileError(f"{source} holds a {type(content).__name__}, not a model", source=source)
     kind = content.get("format")
     if kind == MODEL_FORMAT:
-        try:
-            architecture = _architecture_record(content["architecture"], f"{source}: architecture")
-            norm = content.get("normalization") or {}
-            name = norm.get("name")
-            mean = tuple(norm["mean"]) if norm.get("mean") is not None else None
-            std = tuple(norm["std"]) if norm.get("std") is not None else None
-            return _Contents(state=content["state_dict"], format=MODEL_FORMAT, architecture=architecture,
-                             layout=content.get("basis_layout") or {}, num_classes=content.get("num_classes"),
-                             dataset=content.get("dataset"), normalization=(name, mean, std),
-                             version=content.get("minibasis_version"), extra=dict(content.get("extra") or {}),
-                             graph=None if content.get("onnx_graph") is None else bytes(content["onnx_graph"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ModelFileError(f"{source}: malformed {MODEL_FORMAT} file: {exc}") from None
-    if kind == LEGACY_MODEL_FORMAT:
+        return _from_record(content, content.get("state_dict"), source)
+    if kind == _OLD_MODEL_FORMAT:
         return _Contents(state=content.get("state_dict"), format="legacy",
-                         architecture=_legacy_architecture(content.get("architecture"), source),
+                         architecture=_old_architecture(content.get("architecture"), source),
                          layout=content.get("basisconv") or {})
-    if kind == TRAIN_CHECKPOINT_FORMAT or isinstance(content.get("model"), dict):
+    if kind == CHECKPOINT_FORMAT or isinstance(content.get("model"), dict):
         meta = content.get("meta") if isinstance(content.get("meta"), dict) else {}
+        progress = {"epoch": meta.get("epoch"), "stage": meta.get("stage")}
+        if isinstance(meta.get(CHECKPOINT_RECORD_KEY), dict):
+            return _from_record(meta[CHECKPOINT_RECORD_KEY], content.get("model"), source, **progress)
         return _Contents(state=content.get("model"), format="legacy",
-                         architecture=_legacy_architecture(meta.get("architecture"), source),
-                         layout=meta.get("basisconv") or {}, extra={"epoch": meta.get("epoch"),
-                                                                  "stage": meta.get("stage")})
+                         architecture=_old_architecture(meta.get("architecture"), source),
+                         layout=meta.get("basisconv") or {}, extra=progress)
     if isinstance(kind, str):
-        raise ModelFileError(f"{source}: unknown file format {kind!r:.60}")
-    return _Contents(state=content, format="legacy")  # a plain state dict (minibasis.io.save(model))
+        raise ModelFileError(f"{source}: unknown file format {kind!r:.60}", source=source)
+    return _Contents(state=content, format="legacy")  # a plain state dict (minibasis.serialization.save(model))
 
 
 _BLOCK_KEY = re.compile(r"layer([123])\.(\d+)\.")
@@ -380,23 +420,26 @@ def _reconcile(contents: _Contents, architecture, kwargs: dict, source: str) -> 
             hint = (" (only akamaster/bearpaw CIFAR ResNets are inferred from their keys)"
                     if contents.format == "torch" else "")
             raise ModelFileError(f"{source}: {what} does not record its architecture{hint}; pass it, "
-                                 f"e.g. load_model(path, architecture=\"resnet_cifar\", depth=56)")
+                                 f"e.g. load_model(path, architecture=\"resnet_cifar\", depth=56)",
+                                 source=source, argument="architecture")
         return name, explicit
     from minibasis.models import canonical_architecture
     try:
         file_name, file_kwargs = canonical_architecture(recorded["name"], **recorded["kwargs"])
     except ValueError as exc:
-        raise ModelFileError(f"{source}: {exc}") from None
+        raise ModelFileError(f"{source}: {exc}", source=source) from None
     said = f"{source} holds {contents.inferred_from}" if contents.inferred_from else f"{source} records"
     if name is not None and name != file_name:
         raise ModelFileError(f"architecture={architecture!r} was given, but {said}{':' if contents.inferred_from else ''} architecture "
-                             f"{file_name!r} ({_describe_kwargs(file_kwargs)})")
+                             f"{file_name!r} ({_describe_kwargs(file_kwargs)})",
+                             source=source, argument="architecture", given=architecture, recorded=file_name)
     for key, value in explicit.items():
         if key in file_kwargs and file_kwargs[key] != value:
             suggestion = f"; pass {key}={file_kwargs[key]!r} or leave {key} out" if contents.inferred_from else ""
             recorded_value = f"{key}={file_kwargs[key]!r}" if not contents.inferred_from else \
                 f"({key} {file_kwargs[key]!r})"
-            raise ModelFileError(f"{key}={value!r} was given, but {said} {recorded_value}{suggestion}")
+            raise ModelFileError(f"{key}={value!r} was given, but {said} {recorded_value}{suggestion}",
+                                 source=source, argument=key, given=value, recorded=file_kwargs[key])
     return file_name, {**file_kwargs, **explicit}
 
 
@@ -404,7 +447,7 @@ def _load_onnx(source: str, architecture, kwargs: dict) -> tuple[Module, ModelMe
     """An ONNX graph (:func:`minibasis.onnx.load_model`): the file is its own architecture."""
     if architecture is not None or kwargs:
         raise ModelFileError(f"{source}: an ONNX file describes its own network; got architecture={architecture!r} "
-                             f"{_describe_kwargs(kwargs)}")
+                             f"{_describe_kwargs(kwargs)}", source=source)
     from minibasis.onnx import load_model as load_onnx
 
     model = load_onnx(source)
@@ -423,7 +466,7 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
     arguments such as ``depth=56``) are needed only where the file does not say; where it does,
     they must agree with it. Raises :class:`ModelFileError` for a contradiction (naming both
     values), an architecture that cannot be found, or weights that do not fit; the reader's
-    :class:`~minibasis.io.CheckpointError` / ``UnsafePickleError`` for a malformed or hostile
+    :class:`~minibasis.serialization.CheckpointError` / ``UnsafePickleError`` for a malformed or hostile
     file; ``FileNotFoundError`` for a missing one.
     """
     from minibasis.models import get_model
@@ -433,7 +476,7 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
         return _load_onnx(source, architecture, kwargs)
     contents = _read(source)
     if not isinstance(contents.state, dict) or not contents.state:
-        raise ModelFileError(f"{source} holds no model weights")
+        raise ModelFileError(f"{source} holds no model weights", source=source)
     if contents.graph is not None:  # an imported ONNX network, compressed or fine-tuned here
         from minibasis.onnx.importer import model_from_bytes
         name, build_kwargs = "onnx", {}
@@ -443,14 +486,15 @@ def load_model(path, *, architecture=None, **kwargs) -> tuple[Module, ModelMetad
         try:
             model = get_model(name, **build_kwargs)
         except (ValueError, TypeError) as exc:
-            raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}") \
-                from None
+            raise ModelFileError(f"{source}: cannot build {name!r} ({_describe_kwargs(build_kwargs)}): {exc}",
+                                 source=source) from None
     apply_basis_layout(model, contents.layout, source=source)
     try:
         model.load_state_dict(contents.state)
     except (KeyError, ValueError, TypeError) as exc:
         message = exc.args[0] if exc.args else str(exc)
-        raise ModelFileError(f"{source} does not fit {name} ({_describe_kwargs(build_kwargs)}): {message}") from None
+        raise ModelFileError(f"{source} does not fit {name} ({_describe_kwargs(build_kwargs)}): {message}",
+                             source=source) from None
     model.eval()
     record = model.architecture
     mean, std = contents.normalization[1:]

@@ -64,7 +64,7 @@ def test_unreadable_checkpoint(capsys, tmp_path):
     path = tmp_path / "broken.th"
     path.write_bytes(b"not a checkpoint at all")
     _fails_with_one_line(capsys, ["compress", "--depth", "20", "--checkpoint", str(path), "--output", str(tmp_path / "c")],
-                         "not readable")
+                         "cannot read the model file")
     _fails_with_one_line(capsys, ["compress", "--depth", "20", "--checkpoint", str(tmp_path / "absent.th"),
                                   "--output", str(tmp_path / "c")], "does not exist")
 
@@ -157,7 +157,7 @@ def test_every_verb_takes_the_common_options():
     sweep = parser.parse_args(["sweep"])
     # --model/--depth default to None (the model file decides); the verb's own defaults apply without one.
     assert (sweep.model, sweep.depth) == (None, None)
-    assert (sweep._model_defaults["model"], sweep._model_defaults["depth"], sweep.thresholds) == (
+    assert (sweep._model_defaults["model"], sweep._model_defaults["depth"], str(sweep.thresholds)) == (
         "resnet_cifar", 56, "1,0.99,0.95,0.9,0.85,0.8,0.75,0.7")
 
 

@@ -12,7 +12,7 @@ import scipy.io
 from hypothesis import given
 
 from minibasis.data import DatasetError, load_cifar10, load_cifar100, load_svhn
-from minibasis.safe_pickle import UnsafePickleError
+from minibasis.serialization import UnsafePickleError
 from test_safe_pickle import FUZZ_SETTINGS, MUTATIONS, bounded, expect_documented_errors, mutate, py2_dumps
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]

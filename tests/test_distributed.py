@@ -438,7 +438,7 @@ def test_trainer_under_mpirun_matches_one_process_writes_once_and_resumes(launch
     """Trainer with mpirun -n 2: same checkpoint as the Trainer in one process; only rank 0
     writes the run folder (each epoch logged once); a run stopped after epoch 1 and resumed under
     mpirun ends where the uninterrupted one does."""
-    from minibasis.experiments.trainer import load_checkpoint
+    from minibasis.training import load_checkpoint
 
     sys.path.insert(0, str(SCRIPTS))
     try:

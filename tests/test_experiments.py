@@ -15,7 +15,8 @@ from minibasis import nn, optim
 from minibasis.autograd import Function
 from minibasis.cli import main
 from minibasis.data import DataLoader, ToFloat, synthetic
-from minibasis.experiments import finetune, trainer
+from minibasis import training as trainer
+from minibasis import training as finetune
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32).reshape(1, 3, 1, 1)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32).reshape(1, 3, 1, 1)

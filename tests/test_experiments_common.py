@@ -6,7 +6,7 @@ import pytest
 
 import minibasis as mb
 from minibasis import nn
-from minibasis.experiments.common import ProgressBar, evaluate, format_duration
+from minibasis.training import ProgressBar, evaluate, format_duration
 
 
 def test_progress_bar_log_lines():

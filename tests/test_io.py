@@ -17,7 +17,7 @@ from hypothesis import given
 import minibasis as mb
 from minibasis import nn
 from minibasis.io import CheckpointError, atomic_write, load, load_torch_checkpoint, load_torch_object, save
-from minibasis.safe_pickle import UnsafePickleError
+from minibasis.serialization import UnsafePickleError
 from test_safe_pickle import FUZZ_SETTINGS, MUTATIONS, bounded, expect_documented_errors, mutate
 
 

@@ -16,9 +16,9 @@ import minibasis
 from minibasis import functions as F
 from minibasis import models, nn
 from minibasis.data import NORMALIZATIONS, load_cifar10
-from minibasis.io import CheckpointError
+from minibasis.serialization import CheckpointError
 from minibasis.model_files import ModelFileError, ModelMetadata, apply_basis_layout, basis_layout
-from minibasis.safe_pickle import UnsafePickleError
+from minibasis.serialization import UnsafePickleError
 
 
 def _images(count=4, seed=0):

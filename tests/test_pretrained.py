@@ -15,7 +15,7 @@ import pytest
 import minibasis as mb
 from minibasis.cli import main
 from minibasis.data import IMAGENET_MEAN, IMAGENET_STD, Normalize, load_cifar10
-from minibasis.experiments.common import evaluate
+from minibasis.training import evaluate
 from minibasis.io import load_torch_checkpoint
 from minibasis.models import resnet_cifar
 

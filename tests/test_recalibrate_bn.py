@@ -15,7 +15,7 @@ import pytest
 import minibasis
 from minibasis import nn
 from minibasis.cli import main
-from minibasis.experiments import finetune
+from minibasis import training as finetune
 
 EPS = 1e-5
 

@@ -16,7 +16,7 @@ import minibasis
 from minibasis import io, nn, optim
 from minibasis.cli import main
 from minibasis.data import DataLoader, ToFloat, synthetic
-from minibasis.experiments import trainer
+from minibasis import training as trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # $KILL_AFTER_EPOCH has been written (no cleanup, no flush: as if the machine died).
 KILLING_DRIVER = """
 import os, signal, sys
-from minibasis.experiments import trainer
+from minibasis import training as trainer
 save = trainer.Trainer.save
 def save_then_die(self):
     save(self)

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from minibasis import safe_pickle as sp
-from minibasis.safe_pickle import PickleDataError, UnsafePickleError, safe_load
+from minibasis import serialization as sp
+from minibasis.serialization import PickleDataError, UnsafePickleError, safe_load
 
 
 # ---------------------------------------------------------------------------

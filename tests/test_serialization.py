@@ -1,4 +1,4 @@
-"""minibasis.serialization: one package behind minibasis.io and minibasis.safe_pickle, and
+"""minibasis.serialization: one package behind minibasis.io (its documented short name), and
 read_weights, which sniffs npz / torch zip / torch legacy once. The readers' hostile-file and
 fuzz tests are in test_safe_pickle.py, test_io.py and test_data_files.py (unchanged)."""
 import zipfile
@@ -7,17 +7,15 @@ import numpy as np
 import pytest
 
 import minibasis
-from minibasis import io, models, safe_pickle, serialization
+from minibasis import io, models, serialization
 from minibasis.serialization import (
     NPZ, TORCH_LEGACY, TORCH_ZIP, CheckpointError, UnsafePickleError, read_weights, sniff_format,
 )
 
 
-def test_the_facades_are_the_package():
+def test_the_short_name_is_the_package():
     for name in io.__all__:
         assert getattr(io, name) is getattr(serialization, name), name
-    for name in safe_pickle.__all__:
-        assert getattr(safe_pickle, name) is getattr(serialization, name), name
 
 
 def _state(seed=0):

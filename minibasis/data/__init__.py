@@ -12,5 +12,8 @@ from minibasis.data.transforms import (
     RandomCrop,
     RandomHorizontalFlip,
     ToFloat,
+    eval_transform,
+    train_transform,
 )
-from minibasis.data.files import DatasetError, DatasetSplits, load_cifar10, load_cifar100, load_svhn
+from minibasis.data.datasets import DatasetError, DatasetSplits, load_cifar10, load_cifar100, load_svhn
+from minibasis.data.catalog import DATASET_CLASSES, DATASETS, load_dataset, take_subset

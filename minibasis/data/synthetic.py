@@ -30,7 +30,7 @@ import numpy as np
 
 from minibasis.checks import ArgumentTypeError, int_at_least, is_int, non_negative_int, positive_int
 
-from minibasis.data.files import DatasetSplits
+from minibasis.data.datasets import DatasetSplits
 
 __all__ = [
     "SYNTHETIC_CLASSES",

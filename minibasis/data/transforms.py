@@ -28,6 +28,8 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "ToFloat",
+    "eval_transform",
+    "train_transform",
 ]
 
 # Per-channel statistics on the [0, 1] scale, as torchvision's Normalize expects them.
@@ -195,3 +197,25 @@ class Compose:
 
     def __repr__(self) -> str:
         return "Compose([" + ", ".join(repr(t) for t in self.transforms) + "])"
+
+
+def _normalize_step(normalization: str) -> list:
+    if normalization == "none":
+        return []
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; expected one of "
+                         f"{', '.join([*NORMALIZATIONS, 'none'])}")
+    return [Normalize(*NORMALIZATIONS[normalization])]
+
+
+def eval_transform(normalization: str = "cifar10") -> Compose:
+    """The test-time recipe: uint8 → float32 in [0, 1] → per-channel ``normalization`` (a key of
+    :data:`NORMALIZATIONS`, or "none")."""
+    return Compose([ToFloat(), *_normalize_step(normalization)])
+
+
+def train_transform(normalization: str = "cifar10", augment: bool = True, image_size: int = 32) -> Compose:
+    """The training recipe: random crop (padding 4) and horizontal flip (unless ``augment`` is
+    False), then :func:`eval_transform`'s steps."""
+    steps = [RandomCrop(image_size, padding=4), RandomHorizontalFlip()] if augment else []
+    return Compose([*steps, ToFloat(), *_normalize_step(normalization)])

@@ -1,23 +1,27 @@
-"""Where the shared material lives, and the process's peak memory.
+"""What the verbs share beyond their options: where the shared material lives, how a model is
+named and saved, notes on stderr, and the process's peak memory.
 
 * :func:`shared_dir`: the read-only shared folder (``$MINIBASIS_SHARED``, else
-  ``../shared`` beside the repository or the current directory).
+  ``../shared`` beside the repository or the current directory), its ``data`` folder and its
+  pretrained akamaster ResNets.
 * :func:`find_model_file`: a model file's path, a bare file name looked up among the shared
   models (``resnet20-12fca82f.th``) as ``--checkpoint auto`` finds them.
-
-``ProgressBar``, ``evaluate`` and ``format_duration`` moved to :mod:`minibasis.training`
-and are re-exported here.
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from pathlib import Path
 
-from minibasis.training import EvalResult, ProgressBar, evaluate, format_duration  # noqa: F401
+from minibasis.experiments.errors import UserError
 
-__all__ = ["ProgressBar", "EvalResult", "evaluate", "shared_dir", "find_model_file", "format_duration",
-           "peak_memory_mib"]
+__all__ = ["shared_dir", "default_data_dir", "pretrained_dir", "pretrained_checkpoint", "find_model_file", "data_note",
+           "note", "save_model_file", "peak_memory_mib"]
+
+#: Said once whenever a verb evaluates on the shared CIFAR-10 (docs/models.md has the details).
+SHARED_CIFAR10_NOTE = ("note: the shared CIFAR-10 images are JPEG re-encodings of the originals; PyTorch gets "
+                       "81.03 % with the shared ResNet-20 weights on them, 91.73 % on the original pixels")
 
 
 def shared_dir() -> Path:
@@ -53,3 +57,48 @@ def peak_memory_mib() -> float | None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     return peak / (2 ** 20 if sys.platform == "darwin" else 1024)
+
+
+def default_data_dir() -> Path:
+    """``<shared>/data``."""
+    return shared_dir() / "data"
+
+
+def pretrained_dir() -> Path:
+    """``<shared>/models/akamaster``: akamaster's pretrained CIFAR ResNets."""
+    return shared_dir() / "models" / "akamaster"
+
+
+def pretrained_checkpoint(model: str, depth: int | None) -> Path | None:
+    """The shared akamaster checkpoint for ``resnet_cifar`` of ``depth`` (``resnet<depth>-*.th``), if present."""
+    name = model if depth is None or model != "resnet_cifar" else f"resnet{depth}"
+    matches = sorted(glob.glob(str(pretrained_dir() / f"{name}-*.th")))
+    return Path(matches[0]) if matches else None
+
+
+def data_note(dataset: str, root) -> str | None:
+    """:data:`SHARED_CIFAR10_NOTE` when ``dataset`` is read from the shared data folder, else None."""
+    if dataset != "cifar10":
+        return None
+    try:
+        shared = Path(root).resolve() == default_data_dir().resolve()
+    except OSError:
+        return None
+    return SHARED_CIFAR10_NOTE if shared else None
+
+
+def note(message: str) -> None:
+    """A ``note: ...`` line on stderr (beside the results, never instead of them)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def save_model_file(path: Path, model, normalize: str, dataset: str | None) -> None:
+    """:func:`minibasis.save_model` with the normalization and dataset the model was used with."""
+    from minibasis.experiments import runs
+    from minibasis.model_files import save_model
+    try:
+        save_model(model, path, normalization=normalize, dataset=dataset)
+    except OSError as exc:
+        if exc.errno in runs.WRITE_ERRNOS:
+            raise  # no room: the command line names the run's last complete checkpoint
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None

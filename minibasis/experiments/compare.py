@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from minibasis.experiments import plots, runs
+from minibasis.experiments import options, plots, runs
 from minibasis.experiments.errors import UserError, first_line
 
 __all__ = ["add_arguments", "run", "parse_reference", "summary_row"]
@@ -55,6 +55,7 @@ def summary_row(label: str, history) -> dict:
     best = history.best_test_acc
     speeds = [row["images_per_s"] for row in history.rows if isinstance(row.get("images_per_s"), (int, float))]
     compression = results.get("compression") or {}
+    compression = compression.get("totals", compression)   # finetune's results hold the report's totals
     return {"run": label, "folder": str(history.path), "finished": history.finished,
             "stages": " + ".join(f"{stage} {count}" for stage, count in history.stages),
             "epochs": history.epochs, "final_test_acc": history.final_test_acc,
@@ -89,28 +90,30 @@ def _table(rows: list[dict]) -> list[str]:
 def run(args) -> int:
     from minibasis.training import load_run
 
+    spec = options.verb_spec(args, "compare")
+    o = spec.options
     # Every option and every folder is checked before anything is written.
-    labels = args.label or [path.name or str(path) for path in args.runs]
-    if len(labels) != len(args.runs):
-        raise UserError(f"{len(args.label)} --label given for {len(args.runs)} run folders; give one per run or none")
-    references = dict(parse_reference(text) for text in args.reference)
+    labels = o.label or [path.name or str(path) for path in o.runs]
+    if len(labels) != len(o.runs):
+        raise UserError(f"{len(o.label)} --label given for {len(o.runs)} run folders; give one per run or none")
+    references = dict(parse_reference(text) for text in o.reference)
     histories = []
-    for path in args.runs:
+    for path in o.runs:
         try:
             histories.append(load_run(path))
         except ValueError as exc:
             raise UserError(first_line(exc)) from None
-    folder = runs.prepare_run_folder(args, "compare")
-    folder.quiet = args.quiet  # --quiet: the table on stdout, the rest only in log.txt
+    folder = runs.prepare_run_folder(spec.run)
+    folder.quiet = spec.run.quiet  # --quiet: the table on stdout, the rest only in log.txt
     rows = [summary_row(label, history) for label, history in zip(labels, histories)]
     for line in _table(rows):
         folder.log(line)
-        if args.quiet:
+        if spec.run.quiet:
             print(line)
     folder.write_json("compare.json", {"runs": rows, "references": references})
     curves = {label: history.test_curve() for label, history in zip(labels, histories)}
     boundaries = sorted({x for history in histories for x in history.stage_boundaries()})
-    plot = plots.plot_accuracy_curves(folder.file("compare.png"), curves, references, title=args.title,
+    plot = plots.plot_accuracy_curves(folder.file("compare.png"), curves, references, title=o.title,
                                       boundaries=boundaries)
     folder.log(f"wrote {folder.file('compare.json')}" + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
     return 0

@@ -30,6 +30,7 @@ import json
 import sys
 from typing import Any
 
+from minibasis.experiments import argtypes, options
 from minibasis.experiments.errors import UserError
 from minibasis.measure import profile
 from minibasis.nn import Module
@@ -98,29 +99,20 @@ def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> di
 def _is_model_file(name: str) -> bool:
     from pathlib import Path
 
-    return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt") or Path(name).is_file()
+    return Path(name).suffix.lower() in (".npz", ".th", ".pth", ".pt", ".onnx", ".safetensors") or Path(name).is_file()
 
 
-def _load_file(name: str):
-    """(model, description, config) of a model file (a bare file name may name a shared model,
-    :func:`common.find_model_file`); UserError when it cannot be read."""
+def _load_file(path: str):
+    """(model, description, config) of a model file (:func:`loading.model_argument`; a bare file name
+    may name a shared model, :func:`common.find_model_file`)."""
     from pathlib import Path
 
-    import minibasis
-    from minibasis.experiments.common import find_model_file
-    from minibasis.training import CheckpointError
+    from minibasis.experiments.loading import model_argument, model_operand
 
-    path = find_model_file(name)
-    if not Path(path).is_file():
-        raise UserError(f"model file {path} does not exist (MODEL is a zoo name or a model file)")
-    try:
-        model, metadata = minibasis.load_model(path)
-    except (CheckpointError, ValueError, TypeError, OSError) as exc:
-        raise UserError(f"cannot read the model file {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    architecture = metadata.architecture or {}
+    model, metadata = model_argument(model_operand(path, "MODEL"))
     label = Path(path).name if Path(path).parent.name in ("", ".") else f"{Path(path).parent.name}/{Path(path).name}"
     return model, label, {"num_classes": metadata.num_classes, "file": str(path),
-                                    "architecture": architecture.get("name")}
+                          "architecture": metadata.architecture.get("name")}
 
 
 def _input_of(model, name: str) -> tuple[int, int]:
@@ -201,11 +193,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="model names (table3_cnn, alexnet, vgg16, vgg16_bn, resnet20/32/44/56/110/1202, "
                              "resnet_cifar --depth D, densenet190, densenet_bc --depth D), 'paper' for the "
-                             "paper's four nets, or model files (model.npz, .th/.pth)")
-    parser.add_argument("--num-classes", type=int, default=None,
+                             "paper's four nets, or model files (model.npz, .safetensors, .th/.pth, .onnx)")
+    parser.add_argument("--num-classes", type=argtypes.positive, default=None,
                         help="output classes (default: 100 for the paper's CIFAR-100 nets alexnet, vgg16, "
                              "resnet110, densenet190; 10 otherwise)")
-    parser.add_argument("--depth", type=int, default=None, help="depth for resnet_cifar (6n+2) or densenet_bc (6n+4)")
+    parser.add_argument("--depth", type=argtypes.positive, default=None, help="depth for resnet_cifar (6n+2) or densenet_bc (6n+4)")
     parser.add_argument("--shortcut", choices=("A", "B"), default=None,
                         help="CIFAR ResNet shortcut: A zero-padding (akamaster), B 1×1 conv + BN (bearpaw) "
                              "(default: B for resnet110, the paper's net; A otherwise)")
@@ -214,36 +206,33 @@ def add_arguments(parser) -> None:
                         help="also time one forward pass of a batch of --batch zero images: per conv layer and for "
                              "the rest of the network by kind (batch norm, activations, adds, pooling, linear), "
                              "with the share of the time outside the conv layers (wall clock: noisy on a busy machine)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size of the --timing pass (default 64)")
-    parser.add_argument("--json", metavar="PATH", default=None,
+    parser.add_argument("--batch", type=argtypes.positive, default=64, help="batch size of the --timing pass (default 64)")
+    parser.add_argument("--json", metavar="PATH", type=argtypes.output_file, default=None,
                         help="write the full report as JSON to PATH ('-' for standard output)")
 
 
 def run(args) -> int:
     from minibasis.models import get_model
 
-    files = [name for name in args.models if name != "paper" and _is_model_file(name)]
+    o = options.verb_spec(args, "count").options
+    files = [name for name in o.models if name != "paper" and _is_model_file(name)]
     names = []
-    for name in args.models:
+    for name in o.models:
         names.extend(PAPER_NAMES if name == "paper" else [] if name in files else [name])
-    if files and (args.num_classes is not None or args.depth is not None or args.shortcut is not None):
+    if files and (o.num_classes is not None or o.depth is not None or o.shortcut is not None):
         raise UserError("--num-classes, --depth and --shortcut do not apply to model files (the file decides): "
                         + ", ".join(files))
-    if args.batch < 1:
-        raise UserError(f"--batch must be ≥ 1, got {args.batch}")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes must be ≥ 1, got {args.num_classes}")
-    if args.depth is not None and not any(name in _DEPTH_NAMES for name in names):
+    if o.depth is not None and not any(name in _DEPTH_NAMES for name in names):
         raise UserError(f"--depth applies to {' and '.join(_DEPTH_NAMES)}, not to {', '.join(names)}")
-    if args.shortcut is not None and not any(name in _RESNET_NAMES for name in names):
+    if o.shortcut is not None and not any(name in _RESNET_NAMES for name in names):
         raise UserError(f"--shortcut applies to the CIFAR ResNets, not to {', '.join(names)}")
     builds = []
-    for name in args.models:  # every name and file checked before anything is counted
+    for name in o.models:  # every name and file checked before anything is counted
         if name in files:
             builds.append((name,) + _load_file(name))
             continue
         for zoo_name in PAPER_NAMES if name == "paper" else [name]:
-            config = model_config(zoo_name, args.num_classes, args.depth, args.shortcut)
+            config = model_config(zoo_name, o.num_classes, o.depth, o.shortcut)
             try:
                 model = get_model(zoo_name, **config)
             except (ValueError, TypeError) as exc:
@@ -254,9 +243,9 @@ def run(args) -> int:
         report = {"model": name, "description": description, "config": config,
                   **count_model(model, *_input_of(model, name))}
         report["paper"] = _paper_figures(name, config)
-        if args.timing:
-            timed = profile(model, (args.batch,) + tuple(report["input_shape"][1:]), timing=True)
-            report["timing"] = {**timed.timing, "batch": args.batch,
+        if o.timing:
+            timed = profile(model, (o.batch,) + tuple(report["input_shape"][1:]), timing=True)
+            report["timing"] = {**timed.timing, "batch": o.batch,
                                 "layers": [{"layer": r.path, "forward_seconds": r.forward_seconds, "share": r.share,
                                             "mults_per_second": r.mults_per_second} for r in timed.rows],
                                 "table": timed.timing_table()}
@@ -264,11 +253,11 @@ def run(args) -> int:
             print(f"warning: {name}: measured conv mults {report['conv_mults_measured']:,} differ from the "
                   f"formula's {report['conv_mults_formula']:,}", file=sys.stderr)
         reports.append(report)
-    text_out = sys.stderr if args.json == "-" else sys.stdout
+    text_out = sys.stderr if o.json == "-" else sys.stdout
     print(format_table(reports), file=text_out)
     print("params: parameters (learnable); stored: parameters + persistent buffers (BatchNorm statistics, "
           "fixed bases): what a saved model holds", file=text_out)
-    if args.layers:
+    if o.layers:
         for report in reports:
             print("\n" + format_layers(report), file=text_out)
     for report in reports:
@@ -280,13 +269,13 @@ def run(args) -> int:
               "/ 1e9 for one 32×32 image. See docs/models.md for the figures the paper's nets do not reproduce.",
               file=text_out)
     document = {"input_shape": [1, 3, 32, 32], "models": reports}
-    if args.json == "-":
+    if o.json == "-":
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    elif args.json:
+    elif o.json:
         from minibasis.training import write_json
         try:
-            write_json(args.json, document)
+            write_json(o.json, document)
         except OSError as exc:
-            raise UserError(f"cannot write {args.json}: {exc}") from None
+            raise UserError(f"cannot write {o.json}: {exc}") from None
     return 0

@@ -18,75 +18,56 @@ from __future__ import annotations
 
 import time
 
-from minibasis import nn, optim
-from minibasis.experiments import options, runs
-from minibasis.training import NonFiniteError, Trainer
+from minibasis import data, optim
+from minibasis.experiments import argtypes, options, runs
+from minibasis.model_files import checkpoint_meta
+from minibasis.models import demo_cnn
+from minibasis.training import Trainer, eval_metrics
 
-__all__ = ["DemoCNN", "add_arguments", "run"]
+__all__ = ["add_arguments", "run"]
 
 DEFAULT_DEMO_THRESHOLDS = "1.0,0.99,0.95,0.9,0.85,0.8,0.75,0.7,0.6,0.5"
 
 
-class DemoCNN(nn.Module):
-    """A small CNN for 32×32 images: 3 conv layers (5×5, 3×3, 3×3) with BN, global pooling.
-
-    (N, 3, 32, 32) → conv 5×5 3→w0 → pool → conv 3×3 w0→w1 → pool → conv 3×3 w1→w2 →
-    global average → linear w2→num_classes.
-    """
-
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 32)):
-        super().__init__()
-        w0, w1, w2 = widths
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w0, 5, padding=2), nn.BatchNorm2d(w0), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w0, w1, 3, padding=1), nn.BatchNorm2d(w1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w1, w2, 3, padding=1), nn.BatchNorm2d(w2), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(w2, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
 def add_arguments(parser) -> None:
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    parser.add_argument("--num-train", type=int, default=3000, help="synthetic training images (default: 3000)")
-    parser.add_argument("--num-test", type=int, default=1000, help="synthetic test images (default: 1000)")
+    parser.add_argument("--epochs", type=argtypes.positive, default=3, help="training epochs (default: 3)")
+    parser.add_argument("--num-train", type=argtypes.positive, default=3000, help="synthetic training images (default: 3000)")
+    parser.add_argument("--num-test", type=argtypes.positive, default=1000, help="synthetic test images (default: 1000)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default: 0.05)")
-    parser.add_argument("--thresholds", default=DEFAULT_DEMO_THRESHOLDS,
+    parser.add_argument("--thresholds", type=argtypes.thresholds, default=DEFAULT_DEMO_THRESHOLDS,
                         help=f"energy thresholds t, comma-separated (default: {DEFAULT_DEMO_THRESHOLDS})")
     options.add_common_arguments(parser, batch_size=64)
 
 
 def run(args) -> int:
-    from minibasis import backend, compress, data, manual_seed
+    from minibasis import backend, compress, manual_seed
 
-    options.check_common(args)
-    for name in ("epochs", "num_train", "num_test"):
-        options.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    thresholds = options.parse_thresholds(args.thresholds)
-    folder = runs.prepare_run_folder(args, "demo")
+    spec = options.verb_spec(args, "demo")
+    o, run_spec = spec.options, spec.run
+    thresholds = list(o.thresholds)
+    folder = runs.prepare_run_folder(run_spec)
     log = folder.log
     started = time.perf_counter()
     log(f"minibasis demo: output folder {folder.path}")
 
-    manual_seed(args.seed)
-    (x_train, y_train), (x_test, y_test) = data.synthetic(num_train=args.num_train, num_test=args.num_test,
-                                                          seed=args.seed)
+    manual_seed(run_spec.seed)
+    (x_train, y_train), (x_test, y_test) = data.synthetic(num_train=o.num_train, num_test=o.num_test,
+                                                          seed=run_spec.seed)
     log(f"synthetic data: {len(y_train)} training and {len(y_test)} test images, 10 classes of oriented patterns")
-    transform = options.eval_transform("none")  # the patterns are centred on their own; [0, 1] is enough
-    loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
+    transform = data.eval_transform("none")  # the patterns are centred on their own; [0, 1] is enough
+    loader = data.DataLoader((x_train, y_train), batch_size=run_spec.batch_size, shuffle=True, seed=run_spec.seed,
                              transform=transform)
-    model = DemoCNN()
-    optimizer = optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = optim.StepLR(optimizer, step_size=max(args.epochs - 1, 1), gamma=0.1)
-    test_accuracy = options.test_metrics_for(x_test, y_test, "none")
+    model = demo_cnn()
+    optimizer = optim.SGD(model.parameters(), lr=o.lr, momentum=0.9, weight_decay=5e-4)
+    scheduler = optim.StepLR(optimizer, step_size=max(o.epochs - 1, 1), gamma=0.1)
+    test_accuracy = eval_metrics(x_test, y_test, data.eval_transform("none"))
 
-    log(f"training DemoCNN ({model.num_parameters():,} parameters) for {args.epochs} epochs "
+    log(f"training DemoCNN ({model.num_parameters():,} parameters) for {o.epochs} epochs "
         f"on {backend.current()}")
-    history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
-                              eval_fn=test_accuracy, folder=folder, seed=args.seed,
-                              progress=not args.quiet).fit()
+    history = Trainer(model, optimizer, loader, epochs=o.epochs, scheduler=scheduler,
+                              eval_fn=test_accuracy, folder=folder, seed=run_spec.seed,
+                              progress=not run_spec.quiet,
+                              extra_meta=checkpoint_meta(model, normalization="none", dataset="synthetic")).fit()
     baseline = test_accuracy(model)["test_acc"]
 
     input_shape = (1, 3, 32, 32)
@@ -105,15 +86,15 @@ def run(args) -> int:
     log(f"original: {rows[0]['conv_mults_original']:,} conv multiplications per image, "
         f"{rows[0]['params_original']:,} learnable parameters ({rows[0]['stored_original']:,} stored values), test accuracy {100 * baseline:.2f}%")
 
-    results = {"model": "DemoCNN", "dataset": "synthetic", "epochs": args.epochs, "num_train": args.num_train,
-               "num_test": args.num_test, "seed": args.seed, "device": backend.current(),
+    results = {"model": "DemoCNN", "dataset": "synthetic", "epochs": o.epochs, "num_train": o.num_train,
+               "num_test": o.num_test, "seed": run_spec.seed, "device": backend.current(),
                "mults_unit": "multiplications per image, conv layers only (the paper's convention)",
                "test_acc_original": baseline, "training": history, "thresholds": rows,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
     folder.write_csv("results.csv", [{k: v for k, v in r.items() if k != "per_layer"} for r in rows])
     from minibasis.experiments import plots
-    plot = plots.plot_demo(folder.file("demo.png"), rows, baseline_acc=baseline)
+    plot = plots.plot_demo(folder.file("demo.png"), rows, baseline_acc=baseline, test_images=len(y_test))
     mismatches = [r["threshold"] for r in rows if r["conv_mults_measured"] != r["conv_mults_formula"]]
     log("measured conv multiplications equal the formula at every threshold" if not mismatches
         else f"WARNING: measured and formula counts differ at t = {mismatches}")

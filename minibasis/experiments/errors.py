@@ -6,7 +6,7 @@ Library code raises library exceptions (``ValueError``, ``TypeError``,
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "first_line"]
+__all__ = ["UserError", "first_line", "user_error_for_non_finite"]
 
 
 class UserError(Exception):
@@ -17,3 +17,8 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, or its type name when the message is empty."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def user_error_for_non_finite(exc) -> UserError:
+    """A training that went NaN/inf, as the one-line message the command line prints."""
+    return UserError(f"{exc} (lower the learning rate; --detect-anomaly names the first module where it happens)")

@@ -13,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from minibasis.experiments.options import ModelSpec
+
+from minibasis.experiments import argtypes, options
 from minibasis.experiments.errors import UserError, first_line
+from minibasis.experiments.loading import model_argument, model_file
 
 __all__ = ["ExportSpec", "add_arguments", "parse", "run"]
 
@@ -22,7 +26,7 @@ FORMATS = {"onnx": ".onnx", "safetensors": ".safetensors"}
 
 @dataclass(frozen=True)
 class ExportSpec:
-    model_file: Path
+    model: ModelSpec     # the MODEL_FILE (loading.model_file)
     format: str
     output: Path
     fold_batch_norm: bool
@@ -33,33 +37,32 @@ class ExportSpec:
 def add_arguments(parser) -> None:
     parser.add_argument("model_file", metavar="MODEL_FILE", help="a model file (.npz, .safetensors, .th/.pth, .onnx)")
     parser.add_argument("--format", choices=sorted(FORMATS), required=True, help="the format written")
-    parser.add_argument("--output", required=True, metavar="PATH", help="the file written (.onnx / .safetensors)")
+    parser.add_argument("--output", required=True, type=argtypes.output_file, metavar="PATH",
+                        help="the file written (.onnx / .safetensors)")
     parser.add_argument("--fold-batch-norm", action="store_true",
                         help="onnx: fold each BatchNorm into the conv before it (fewer nodes, same logits)")
-    parser.add_argument("--opset", type=int, default=17, help="onnx: the operator-set version written (13–21)")
+    parser.add_argument("--opset", type=argtypes.positive, default=17, help="onnx: the operator-set version written (13–21)")
     parser.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                         help="onnx: the traced input shape (default: the model's own, else 1,3,32,32)")
 
 
 def parse(args) -> ExportSpec:
-    model_file, output = Path(args.model_file), Path(args.output)
-    if not model_file.is_file():
-        raise UserError(f"model file {model_file} does not exist")
-    if output.suffix != FORMATS[args.format]:
-        raise UserError(f"--output {output} should end in {FORMATS[args.format]} for --format {args.format}")
-    if not output.parent.is_dir():
-        raise UserError(f"--output {output}: the folder {output.parent} does not exist")
-    if args.format != "onnx" and (args.fold_batch_norm or args.input_shape or args.opset != 17):
+    """The checked options (:func:`options.verb_spec`); reads no file."""
+    spec = options.verb_spec(args, "export")
+    o, output = spec.options, Path(spec.run.output)
+    if output.suffix != FORMATS[o.format]:
+        raise UserError(f"--output {output} should end in {FORMATS[o.format]} for --format {o.format}")
+    if o.format != "onnx" and (o.fold_batch_norm or o.input_shape or o.opset != 17):
         raise UserError("--fold-batch-norm, --opset and --input-shape apply to --format onnx only")
     shape = None
-    if args.input_shape:
+    if o.input_shape:
         try:
-            shape = tuple(int(n) for n in args.input_shape.split(","))
+            shape = tuple(int(n) for n in o.input_shape.split(","))
         except ValueError:
             shape = ()
         if len(shape) != 4 or min(shape) < 1:
-            raise UserError(f"--input-shape must be four positive integers N,C,H,W, got {args.input_shape!r}")
-    return ExportSpec(model_file, args.format, output, args.fold_batch_norm, args.opset, shape)
+            raise UserError(f"--input-shape must be four positive integers N,C,H,W, got {o.input_shape!r}")
+    return ExportSpec(model_file(o.model_file, "MODEL_FILE"), o.format, output, o.fold_batch_norm, o.opset, shape)
 
 
 def run(args) -> int:
@@ -67,10 +70,7 @@ def run(args) -> int:
     import minibasis
     from minibasis.training import CheckpointError
 
-    try:
-        model, metadata = minibasis.load_model(spec.model_file)
-    except (CheckpointError, ValueError, TypeError, OSError) as exc:
-        raise UserError(f"cannot read the model file {spec.model_file}: {first_line(exc)}") from None
+    model, metadata = model_argument(spec.model)
     if spec.format == "safetensors":
         try:
             normalization = metadata.normalization or ((metadata.mean, metadata.std) if metadata.mean else None)
@@ -89,7 +89,7 @@ def run(args) -> int:
         worst = save_model(model, spec.output, shape, opset=spec.opset, fold_batch_norm=spec.fold_batch_norm,
                            check=True)
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
-        raise UserError(f"cannot export {spec.model_file}: {first_line(exc)}") from None
+        raise UserError(f"cannot export {spec.model.checkpoint}: {first_line(exc)}") from None
     print(f"wrote {spec.output} (ONNX opset {spec.opset}{', BatchNorm folded' if spec.fold_batch_norm else ''}); "
           f"onnxruntime's logits equal minibasis's to {worst:.2g} of their scale (allowed {CHECK_TOLERANCE:g})")
     return 0

@@ -30,25 +30,27 @@ from __future__ import annotations
 
 import time
 
-from minibasis.experiments.errors import UserError, first_line
+from minibasis.experiments.errors import UserError, first_line, user_error_for_non_finite
 from minibasis.allocation import BudgetError
 from minibasis.compress import compress, copy_module
-from minibasis.experiments import options, runs
+from minibasis import data
+from minibasis.experiments import argtypes, common, options, runs
+from minibasis.experiments.loading import load_data, load_verb_model, model_argument, model_file
 from minibasis.measure import stored_values
-from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,  # noqa: F401
-                                fine_tune, freeze_all_but, non_conv_parameters, recalibrate_batch_norm)
+from minibasis.model_files import checkpoint_meta
+from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,
+                                eval_metrics, fine_tune, non_conv_parameters, recalibrate_batch_norm)
 
-__all__ = ["add_arguments", "run", "fine_tune", "coefficient_parameters", "conv_weight_parameters",
-           "non_conv_parameters", "freeze_all_but", "recalibrate_batch_norm"]
+__all__ = ["add_arguments", "run", "compress_as_asked", "load_teacher"]
 
 
 def add_arguments(parser) -> None:
     options.add_model_arguments(parser, model="resnet_cifar", depth=20, checkpoint="auto")
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
     group = parser.add_argument_group("compression")
-    group.add_argument("--threshold", type=float, default=None, help="energy threshold t (default: 0.9)")
+    group.add_argument("--threshold", type=argtypes.fraction, default=None, help="energy threshold t (default: 0.9)")
     options.add_budget_arguments(group)
-    group.add_argument("--thresholds", default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
+    group.add_argument("--thresholds", type=argtypes.thresholds, default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
                        help="grid searched by --allocation uniform (default: the paper's 1.0 ... 0.7)")
     group.add_argument("--replace-all", action="store_true",
                        help="replace every conv, even where BasisConv needs as many multiplications or more")
@@ -57,25 +59,26 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("distillation from the uncompressed original")
     group.add_argument("--distill", action="store_true",
                        help="add the KL divergence to the original's softened outputs to the loss of both steps")
-    group.add_argument("--distill-weight", type=float, default=None,
+    group.add_argument("--distill-weight", type=argtypes.fraction, default=None,
                        help="w in (1 - w)·CE + w·T²·KL (default with --distill: 0.5)")
-    group.add_argument("--temperature", type=float, default=None, help="T (default with --distill: 4)")
+    group.add_argument("--temperature", type=argtypes.positive_float, default=None,
+                       help="T (default with --distill: 4)")
     group.add_argument("--teacher", default=None, metavar="MODEL_FILE",
                        help="with --distill: distill from this model file instead of the original as loaded "
                             "(e.g. the original fine-tuned by --baseline); same classes and input normalization")
     group = parser.add_argument_group("fine-tuning (defaults: the paper's section 4.3)")
-    group.add_argument("--epochs1", type=int, default=15, help="step 1 epochs, coefficients only (default: 15)")
+    group.add_argument("--epochs1", type=argtypes.non_negative, default=15, help="step 1 epochs, coefficients only (default: 15)")
     group.add_argument("--lr1", type=float, default=0.1, help="step 1 learning rate (default: 0.1)")
-    group.add_argument("--lr1-step", type=int, default=5, help="divide the step 1 rate by 10 every N epochs (default: 5)")
-    group.add_argument("--epochs2", type=int, default=10, help="step 2 epochs, all non-conv parameters (default: 10)")
+    group.add_argument("--lr1-step", type=argtypes.positive, default=5, help="divide the step 1 rate by 10 every N epochs (default: 5)")
+    group.add_argument("--epochs2", type=argtypes.non_negative, default=10, help="step 2 epochs, all non-conv parameters (default: 10)")
     group.add_argument("--lr2", type=float, default=5e-4, help="step 2 learning rate (default: 5e-4)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (default: 1e-4)")
-    group.add_argument("--train-subset", type=int, default=None,
+    group.add_argument("--train-subset", type=argtypes.positive, default=None,
                        help="train on a random subset of N training images (default: all)")
-    group.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    group.add_argument("--limit", type=argtypes.positive, default=None, help="evaluate on the first N test images (default: all)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    group.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+    group.add_argument("--recalibrate-bn", type=argtypes.non_negative, default=0, metavar="N",
                        help="before fine-tuning, re-estimate every BatchNorm's running mean and variance "
                             "from the first N training images (forward passes only, no gradient step; "
                             "default: 0, off)")
@@ -85,78 +88,57 @@ def add_arguments(parser) -> None:
     options.add_common_arguments(parser, batch_size=128)
 
 
-def _check_settings(args) -> None:
-    """Every option on its own and against the others, before anything is loaded."""
-    for option in ("epochs1", "epochs2", "lr1_step"):
-        options.check_positive(f"--{option.replace('_', '-')}", getattr(args, option), allow_zero=option != "lr1_step")
-    options.check_positive("--train-subset", args.train_subset)
-    options.check_positive("--limit", args.limit)
-    options.check_positive("--recalibrate-bn", args.recalibrate_bn, allow_zero=True)
-    default_grid = ",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS)
-    if args.baseline:
-        given = [o for o, v in (("--threshold", args.threshold), ("--target-mult-ratio", args.target_mult_ratio))
-                 if v is not None] + (["--replace-all"] if args.replace_all else []) \
-            + ([f"--allocation {args.allocation}"] if args.allocation != "uniform" else [])
+def _check_settings(o) -> None:
+    """The options against each other, before anything is loaded (each was checked on its own)."""
+    default_grid = list(o.thresholds) == list(options.DEFAULT_THRESHOLDS)
+    if o.baseline:
+        given = [opt for opt, v in (("--threshold", o.threshold), ("--target-mult-ratio", o.target_mult_ratio))
+                 if v is not None] + (["--replace-all"] if o.replace_all else []) \
+            + ([f"--allocation {o.allocation}"] if o.allocation != "uniform" else [])
         if given:
             raise UserError(f"--baseline fine-tunes the uncompressed original; {', '.join(given)} would be ignored")
-    if args.target_mult_ratio is not None:
-        if args.threshold is not None:
+    if o.target_mult_ratio is not None:
+        if o.threshold is not None:
             raise UserError("give --threshold or --target-mult-ratio, not both")
-        options.check_threshold("--target-mult-ratio", args.target_mult_ratio)  # a fraction in (0, 1] too
-        options.parse_thresholds(args.thresholds)
-        if args.allocation == "greedy" and args.thresholds != default_grid:
+        if o.allocation == "greedy" and not default_grid:
             raise UserError("--thresholds is the grid of --allocation uniform; greedy chooses Q per layer")
     else:
-        if args.thresholds != default_grid:
+        if not default_grid:
             raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
-        if args.allocation != "uniform":
+        if o.allocation != "uniform":
             raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
-        options.check_threshold("--threshold", args.threshold)
-    if not args.distill:
-        given = [o for o, v in (("--distill-weight", args.distill_weight), ("--temperature", args.temperature),
-                                ("--teacher", args.teacher)) if v is not None]
+    if not o.distill:
+        given = [opt for opt, v in (("--distill-weight", o.distill_weight), ("--temperature", o.temperature),
+                                    ("--teacher", o.teacher)) if v is not None]
         if given:
             raise UserError(f"{', '.join(given)} applies only with --distill")
-    else:
-        args.distill_weight = 0.5 if args.distill_weight is None else args.distill_weight
-        args.temperature = 4.0 if args.temperature is None else args.temperature
-        if not 0 < args.distill_weight <= 1:
-            raise UserError(f"--distill-weight must be in (0, 1], got {args.distill_weight:g}")
-        options.check_positive("--temperature", args.temperature)
 
 
-def load_teacher(args, loaded):
+def load_teacher(o, loaded):
     """The model to distill from: a copy of the original as loaded, or the ``--teacher`` file,
     refused when its class count or input normalization differs from the student's."""
-    from minibasis import ModelFileError, load_model
-
-    if args.teacher is None:
+    if o.teacher is None:
         return copy_module(loaded.model)
-    try:
-        teacher, metadata = load_model(args.teacher)
-    except FileNotFoundError:
-        raise UserError(f"--teacher {args.teacher} does not exist") from None
-    except (ModelFileError, OSError, ValueError) as exc:
-        raise UserError(f"--teacher {args.teacher} is not readable: {first_line(exc)}") from None
+    teacher, metadata = model_argument(model_file(o.teacher, "--teacher"))
     if metadata.normalization not in (None, loaded.normalize):
-        raise UserError(f"--teacher {args.teacher} expects {metadata.normalization} input normalization, "
+        raise UserError(f"--teacher {o.teacher} expects {metadata.normalization} input normalization, "
                         f"the student {loaded.normalize}")
     classes = getattr(loaded.metadata, "num_classes", None)
     if None not in (metadata.num_classes, classes) and metadata.num_classes != classes:
-        raise UserError(f"--teacher {args.teacher} has {metadata.num_classes} classes, the student {classes}")
+        raise UserError(f"--teacher {o.teacher} has {metadata.num_classes} classes, the student {classes}")
     return teacher
 
 
-def compress_as_asked(model, args):
+def compress_as_asked(model, o):
     """``(compressed model, report)`` at ``--threshold`` (default 0.9) or under ``--target-mult-ratio``;
     a :class:`UserError` when the budget cannot be met. Runs before any data is read."""
     try:
-        if args.target_mult_ratio is None:
-            return compress(model, energy_threshold=0.9 if args.threshold is None else args.threshold,
-                            skip_unprofitable=not args.replace_all)
-        grid = options.parse_thresholds(args.thresholds) if args.allocation == "uniform" else None
-        return compress(model, target_mult_ratio=args.target_mult_ratio, allocation=args.allocation,
-                        thresholds=grid, skip_unprofitable=not args.replace_all)
+        if o.target_mult_ratio is None:
+            return compress(model, energy_threshold=0.9 if o.threshold is None else o.threshold,
+                            skip_unprofitable=not o.replace_all)
+        grid = list(o.thresholds) if o.allocation == "uniform" else None
+        return compress(model, target_mult_ratio=o.target_mult_ratio, allocation=o.allocation,
+                        thresholds=grid, skip_unprofitable=not o.replace_all)
     except BudgetError as exc:
         raise UserError(first_line(exc)) from None
 
@@ -170,37 +152,39 @@ def describe_compression(report) -> str:
 
 
 def run(args) -> int:
-    from minibasis import backend, data, manual_seed
+    from minibasis import backend, manual_seed
     from minibasis.experiments import plots
 
-    options.check_common(args)
-    _check_settings(args)
-    loaded = options.load_verb_model(args, "finetune")
-    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
-    if not args.baseline:
-        options.require_convs(model, f"the model {name}")
+    spec = options.verb_spec(args, "finetune")
+    o, run_spec, data_spec = spec.options, spec.run, spec.data
+    _check_settings(o)
+    loaded = load_verb_model(spec, compressing=not o.baseline)
+    model, name, normalize, checkpoint = loaded.model, loaded.name, loaded.normalize, spec.model.checkpoint
     # Compressed before any data is read: an unreachable --target-mult-ratio costs no data loading.
-    compressed = None if args.baseline else compress_as_asked(model, args)
+    compressed = None if o.baseline else compress_as_asked(model, o)
     # The teacher: separate from the student (under --baseline the original itself is trained).
-    teacher = load_teacher(args, loaded) if args.distill else None
-    (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
-    folder = runs.prepare_run_folder(args, "finetune")
+    teacher = load_teacher(o, loaded) if o.distill else None
+    distill_weight = (0.5 if o.distill_weight is None else o.distill_weight) if o.distill else 0.0
+    temperature = 4.0 if o.temperature is None else o.temperature
+    (x_train, y_train), (x_test, y_test) = load_data(data_spec, num_test=o.limit, seed=run_spec.seed,
+                                                     train_subset=o.train_subset)
+    folder = runs.prepare_run_folder(run_spec)
     log = folder.log
     started = time.perf_counter()
-    log(f"minibasis finetune: {name} from {spec.checkpoint or 'random initialization'}; {len(y_train)} training and "
-        f"{len(y_test)} test images ({args.dataset}); on {backend.current()}; output folder {folder.path}")
-    if note := options.data_note(args.dataset, args.data):
+    log(f"minibasis finetune: {name} from {checkpoint or 'random initialization'}; {len(y_train)} training and "
+        f"{len(y_test)} test images ({data_spec.name}); on {run_spec.device}; output folder {folder.path}")
+    if note := common.data_note(data_spec.name, data_spec.root):
         log(note)
-    if args.resume and not any(folder.path.glob("checkpoint-*.npz")):
+    if run_spec.resume and not any(folder.path.glob("checkpoint-*.npz")):
         log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
-    manual_seed(args.seed)
-    test_transform = options.eval_transform(normalize)
-    test_metrics = options.test_metrics_for(x_test, y_test, normalize)
+    manual_seed(run_spec.seed)
+    test_transform = data.eval_transform(normalize)
+    test_metrics = eval_metrics(x_test, y_test, test_transform)
 
     original_acc = test_metrics(model)["test_acc"]
     log(f"original {name}: test accuracy {100 * original_acc:.2f}%")
     compression = threshold = None
-    if args.baseline:
+    if o.baseline:
         tuned = model
         step1_params = conv_weight_parameters(tuned)
         log("baseline: fine-tuning the uncompressed original (step 1: conv weights; step 2: non-conv parameters)")
@@ -209,8 +193,7 @@ def run(args) -> int:
         compression, threshold = report.to_dict(), report.energy_threshold
         for line in report.table().splitlines():
             log(line)
-        setting = describe_compression(report)
-        log(f"compressed, {setting}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
+        log(f"compressed, {describe_compression(report)}: {len(report.replaced)}/{len(report.layers)} convs replaced, "
             f"conv multiplications {report.conv_mults_before:,} -> {report.conv_mults_after:,} "
             f"({100 * report.mult_ratio:.1f}%), learnable parameters {report.params_before:,} -> "
             f"{report.params_after:,}, stored values {report.stored_before:,} -> {report.stored_after:,}")
@@ -218,49 +201,49 @@ def run(args) -> int:
     before_acc = test_metrics(tuned)["test_acc"]
     log(f"before fine-tuning: test accuracy {100 * before_acc:.2f}%")
     recalibrated_acc = None
-    if args.recalibrate_bn:
-        count = recalibrate_batch_norm(tuned, x_train[:args.recalibrate_bn], batch_size=256,
+    if o.recalibrate_bn:
+        count = recalibrate_batch_norm(tuned, x_train[:o.recalibrate_bn], batch_size=256,
                                        transform=test_transform)
         recalibrated_acc = test_metrics(tuned)["test_acc"]
         log(f"BatchNorm statistics re-estimated from {count} training images (no augmentation, no gradient "
             f"step): test accuracy {100 * recalibrated_acc:.2f}%")
 
-    loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=options.train_transform(normalize, augment=not args.no_augment))
-    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters, {args.epochs1} epochs, lr {args.lr1:g} "
-        f"/10 every {args.lr1_step}; step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, "
-        f"{args.epochs2} epochs, lr {args.lr2:g}")
+    loader = data.DataLoader((x_train, y_train), batch_size=run_spec.batch_size, shuffle=True, seed=run_spec.seed,
+                             transform=data.train_transform(normalize, augment=not o.no_augment))
+    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters, {o.epochs1} epochs, lr {o.lr1:g} "
+        f"/10 every {o.lr1_step}; step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, "
+        f"{o.epochs2} epochs, lr {o.lr2:g}")
     if teacher is not None:
-        log(f"distillation from {args.teacher or 'the original'}: loss = (1 - {args.distill_weight:g})·CE + {args.distill_weight:g}·"
-            f"{args.temperature:g}²·KL(softmax(teacher/{args.temperature:g}) ‖ softmax(student/{args.temperature:g}))")
+        log(f"distillation from {o.teacher or 'the original'}: loss = (1 - {distill_weight:g})·CE + {distill_weight:g}·"
+            f"{temperature:g}²·KL(softmax(teacher/{temperature:g}) ‖ softmax(student/{temperature:g}))")
     try:
-        history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=args.epochs1, lr1=args.lr1,
-                            lr1_step=args.lr1_step, epochs2=args.epochs2, lr2=args.lr2, momentum=args.momentum,
-                            weight_decay=args.weight_decay, eval_fn=test_metrics, folder=folder, seed=args.seed,
-                            detect_anomaly=args.detect_anomaly, progress=not args.quiet, resume=args.resume,
-                            extra_meta=options.checkpoint_meta(tuned), teacher=teacher,
-                            distill_weight=args.distill_weight or 0.0,
-                            temperature=4.0 if args.temperature is None else args.temperature)
+        history = fine_tune(tuned, loader, step1_params=step1_params, epochs1=o.epochs1, lr1=o.lr1,
+                            lr1_step=o.lr1_step, epochs2=o.epochs2, lr2=o.lr2, momentum=o.momentum,
+                            weight_decay=o.weight_decay, eval_fn=test_metrics, folder=folder, seed=run_spec.seed,
+                            detect_anomaly=o.detect_anomaly, progress=not run_spec.quiet, resume=run_spec.resume,
+                            extra_meta=checkpoint_meta(tuned, normalization=normalize,
+                                                       dataset=loaded.dataset or data_spec.name),
+                            teacher=teacher, distill_weight=distill_weight, temperature=temperature)
     except NonFiniteError as exc:
-        raise options.user_error_for_non_finite(exc) from None
+        raise user_error_for_non_finite(exc) from None
     except CheckpointError as exc:
         raise UserError(first_line(exc)) from None
     after_acc = test_metrics(tuned)["test_acc"]
-    options.save_model_file(folder.file("model.npz"), tuned, normalize,
-                            loaded.dataset or args.dataset)
-    results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-               "baseline": args.baseline, "threshold": threshold, "target_mult_ratio": args.target_mult_ratio,
-               "allocation": None if args.baseline or args.target_mult_ratio is None else args.allocation,
-               "distill": args.distill, "distill_weight": args.distill_weight, "temperature": args.temperature,
-               "teacher": None if not args.distill else args.teacher or "the original",
-               "teacher_mults": sum(row.get("teacher_mults", 0) for row in history) if args.distill else None,
-               "dataset": args.dataset, "normalize": normalize,
-               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
-               "epochs1": args.epochs1, "lr1": args.lr1, "lr1_step": args.lr1_step, "epochs2": args.epochs2,
-               "lr2": args.lr2, "momentum": args.momentum, "weight_decay": args.weight_decay,
-               "batch_size": args.batch_size, "seed": args.seed, "device": backend.current(),
+    common.save_model_file(folder.file("model.npz"), tuned, normalize, loaded.dataset or data_spec.name)
+    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None,
+               "baseline": o.baseline, "threshold": threshold, "target_mult_ratio": o.target_mult_ratio,
+               "allocation": None if o.baseline or o.target_mult_ratio is None else o.allocation,
+               "distill": o.distill, "distill_weight": distill_weight if o.distill else None,
+               "temperature": temperature if o.distill else None,
+               "teacher": None if not o.distill else o.teacher or "the original",
+               "teacher_mults": sum(row.get("teacher_mults", 0) for row in history) if o.distill else None,
+               "dataset": data_spec.name, "normalize": normalize,
+               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not o.no_augment,
+               "epochs1": o.epochs1, "lr1": o.lr1, "lr1_step": o.lr1_step, "epochs2": o.epochs2,
+               "lr2": o.lr2, "momentum": o.momentum, "weight_decay": o.weight_decay,
+               "batch_size": run_spec.batch_size, "seed": run_spec.seed, "device": backend.current(),
                "test_acc_original": original_acc, "test_acc_before": before_acc,
-               "recalibrate_bn": args.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
+               "recalibrate_bn": o.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
                "test_acc_after": after_acc,
                "learnable_params": tuned.num_parameters(),  # every Parameter; the bases are buffers
                "stored_values": stored_values(tuned),      # parameters + persistent buffers (bases included)
@@ -268,13 +251,15 @@ def run(args) -> int:
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
     plot = plots.plot_training_curves(folder.file("finetune.png"), history,
-                                      title=f"fine-tuning {name}" + ("" if args.baseline else
-                                                                      f", {describe_compression(report)}"),
-                                      references={"original": original_acc})
+                                      title=f"fine-tuning {name}" + ("" if o.baseline else f", {describe_compression(report)}")
+                                      + f"; test accuracy on {len(y_test):,} {data_spec.name} test images",
+                                      references={"original": original_acc,
+                                                  "baseline start" if o.baseline else "compressed, before fine-tuning":
+                                                      before_acc})
     log(f"test accuracy: original {100 * original_acc:.2f}%, "
-        f"{'baseline start' if args.baseline else 'compressed'} {100 * before_acc:.2f}%, "
+        f"{'baseline start' if o.baseline else 'compressed'} {100 * before_acc:.2f}%, "
         f"after fine-tuning {100 * after_acc:.2f}%")
     log(f"learnable parameters {results['learnable_params']:,}, stored values {results['stored_values']:,}")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
-        + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
+        + (f", {plot}" if plot else f" ({plots.skip_reason(history)})"))
     return 0

@@ -3,7 +3,7 @@
 matplotlib is an optional dependency (``pip install 'minibasis[plot]'``). Without it the
 commands still write their JSON/CSV results; :func:`save_plot` returns None and the caller
 prints :data:`MISSING_MESSAGE` once. Every PNG is rendered in memory and written with
-:func:`minibasis.io.atomic_write`, so an interrupted run never leaves a truncated image.
+:func:`minibasis.serialization.atomic_write`, so an interrupted run never leaves a truncated image.
 """
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
-__all__ = ["MISSING_MESSAGE", "PlotUnavailable", "matplotlib_pyplot", "save_plot", "plot_demo",
+__all__ = ["MISSING_MESSAGE", "skip_reason", "PlotUnavailable", "matplotlib_pyplot", "save_plot", "plot_demo",
            "plot_retained_filters", "plot_accuracy_vs_retained", "plot_training_curves", "plot_accuracy_curves"]
 
 MISSING_MESSAGE = "plots skipped: matplotlib is not installed (pip install 'minibasis[plot]')"
+
+
+def skip_reason(history) -> str:
+    """Why a training plot was not written: no epoch to draw, or :data:`MISSING_MESSAGE`."""
+    return "no training plot: no epoch was trained" if not history else MISSING_MESSAGE
 
 
 class PlotUnavailable(RuntimeError):
@@ -40,7 +45,7 @@ def save_plot(path: Path, draw: Callable, *args, **kwargs) -> Path | None:
     writes (the others return the path it writes).
     """
     from minibasis import distributed
-    from minibasis.io import atomic_write
+    from minibasis.serialization import atomic_write
 
     if not distributed.is_main_process():
         return Path(path)
@@ -66,30 +71,34 @@ def save_plot(path: Path, draw: Callable, *args, **kwargs) -> Path | None:
 # ---------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------
-def _demo(fig, rows: Sequence[dict], baseline_acc: float | None):
+def _demo(fig, rows: Sequence[dict], baseline_acc: float | None, test_images: int | None):
     t = [r["threshold"] for r in rows]
     left, right = fig.subplots(1, 2)
     left.plot(t, [100 * r["mult_ratio_measured"] for r in rows], "o-", label="measured")
-    left.plot(t, [100 * r["mult_ratio_formula"] for r in rows], "x--", label="formula Σ(QD + MQ)·Ho·Wo")
+    left.plot(t, [100 * r["mult_ratio_formula"] for r in rows], "x--", label="formula: Σ (QD + MQ)·Ho·Wo over replaced convs\n+ Σ MD·Ho·Wo over kept ones")
     left.set_xlabel("energy threshold t")
     left.set_ylabel("conv multiplications (% of original)")
     left.invert_xaxis()
     left.grid(alpha=0.3)
-    left.legend()
-    right.plot(t, [100 * r["test_acc"] for r in rows], "o-", color="C2", label="compressed")
+    left.legend(fontsize=8)
+    right.plot(t, [100 * r["test_acc"] for r in rows], "o-", color="C2", label="compressed, before fine-tuning")
     if baseline_acc is not None:
         right.axhline(100 * baseline_acc, color="gray", ls=":", label="original")
     right.set_xlabel("energy threshold t")
-    right.set_ylabel("test accuracy (%)")
+    right.set_ylabel("test accuracy (%)" + ("" if test_images is None else f", {test_images:,} test images"))
     right.invert_xaxis()
     right.grid(alpha=0.3)
-    right.legend()
+    right.legend(fontsize=8)
+    # Each t keeps a different set of directions and nothing is retrained, so accuracy need not
+    # fall step by step as t falls; said on the figure so a reader does not take it for noise.
+    right.set_title("not retrained: accuracy need not fall monotonically with t", fontsize=8)
     fig.suptitle("minibasis demo: compression of a small CNN (synthetic data)")
 
 
-def plot_demo(path: Path, rows: Sequence[dict], baseline_acc: float | None = None) -> Path | None:
+def plot_demo(path: Path, rows: Sequence[dict], baseline_acc: float | None = None,
+              test_images: int | None = None) -> Path | None:
     """Measured vs formula conv multiplications, and accuracy, against the threshold."""
-    return save_plot(path, _demo, rows, baseline_acc, figsize=(10, 4.2))
+    return save_plot(path, _demo, rows, baseline_acc, test_images, figsize=(10, 4.2))
 
 
 def _series(rows: Sequence[dict], key: str = "model"):
@@ -119,7 +128,7 @@ def plot_retained_filters(path: Path, rows: Sequence[dict]) -> Path | None:
     return save_plot(path, _retained, rows)
 
 
-def _accuracy(fig, rows: Sequence[dict]):
+def _accuracy(fig, rows: Sequence[dict], test_images: int | None = None):
     ax = fig.subplots()
     for name, group in _series(rows).items():
         ax.plot([r["retained_filters_pct"] for r in group], [100 * r["test_acc"] for r in group], "o-", label=name)
@@ -127,15 +136,16 @@ def _accuracy(fig, rows: Sequence[dict]):
             ax.annotate(f"{r['threshold']:g}", (r["retained_filters_pct"], 100 * r["test_acc"]),
                         textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xlabel("retained filters (% of the original)")
-    ax.set_ylabel("test accuracy before fine-tuning (%)")
+    ax.set_ylabel("test accuracy before fine-tuning (%)"
+                  + ("" if test_images is None else f"\n{test_images:,} test images"))
     ax.set_title("Accuracy vs retained filters (labels: t)")
     ax.grid(alpha=0.3)
     ax.legend()
 
 
-def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict]) -> Path | None:
+def plot_accuracy_vs_retained(path: Path, rows: Sequence[dict], test_images: int | None = None) -> Path | None:
     """Test accuracy (before fine-tuning) against the percentage of retained filters."""
-    return save_plot(path, _accuracy, rows)
+    return save_plot(path, _accuracy, rows, test_images)
 
 
 def _wrapped(title: str, width: int) -> str:
@@ -143,33 +153,51 @@ def _wrapped(title: str, width: int) -> str:
     return "\n".join(textwrap.wrap(title, width)) if title else title
 
 
+def _one_epoch(loss_ax, acc_ax, row: dict):
+    """A single epoch as bars with their values (two lone dots would say nothing)."""
+    bars = loss_ax.bar(["training loss"], [row["train_loss"]], color="C0")
+    loss_ax.bar_label(bars, fmt="%.4f")
+    labels, values = ["train"], [100 * row["train_acc"]]
+    if "test_acc" in row:
+        labels, values = labels + ["test"], values + [100 * row["test_acc"]]
+    acc_ax.bar_label(acc_ax.bar(labels, values, color=["C0", "C1"][:len(values)]), fmt="%.2f %%")
+    loss_ax.set_xlabel("epoch 1 (the only one)")
+    acc_ax.set_xlabel("epoch 1 (the only one)")
+
+
 def _curves(fig, history: Sequence[dict], title: str, references: dict | None):
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for label, value in (references or {}).items():
-        acc_ax.axhline(100 * value, ls=":", color="gray")
-        acc_ax.annotate(label, (1, 100 * value), textcoords="offset points", xytext=(2, 2), fontsize=8, color="gray")
+    for i, (label, value) in enumerate((references or {}).items()):
+        acc_ax.axhline(100 * value, ls=":", color=f"C{i + 2}", label=f"{label} ({100 * value:.2f} %)")
+    loss_ax.set_ylabel("training loss")
+    acc_ax.set_ylabel("accuracy (%)")
+    loss_ax.grid(alpha=0.3)
+    acc_ax.grid(alpha=0.3)
+    fig.suptitle(_wrapped(title, 110))
+    if len(history) == 1:
+        _one_epoch(loss_ax, acc_ax, history[0])
+        if references:
+            acc_ax.legend(fontsize=8)
+        return
     x = list(range(1, len(history) + 1))
     loss_ax.plot(x, [r["train_loss"] for r in history], "o-")
     loss_ax.set_xlabel("epoch")
-    loss_ax.set_ylabel("training loss")
-    loss_ax.grid(alpha=0.3)
     acc_ax.plot(x, [100 * r["train_acc"] for r in history], "o-", label="train")
     if any("test_acc" in r for r in history):
         acc_ax.plot([i for i, r in zip(x, history) if "test_acc" in r],
                     [100 * r["test_acc"] for r in history if "test_acc" in r], "s-", label="test")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("accuracy (%)")
     for ax in (loss_ax, acc_ax):
         ax.xaxis.get_major_locator().set_params(integer=True)
-    acc_ax.grid(alpha=0.3)
-    acc_ax.legend()
-    # Stage boundaries (fine-tuning's step 1 → step 2).
+    # Stage boundaries (fine-tuning's step 1 → step 2), labelled with the stage that starts.
     stages = [r.get("stage") for r in history]
     for i in range(1, len(stages)):
         if stages[i] != stages[i - 1]:
             for ax in (loss_ax, acc_ax):
                 ax.axvline(i + 0.5, color="gray", ls=":")
-    fig.suptitle(_wrapped(title, 110))
+                ax.annotate(f"{stages[i]} →", (i + 0.5, 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                            textcoords="offset points", fontsize=8, color="gray")
+    acc_ax.legend(fontsize=8)
 
 
 def plot_training_curves(path: Path, history: Sequence[dict], title: str = "training",
@@ -188,7 +216,7 @@ def _accuracy_curves(fig, curves: dict, references: dict, title: str, xlabel: st
     for label, points in curves.items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
     for i, (label, value) in enumerate(references.items()):
-        ax.axhline(100 * value, ls=":", color=f"C{len(curves) + i}", label=label)
+        ax.axhline(100 * value, ls=":", color=f"C{len(curves) + i}", label=f"{label} ({100 * value:.2f} %)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.xaxis.get_major_locator().set_params(integer=True)

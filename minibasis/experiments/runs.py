@@ -29,7 +29,7 @@ from minibasis import distributed
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.training import RunFolder, read_json
 
-__all__ = ["RESUME_MAY_DIFFER", "default_output", "config_from_args", "check_run_folder", "prepare_run_folder",
+__all__ = ["RESUME_MAY_DIFFER", "default_output", "run_config", "check_run_folder", "prepare_run_folder",
            "holds_a_run", "git_commit", "WRITE_ERRNOS", "write_failure_message"]
 
 # Settings a resumed run may change: where the run lives, how chatty it is, how it is
@@ -78,18 +78,15 @@ def _without_output(argv: list[str]) -> list[str]:
     return kept
 
 
-def config_from_args(args, verb: str) -> dict:
-    """The command line as a JSON-able dict (what ``config.json`` records), without the run
-    folder's own path."""
+def run_config(run) -> dict:
+    """What ``config.json`` records: the options of the :class:`~minibasis.experiments.options.RunSpec`
+    ``run`` (its ``config``: every option and the command line), the minibasis version and the
+    git commit; not the run folder's own path."""
     import minibasis
 
-    config = {"verb": verb, "argv": _without_output(list(getattr(args, "_argv", None) or [])),
-              "minibasis_version": minibasis.__version__, "git_commit": git_commit()}
-    for key, value in sorted(vars(args).items()):
-        if key.startswith("_") or key == "output":
-            continue
-        config[key] = str(value) if isinstance(value, Path) else value
-    return config
+    config = {k: v for k, v in run.config.items() if k != "output"}
+    config["argv"] = _without_output(list(config.get("argv") or []))
+    return {**config, "minibasis_version": minibasis.__version__, "git_commit": git_commit()}
 
 
 def holds_a_run(folder: Path) -> bool:
@@ -118,50 +115,49 @@ def _check_same_settings(saved: dict | None, current: dict, folder: Path) -> Non
                         "resume with the same options")
 
 
-def check_run_folder(args, verb: str) -> None:
-    """A :class:`UserError` unless ``--output`` may be used as asked; no side effects, so verbs
-    call it before loading data. Under mpirun rank 0 looks and every rank gets its verdict."""
-    distributed.main_process_decides(_check_run_folder, args, verb)
+def check_run_folder(run) -> None:
+    """A :class:`UserError` unless ``--output`` may be used as ``run`` (a RunSpec) asks; no side
+    effects, so verbs call it before loading data. Under mpirun rank 0 looks and every rank gets
+    its verdict."""
+    distributed.main_process_decides(_check_run_folder, run)
 
 
-def _check_run_folder(args, verb: str) -> None:
-    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite", False)
-    if resume and overwrite:
+def _check_run_folder(run) -> None:
+    if run.resume and run.overwrite:
         raise UserError("give --resume (continue the run) or --overwrite (replace it), not both")
-    if resume:
-        if args.output is None:
+    if run.resume:
+        if run.output is None:
             raise UserError("--resume needs --output DIR: the folder of the run to continue")
-        folder = Path(args.output)
-        _check_same_settings(_read_config(folder), config_from_args(args, verb), folder)
+        folder = Path(run.output)
+        _check_same_settings(_read_config(folder), run_config(run), folder)
         return
-    if args.output is not None and holds_a_run(Path(args.output)) and not overwrite:
-        hint = " --resume to continue it," if hasattr(args, "resume") else ""
-        raise UserError(f"--output {args.output} already holds a run; pass{hint} --overwrite to replace it, "
+    if run.output is not None and holds_a_run(Path(run.output)) and not run.overwrite:
+        hint = " --resume to continue it," if run.resume is not None else ""
+        raise UserError(f"--output {run.output} already holds a run; pass{hint} --overwrite to replace it, "
                         "or choose another --output")
 
 
-def prepare_run_folder(args, verb: str) -> RunFolder:
-    """Create (or, with ``--resume``, reopen) the run folder and record ``config.json``. Under
-    mpirun rank 0 checks and creates it before any rank writes, and every rank gets its path
-    (the default one carries a time stamp) or its error."""
-    args.output = distributed.main_process_decides(_create_run_folder, args, verb)
-    return RunFolder(args.output, quiet=getattr(args, "quiet_log", False))
+def prepare_run_folder(run) -> RunFolder:
+    """Create (or, with ``--resume``, reopen) the run folder of ``run`` (a RunSpec) and record
+    ``config.json``. Under mpirun rank 0 checks and creates it before any rank writes, and every
+    rank gets its path (the default one carries a time stamp) or its error."""
+    return RunFolder(distributed.main_process_decides(_create_run_folder, run))
 
 
-def _create_run_folder(args, verb: str) -> Path:
-    _check_run_folder(args, verb)
-    folder_path = Path(args.output) if args.output is not None else default_output(verb)
-    if getattr(args, "overwrite", False) and folder_path.is_dir():
+def _create_run_folder(run) -> Path:
+    _check_run_folder(run)
+    folder_path = Path(run.output) if run.output is not None else default_output(run.verb)
+    if run.overwrite and folder_path.is_dir():
         for pattern in RUN_FILES:
             for old in folder_path.glob(pattern):
                 if old.is_file():
                     old.unlink()
     try:
-        folder = RunFolder(folder_path, quiet=getattr(args, "quiet_log", False))
+        folder = RunFolder(folder_path)
     except OSError as exc:
         raise UserError(f"cannot create the output folder {folder_path}: {exc.strerror or exc}") from None
-    if not getattr(args, "resume", False):
-        folder.write_config(config_from_args(args, verb))
+    if not run.resume:
+        folder.write_config(run_config(run))
     return folder_path
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import time
 
-from minibasis.experiments import options, runs
+from minibasis import data
+from minibasis.experiments import argtypes, common, options, runs
+from minibasis.experiments.loading import inference_form, load_data, load_verb_model
 from minibasis.training import evaluate, format_duration, read_json
 
 __all__ = ["add_arguments", "run"]
@@ -30,9 +32,9 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser) -> None:
     options.add_model_arguments(parser, model="resnet_cifar", depth=56, checkpoint="auto")
     options.add_data_arguments(parser, dataset="cifar10", normalize="imagenet")
-    parser.add_argument("--thresholds", default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
+    parser.add_argument("--thresholds", type=argtypes.thresholds, default=",".join(f"{t:g}" for t in options.DEFAULT_THRESHOLDS),
                         help="energy thresholds t, comma-separated (default: the paper's 1.0 ... 0.7)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=argtypes.positive, default=None,
                         help="evaluate on the first N test images only (default: all)")
     parser.add_argument("--replace-all", action="store_true",
                         help="replace every conv, even where BasisConv needs as many multiplications or more")
@@ -53,39 +55,38 @@ def run(args) -> int:
     from minibasis import backend, compress, manual_seed
     from minibasis.experiments import plots
 
-    options.check_common(args)
-    options.check_positive("--limit", args.limit)
-    thresholds = options.parse_thresholds(args.thresholds)
-    loaded = options.load_verb_model(args, "sweep")
-    model, name, normalize, spec = loaded.model, loaded.name, loaded.normalize, loaded.spec
-    options.require_convs(model, f"the model {name}")
-    (_, _), (x_test, y_test) = options.load_dataset(args.dataset, args.data,
-                                                    num_train=0 if args.dataset == "synthetic" else None,
-                                                    num_test=args.limit, seed=args.seed)
-    folder = runs.prepare_run_folder(args, "sweep")
+    spec = options.verb_spec(args, "sweep")
+    o, run_spec, data_spec = spec.options, spec.run, spec.data
+    thresholds = list(o.thresholds)
+    loaded = load_verb_model(spec, compressing=True)
+    model, name, normalize, checkpoint = loaded.model, loaded.name, loaded.normalize, spec.model.checkpoint
+    (_, _), (x_test, y_test) = load_data(data_spec, num_train=0 if data_spec.name == "synthetic" else None,
+                                         num_test=o.limit, seed=run_spec.seed)
+    folder = runs.prepare_run_folder(run_spec)
     log = folder.log
-    manual_seed(args.seed)
+    manual_seed(run_spec.seed)
     started = time.perf_counter()
-    log(f"minibasis sweep: {name} from {spec.checkpoint or 'random initialization'}, {len(y_test)} {args.dataset} "
+    log(f"minibasis sweep: {name} from {checkpoint or 'random initialization'}, {len(y_test)} {data_spec.name} "
         f"test images, on {backend.current()}; output folder {folder.path}")
-    if note := options.data_note(args.dataset, args.data):
+    if note := common.data_note(data_spec.name, data_spec.root):
         log(note)
-    transform = options.eval_transform(normalize)
+    transform = data.eval_transform(normalize)
 
     def accuracy(m, label: str) -> float:
-        return evaluate(options.inference_form(args, m), x_test, y_test, batch_size=args.batch_size, transform=transform,
-                        progress=not args.quiet, desc=f"  {label}").accuracy
+        return evaluate(inference_form(m, o.deploy), x_test, y_test, batch_size=run_spec.batch_size,
+                        transform=transform, progress=not run_spec.quiet, desc=f"  {label}").accuracy
 
-    done, original_acc = _done_rows(folder, thresholds) if args.resume else ({}, None)
-    if args.resume:
+    done, original_acc = _done_rows(folder, thresholds) if run_spec.resume else ({}, None)
+    if run_spec.resume:
         log(f"--resume: {len(done)} of {len(thresholds)} thresholds already measured in {folder.file('sweep.json')}"
             + ("" if done else "; starting from the first"))
     if original_acc is None:
         original_acc = accuracy(model, "original")
     log(f"original: test accuracy {100 * original_acc:.2f}%")
-    results = {"model": name, "checkpoint": str(spec.checkpoint) if spec.checkpoint else None,
-               "dataset": args.dataset, "test_images": int(len(y_test)), "normalize": normalize,
-               "replace_all": args.replace_all, "deployed": args.deploy, "device": backend.current(), "test_acc_original": original_acc,
+    results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None,
+               "dataset": data_spec.name, "test_images": int(len(y_test)), "normalize": normalize,
+               "replace_all": o.replace_all, "deployed": o.deploy, "device": backend.current(),
+               "test_acc_original": original_acc,
                "mults_unit": "multiplications per image, conv layers only (the paper's convention)",
                "params_unit": "params: learnable parameters; stored: parameters + persistent buffers (bases included)",
                "complete": False, "thresholds": []}
@@ -104,7 +105,7 @@ def run(args) -> int:
         else:
             t_start = time.perf_counter()
             label = f"t={t:g} ({position}/{len(thresholds)})"
-            compressed, report = compress(model, energy_threshold=t, skip_unprofitable=not args.replace_all)
+            compressed, report = compress(model, energy_threshold=t, skip_unprofitable=not o.replace_all)
             reused = not report.replaced   # nothing replaced: the copy computes what the original does
             row = {"model": name, **report.summary(),
                    "test_acc": original_acc if reused else accuracy(compressed, label),
@@ -124,7 +125,7 @@ def run(args) -> int:
     results["complete"] = True
     write(rows)
     written = [plots.plot_retained_filters(folder.file("retained_filters.png"), rows),
-               plots.plot_accuracy_vs_retained(folder.file("accuracy_vs_retained.png"), rows)]
+               plots.plot_accuracy_vs_retained(folder.file("accuracy_vs_retained.png"), rows, len(y_test))]
     log(f"wrote {folder.file('sweep.json')}, {folder.file('sweep.csv')}"
         + (", " + ", ".join(str(p) for p in written) if all(written) else f" ({plots.MISSING_MESSAGE})"))
     log(f"done in {results['seconds']} s")

@@ -17,10 +17,13 @@ from __future__ import annotations
 import math
 import time
 
-from minibasis.experiments.errors import UserError, first_line
-from minibasis.experiments import options, runs
+from minibasis.experiments.errors import UserError, first_line, user_error_for_non_finite
+from minibasis import data
+from minibasis.experiments import argtypes, common, options, runs
+from minibasis.experiments.loading import load_data, load_verb_model
 from minibasis.measure import stored_values
-from minibasis.training import CheckpointError, NonFiniteError, Trainer
+from minibasis.model_files import checkpoint_meta
+from minibasis.training import CheckpointError, NonFiniteError, Trainer, eval_metrics
 
 __all__ = ["add_arguments", "run", "use_random_bases", "conv_learnable_parameters"]
 
@@ -31,20 +34,20 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("bases")
     group.add_argument("--basis", choices=("none", "random"), default="none",
                        help="none: ordinary convolutions; random: fixed random orthonormal bases (default: none)")
-    group.add_argument("--num-basis", type=int, default=None, help="Q for every layer (at most D = C·k²)")
-    group.add_argument("--basis-fraction", type=float, default=1.0,
+    group.add_argument("--num-basis", type=argtypes.positive, default=None, help="Q for every layer (at most D = C·k²)")
+    group.add_argument("--basis-fraction", type=argtypes.positive_float, default=1.0,
                        help="Q = ceil(fraction · M) per layer when --num-basis is not given (default: 1.0, Q = M)")
     group.add_argument("--basis-seed", type=int, default=None, help="seed of the random bases (default: --seed)")
     group = parser.add_argument_group("training (defaults: the paper's Table 3 setting)")
-    group.add_argument("--epochs", type=int, default=40, help="epochs (default: 40)")
+    group.add_argument("--epochs", type=argtypes.non_negative, default=40, help="epochs (default: 40)")
     group.add_argument("--lr", type=float, default=0.001, help="SGD learning rate (default: 0.001)")
-    group.add_argument("--lr-step", type=int, default=8, help="multiply the rate by --gamma every N epochs (default: 8)")
+    group.add_argument("--lr-step", type=argtypes.positive, default=8, help="multiply the rate by --gamma every N epochs (default: 8)")
     group.add_argument("--gamma", type=float, default=0.1, help="learning-rate decay factor (default: 0.1)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     group.add_argument("--weight-decay", type=float, default=0.004, help="SGD weight decay (default: 0.004)")
-    group.add_argument("--train-subset", type=int, default=None,
+    group.add_argument("--train-subset", type=argtypes.positive, default=None,
                        help="train on a random subset of N training images (default: all)")
-    group.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    group.add_argument("--limit", type=argtypes.positive, default=None, help="evaluate on the first N test images (default: all)")
     group.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     group.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     group.add_argument("--detect-anomaly", action="store_true",
@@ -93,79 +96,74 @@ def conv_learnable_parameters(model) -> int:
 
 
 def run(args) -> int:
-    from minibasis import backend, data, manual_seed, optim
+    from minibasis import backend, manual_seed, optim
     from minibasis.experiments import plots
 
-    options.check_common(args)
-    options.check_positive("--epochs", args.epochs, allow_zero=True)
-    options.check_positive("--lr-step", args.lr_step)
-    options.check_positive("--train-subset", args.train_subset)
-    options.check_positive("--limit", args.limit)
-    options.check_positive("--num-basis", args.num_basis)
-    options.check_positive("--basis-fraction", args.basis_fraction)
-    if args.basis != "random":
-        ignored = [o for o, v in (("--num-basis", args.num_basis), ("--basis-seed", args.basis_seed))
-                   if v is not None] + (["--basis-fraction"] if args.basis_fraction != 1.0 else [])
+    spec = options.verb_spec(args, "train")
+    o, run_spec, data_spec = spec.options, spec.run, spec.data
+    if o.basis != "random":
+        ignored = [opt for opt, v in (("--num-basis", o.num_basis), ("--basis-seed", o.basis_seed))
+                   if v is not None] + (["--basis-fraction"] if o.basis_fraction != 1.0 else [])
         if ignored:
             raise UserError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} only with "
                             "--basis random")
-    elif args.num_basis is not None and args.basis_fraction != 1.0:
+    elif o.num_basis is not None and o.basis_fraction != 1.0:
         raise UserError("give --num-basis or --basis-fraction, not both")
-    spec = options.model_spec(args)
-    normalize = options.normalization_for(args, None)
-    runs.check_run_folder(args, "train")
-    manual_seed(args.seed)
-    model, _ = options.load_model_for(spec)
-    options.classes_for(args, model, None, args.dataset)
-    name = options.describe(model)
+    manual_seed(run_spec.seed)
+    loaded = load_verb_model(spec)
+    model, name, normalize = loaded.model, loaded.name, loaded.normalize
     layers = None
-    if args.basis == "random":
-        seed = args.seed if args.basis_seed is None else args.basis_seed
-        layers = use_random_bases(model, args.num_basis, args.basis_fraction, seed)
+    if o.basis == "random":
+        seed = run_spec.seed if o.basis_seed is None else o.basis_seed
+        layers = use_random_bases(model, o.num_basis, o.basis_fraction, seed)
         name += " (random bases)"
-    (x_train, y_train), (x_test, y_test) = options.load_training_data(args)
-    folder = runs.prepare_run_folder(args, "train")
+    (x_train, y_train), (x_test, y_test) = load_data(data_spec, num_test=o.limit, seed=run_spec.seed,
+                                                     train_subset=o.train_subset)
+    folder = runs.prepare_run_folder(run_spec)
     log = folder.log
     started = time.perf_counter()
     conv_params = conv_learnable_parameters(model)
     total_params = model.num_parameters(learnable_only=True)
-    log(f"minibasis train: {name}, {len(y_train)} training and {len(y_test)} test images ({args.dataset}), "
+    log(f"minibasis train: {name}, {len(y_train)} training and {len(y_test)} test images ({data_spec.name}), "
         f"on {backend.current()}; output folder {folder.path}")
     log(f"learnable parameters: {total_params:,} in all, {conv_params:,} in the convolution layers; "
         f"stored values (parameters + buffers, fixed bases included): {stored_values(model):,}"
         + ("" if layers is None else f"; Q per layer {[layer['Q'] for layer in layers]}"))
 
-    test_metrics = options.test_metrics_for(x_test, y_test, normalize)
-    loader = data.DataLoader((x_train, y_train), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                             transform=options.train_transform(normalize, augment=not args.no_augment))
+    test_metrics = eval_metrics(x_test, y_test, data.eval_transform(normalize))
+    loader = data.DataLoader((x_train, y_train), batch_size=run_spec.batch_size, shuffle=True, seed=run_spec.seed,
+                             transform=data.train_transform(normalize, augment=not o.no_augment))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = optim.StepLR(optimizer, step_size=args.lr_step, gamma=args.gamma)
-    if args.resume and not folder.file("checkpoint-train.npz").exists():
+    optimizer = optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    scheduler = optim.StepLR(optimizer, step_size=o.lr_step, gamma=o.gamma)
+    if run_spec.resume and not folder.file("checkpoint-train.npz").exists():
         log(f"--resume: {folder.path} holds no checkpoint yet; starting from the first epoch")
     try:
-        history = Trainer(model, optimizer, loader, epochs=args.epochs, scheduler=scheduler,
-                          eval_fn=test_metrics, folder=folder, seed=args.seed,
-                          detect_anomaly=args.detect_anomaly, progress=not args.quiet,
-                          extra_meta=options.checkpoint_meta(model)).fit(resume=args.resume)
+        history = Trainer(model, optimizer, loader, epochs=o.epochs, scheduler=scheduler,
+                          eval_fn=test_metrics, folder=folder, seed=run_spec.seed,
+                          detect_anomaly=o.detect_anomaly, progress=not run_spec.quiet,
+                          extra_meta=checkpoint_meta(model, normalization=normalize,
+                                                       dataset=data_spec.name)).fit(resume=run_spec.resume)
     except NonFiniteError as exc:
-        raise options.user_error_for_non_finite(exc) from None
+        raise user_error_for_non_finite(exc) from None
     except CheckpointError as exc:
         raise UserError(first_line(exc)) from None
     final = test_metrics(model)
-    options.save_model_file(folder.file("model.npz"), model, normalize, args.dataset)
-    results = {"model": name, "basis": args.basis, "random_basis_layers": layers, "dataset": args.dataset,
-               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not args.no_augment,
-               "epochs": args.epochs, "lr": args.lr, "lr_step": args.lr_step, "gamma": args.gamma,
-               "momentum": args.momentum, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
-               "seed": args.seed, "device": backend.current(),
+    common.save_model_file(folder.file("model.npz"), model, normalize, data_spec.name)
+    results = {"model": name, "basis": o.basis, "random_basis_layers": layers, "dataset": data_spec.name,
+               "train_images": int(len(y_train)), "test_images": int(len(y_test)), "augment": not o.no_augment,
+               "epochs": o.epochs, "lr": o.lr, "lr_step": o.lr_step, "gamma": o.gamma,
+               "momentum": o.momentum, "weight_decay": o.weight_decay, "batch_size": run_spec.batch_size,
+               "seed": run_spec.seed, "device": backend.current(),
                "normalize": normalize, "learnable_params": total_params, "conv_learnable_params": conv_params,
                "stored_values": stored_values(model),
                "test_acc": final["test_acc"], "test_loss": final["test_loss"], "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
-    plot = plots.plot_training_curves(folder.file("training.png"), history, title=f"training {name}")
+    plot = plots.plot_training_curves(folder.file("training.png"), history,
+                                      title=f"training {name}; test accuracy on {len(y_test):,} "
+                                            f"{data_spec.name} test images")
     log(f"final test accuracy {100 * final['test_acc']:.2f}% ({conv_params:,} learnable conv parameters)")
     log(f"wrote {folder.file('results.json')}, {folder.file('model.npz')}"
-        + (f", {plot}" if plot else f" ({plots.MISSING_MESSAGE})"))
+        + (f", {plot}" if plot else f" ({plots.skip_reason(history)})"))
     return 0

@@ -111,8 +111,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     x_shape, w_shape = tuple(x.shape), tuple(weight.shape)
     if len(x_shape) != 2:
         raise ValueError(f"linear expects input of shape (N, in_features), got {x_shape}")
-    if len(w_shape) != 2 or w_shape[1] != x_shape[1]:
-        raise ValueError(f"linear: weight must have shape (out_features, {x_shape[1]}), got {w_shape}")
+    if len(w_shape) != 2:
+        raise ValueError(f"linear: weight must have shape (out_features, in_features), got {w_shape}")
+    if w_shape[1] != x_shape[1]:
+        raise ValueError(f"linear: the input has {x_shape[1]} features (shape {x_shape}), but the weight "
+                         f"{w_shape} expects {w_shape[1]}")
     if bias is not None and tuple(bias.shape) != (w_shape[0],):
         raise ValueError(f"linear: bias must have shape ({w_shape[0]},), got {tuple(bias.shape)}")
     _check_float("linear", input=x, weight=weight)

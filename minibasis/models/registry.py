@@ -13,6 +13,7 @@ from typing import Callable
 
 from minibasis.models._architecture import ZOO_NAME_ATTRIBUTE
 from minibasis.models.alexnet import alexnet
+from minibasis.models.demo import demo_cnn
 from minibasis.models.densenet import densenet_bc
 from minibasis.models.mobilenet import mobilenet_v2
 from minibasis.models.resnet import RESNET_CIFAR_DEPTHS, resnet_cifar
@@ -36,6 +37,7 @@ MODELS: dict[str, Callable[..., Module]] = {
     "densenet_bc": densenet_bc,
     "densenet190": functools.partial(densenet_bc, 190, 40),
     "mobilenet_v2": mobilenet_v2,
+    "demo_cnn": demo_cnn,
 }
 
 

@@ -81,6 +81,9 @@ class Linear(Module):
         self.bias = uniform_parameter((out_features,), bound) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear({self.in_features}, {self.out_features}) expects input of shape "
+                             f"(N, in_features) = (N, {self.in_features}), got {tuple(x.shape)}")
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -14,8 +14,8 @@
 
 Files from outside are untrusted: every problem raises :class:`CheckpointError` (a
 ``ValueError``) naming the file and what is wrong, or :class:`UnsafePickleError` when a
-pickle asks for something refused (see SECURITY.md). ``minibasis.io`` and
-``minibasis.safe_pickle`` re-export these names.
+pickle asks for something refused (see SECURITY.md). ``minibasis.io`` is the
+documented short name for the file functions.
 """
 from minibasis.serialization.atomic import atomic_write
 from minibasis.serialization.errors import CheckpointError, PickleDataError, UnsafePickleError

@@ -9,6 +9,8 @@ import zipfile
 from minibasis.serialization.errors import CheckpointError, PickleDataError, UnsafePickleError
 
 
+#: The first four bytes of every zip archive (``.npz`` files and torch's zip checkpoints alike).
+ZIP_MAGIC = b"PK\x03\x04"
 _WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 
 

@@ -4,6 +4,7 @@ half-written file where a good one was."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from typing import Iterator
@@ -40,6 +41,8 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None, newline
         raise ValueError(f"atomic_write mode must be 'wb', 'w' or 'wt', got {mode!r}")
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # named here: mkstemp's error would name the temporary file
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: the folder {directory} does not exist", path)
     try:
         permissions = os.stat(path).st_mode & 0o7777
     except FileNotFoundError:

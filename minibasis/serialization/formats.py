@@ -6,6 +6,7 @@ import zipfile
 
 import numpy as np
 
+from minibasis.serialization.archive import ZIP_MAGIC
 from minibasis.serialization.errors import CheckpointError
 from minibasis.serialization.npz import load
 from minibasis.serialization.torch_formats import load_torch_checkpoint
@@ -13,7 +14,6 @@ from minibasis.serialization.torch_formats import load_torch_checkpoint
 __all__ = ["NPZ", "TORCH_ZIP", "TORCH_LEGACY", "sniff_format", "read_weights"]
 
 NPZ, TORCH_ZIP, TORCH_LEGACY = "npz", "torch-zip", "torch-legacy"
-_ZIP_MAGIC = b"PK\x03\x04"
 #: Where the model's arrays sit in the nested files minibasis writes (model files, training checkpoints).
 _NESTED_STATE_KEYS = ("state_dict", "model")
 
@@ -38,7 +38,7 @@ def sniff_format(path) -> str:
     source = os.fspath(path)
     with open(source, "rb") as handle:
         head = handle.read(4)
-    if head == _ZIP_MAGIC:
+    if head == ZIP_MAGIC:
         torch_zip = _holds_torch_pickle(source)
         if torch_zip is None:
             torch_zip = not source.endswith(".npz")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from minibasis.serialization.archive import _archive_errors, _check_member_names, _read_member
+from minibasis.serialization.archive import ZIP_MAGIC, _archive_errors, _check_member_names, _read_member
 from minibasis.serialization.errors import CheckpointError
 from minibasis.serialization.torch_profile import TORCH, TorchStorages
 from minibasis.serialization.unpickler import PLAIN, Resolved, resolve, safe_load, safe_load_prefix
@@ -21,7 +21,6 @@ __all__ = ["load_torch_object", "load_torch_checkpoint"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-_ZIP_MAGIC = b"PK\x03\x04"
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 _DATAPARALLEL_PREFIX = "module."
 #: Tensors may materialize at most this much beyond twice the file size (zero strides
@@ -125,7 +124,7 @@ def _load_legacy_checkpoint(data: bytes, source: str):
 def load_torch_object(path) -> Any:
     """The whole object of a ``torch.save`` file (legacy or zip), tensors as NumPy arrays.
 
-    Never imports torch; pickles go through :data:`minibasis.safe_pickle.TORCH`. Tensors
+    Never imports torch; pickles go through :data:`~minibasis.serialization.TORCH`. Tensors
     keep dtype (bfloat16 becomes float32, with a warning), shape and values; views are
     copied to contiguous arrays, and tensors sharing a storage share nothing afterwards.
     """
@@ -135,7 +134,7 @@ def load_torch_object(path) -> Any:
         handle.seek(0, os.SEEK_END)
         file_size = handle.tell()
         handle.seek(0)
-        if head == _ZIP_MAGIC:
+        if head == ZIP_MAGIC:
             with _archive_errors(source, "zip checkpoint"):
                 return _load_zip_checkpoint(handle, source, file_size)
         if head[:1] != b"\x80":  # a legacy checkpoint opens with the pickle PROTO opcode

@@ -13,8 +13,8 @@ nothing here imports ``minibasis.experiments`` or ``minibasis.cli``.
 """
 from minibasis.training.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, load_checkpoint,
                                             load_state, restore_rng_state, save_checkpoint, seed_device_rng)
-from minibasis.training.evaluation import EvalResult, evaluate, to_device_batch
-from minibasis.training.files import RunFolder, read_json, write_csv, write_json
+from minibasis.training.evaluation import EvalResult, evaluate, eval_metrics, to_device_batch
+from minibasis.training.run_folder import RunFolder, read_json, write_csv, write_json
 from minibasis.training.finetune import (coefficient_parameters, conv_weight_parameters, fine_tune, freeze_all_but,
                                          non_conv_parameters, recalibrate_batch_norm)
 from minibasis.training.history import RunHistory, load_run
@@ -23,7 +23,7 @@ from minibasis.training.progress import ProgressBar, format_duration
 from minibasis.training.distill import Distillation
 from minibasis.training.trainer import Trainer, format_row
 
-__all__ = ["Trainer", "fine_tune", "recalibrate_batch_norm", "evaluate", "EvalResult", "CheckpointError",
+__all__ = ["Trainer", "fine_tune", "recalibrate_batch_norm", "evaluate", "eval_metrics", "EvalResult", "CheckpointError",
            "NonFiniteError", "AnomalyDetector", "save_checkpoint", "load_checkpoint", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_device_rng", "CHECKPOINT_FORMAT", "RunFolder",
            "write_json", "write_csv", "read_json", "ProgressBar", "format_duration", "format_row",

@@ -1,10 +1,10 @@
 """Training checkpoints and the random states that make a resumed run exact.
 
-A checkpoint (``minibasis.io.save``, atomic) holds ``format``, ``model`` (the state dict),
+A checkpoint (``minibasis.serialization.save``, atomic) holds ``format``, ``model`` (the state dict),
 ``optimizer`` (hyper-parameters and per-parameter state: SGD's momentum buffers, Adam's step
 count and moments), ``scheduler`` (settings and epoch) and ``meta`` (epoch, loader state,
 every random state a step draws from, metrics history, and what the caller adds, e.g. the
-architecture). Problems raise :class:`CheckpointError` naming the file.
+model record). Problems raise :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from minibasis import backend
-from minibasis.io import CheckpointError  # one error type for unreadable, foreign or unfitting files
+from minibasis.serialization import CheckpointError  # one error type for unreadable, foreign or unfitting files
 from minibasis.nn import Module
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "load_state",
@@ -24,9 +24,9 @@ CHECKPOINT_FORMAT = "minibasis-train-checkpoint/1"
 
 
 def capture_rng_state() -> dict:
-    """Every random state a training step may draw from, as a nested dict for ``io.save``.
+    """Every random state a training step may draw from, as a nested dict for ``serialization.save``.
 
-    The bit-generator states hold 128-bit integers (PCG64); ``io.save`` keeps Python ints of
+    The bit-generator states hold 128-bit integers (PCG64); ``serialization.save`` keeps Python ints of
     any size exactly. On NumPy the device generator (dropout) *is* NumPy's global one;
     CuPy's cannot be read back, which is why :func:`seed_device_rng` re-derives it from
     (seed, stage, epoch) at the start of every epoch on either backend.
@@ -56,8 +56,8 @@ def seed_device_rng(seed: int, stage: str, epoch: int) -> None:
 
 
 def save_checkpoint(path, *, model: Module, optimizer=None, scheduler=None, meta: dict) -> None:
-    """Write a training checkpoint atomically with :func:`minibasis.io.save`."""
-    from minibasis import io
+    """Write a training checkpoint atomically with :func:`minibasis.serialization.save`."""
+    from minibasis import serialization
 
     state = {"format": CHECKPOINT_FORMAT,
              "model": {k: backend.to_numpy(v) for k, v in model.state_dict().items()},
@@ -66,7 +66,7 @@ def save_checkpoint(path, *, model: Module, optimizer=None, scheduler=None, meta
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    io.save(state, path)
+    serialization.save(state, path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -77,11 +77,11 @@ def _first_line(exc: BaseException) -> str:
 def load_checkpoint(path) -> dict:
     """The dict written by :func:`save_checkpoint`; :class:`CheckpointError` for a missing,
     unreadable or foreign file."""
-    from minibasis import io
+    from minibasis import serialization
 
     path = Path(path)
     try:
-        state = io.load(path)
+        state = serialization.load(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError) as exc:

@@ -16,7 +16,7 @@ from minibasis.autograd import Tensor, no_grad
 from minibasis.nn import Module
 from minibasis.training.progress import ProgressBar
 
-__all__ = ["EvalResult", "evaluate", "to_device_batch", "correct_and_loss_sums"]
+__all__ = ["EvalResult", "evaluate", "eval_metrics", "to_device_batch", "correct_and_loss_sums"]
 
 # Labels travel inside the float32 image buffer; float32 holds every integer below 2**24 exactly.
 _MAX_PACKED_LABEL = 2 ** 24
@@ -141,3 +141,15 @@ def evaluate(model: Module, images: np.ndarray, labels, batch_size: int = 256,
                       images_per_s=n / seconds if seconds > 0 else 0.0,
                       logits=np.concatenate(all_logits) if all_logits else
                       (np.zeros((0, 0), np.float32) if return_logits else None))
+
+
+def eval_metrics(images: np.ndarray, labels, transform=None, batch_size: int = 256) -> Callable[[Module], dict]:
+    """``metrics(model) -> {"test_acc": float, "test_loss": float}`` on ``images`` (N, C, H, W) with
+    ``labels`` (N,), through ``transform``, in batches without a progress line: the ``eval_fn``
+    a :class:`~minibasis.training.Trainer` takes."""
+
+    def metrics(model: Module) -> dict:
+        result = evaluate(model, images, labels, batch_size=batch_size, transform=transform, progress=False)
+        return {"test_acc": result.accuracy, "test_loss": result.loss}
+
+    return metrics

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from minibasis.training.files import read_json
+from minibasis.training.run_folder import read_json
 
 __all__ = ["RunHistory", "load_run"]
 

@@ -34,7 +34,7 @@ from minibasis.nn import Module
 from minibasis.training.checkpoints import (CheckpointError, capture_rng_state, load_checkpoint, load_state,
                                             restore_rng_state, save_checkpoint, seed_device_rng)
 from minibasis.training.evaluation import correct_and_loss_sums, to_device_batch
-from minibasis.training.files import RunFolder
+from minibasis.training.run_folder import RunFolder
 from minibasis.training.guard import AnomalyDetector, NonFiniteError
 from minibasis.training.progress import ProgressBar
 
@@ -156,6 +156,11 @@ class Trainer:
             except NonFiniteError as exc:
                 last = f"; the last good state is {self.checkpoint_path}" if self.epoch and self.checkpoint_path else ""
                 self._log(f"[{self.stage}] stopped: {exc}{last}")
+                raise
+            except KeyboardInterrupt:
+                last = (f"; the checkpoint {self.checkpoint_path} holds epoch {self.epoch}"
+                        if self.epoch and self.checkpoint_path else "; no checkpoint written yet")
+                self._log(f"[{self.stage}] interrupted during epoch {self.epoch + 1}/{self.epochs}{last}")
                 raise
             if self.eval_fn is not None:
                 row.update(self.eval_fn(self.model))

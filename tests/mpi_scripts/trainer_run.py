@@ -1,7 +1,7 @@
 """The experiments Trainer under mpirun, for tests/test_distributed.py.
 
 ``mpirun -n W python trainer_run.py --out DIR --epochs E [--resume]`` trains train_equivalence's
-small CNN (no batch norm, float64) with ``minibasis.experiments.trainer.Trainer`` into the run
+small CNN (no batch norm, float64) with ``minibasis.training.Trainer`` into the run
 folder DIR. The Trainer itself joins the process group, shards the loader and averages the
 gradients; only rank 0 writes the folder. ``run`` is also what the test calls in one process,
 without mpirun, for the reference.
@@ -22,7 +22,7 @@ from minibasis.data import DataLoader  # noqa: E402
 
 
 def run(out: Path, epochs: int, resume: bool = False) -> None:
-    from minibasis.experiments.trainer import RunFolder, Trainer
+    from minibasis.training import RunFolder, Trainer
 
     previous = backend.default_dtype
     backend.default_dtype = np.float64  # the Trainer casts batches to the default dtype

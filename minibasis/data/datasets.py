@@ -1,7 +1,7 @@
 """Readers for the official dataset files: CIFAR-10, CIFAR-100 (python pickles) and SVHN (.mat).
 
 Nothing is downloaded. The files are untrusted: the pickles go through
-:mod:`minibasis.safe_pickle` (profile ``CIFAR``: NumPy arrays and plain
+:mod:`minibasis.serialization`'s restricted unpickler (profile ``CIFAR``: NumPy arrays and plain
 containers only), the ``.mat`` files through ``scipy.io.loadmat`` after their
 headers were checked. Each loader returns ``(x_train, y_train), (x_test, y_test)``
 with images ``uint8`` of shape (N, 3, 32, 32) and labels ``int64`` of shape (N,);
@@ -10,7 +10,7 @@ the returned tuple also carries ``.label_names`` (class names, or None).
 Errors: a missing file raises ``FileNotFoundError`` naming the expected layout;
 malformed content raises :class:`DatasetError` (a ``ValueError``) naming the
 file and the key; a pickle asking for anything outside the allow-list raises
-:class:`~minibasis.safe_pickle.UnsafePickleError` (also a ``ValueError``).
+:class:`~minibasis.serialization.UnsafePickleError` (also a ``ValueError``).
 """
 from __future__ import annotations
 

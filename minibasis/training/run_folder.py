@@ -1,4 +1,4 @@
-"""A run's folder and the JSON/CSV files written into it (atomically, through ``minibasis.io``).
+"""A run's folder and the JSON/CSV files written into it (atomically, through ``minibasis.serialization``).
 
 Library code: errors are ``OSError`` (a folder that cannot be created or written) and
 ``ValueError`` (an unreadable ``config.json``); the command line translates them.
@@ -19,7 +19,7 @@ __all__ = ["RunFolder", "write_json", "write_csv", "read_json"]
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    from minibasis.io import atomic_write
+    from minibasis.serialization import atomic_write
     with atomic_write(path, "wb") as f:
         f.write(data)
 
