@@ -88,7 +88,7 @@ class BatchCountError(RuntimeError):
     def __init__(self, layer: str, phase: str, batches: tuple[int, int], per_image: tuple[float, float]):
         self.layer, self.phase, self.batches, self.per_image = layer, phase, tuple(batches), tuple(per_image)
         (n, one), (at_n, at_one) = self.batches, self.per_image
-        shown = f"{at_n:,}" if float(at_n).is_integer() else f"{at_n:,.2f}"
+        shown = f"{int(at_n):,}" if float(at_n).is_integer() else f"{at_n:,.2f}"
         super().__init__(
             f"{phase} conv multiplications of {layer or '(root)'} are not per image: {shown} per image at "
             f"batch {n}, {int(at_one):,} at batch {one}; a count that depends on the batch comes from a "
