@@ -455,11 +455,13 @@ def _check_per_image(layers, at_batch, at_one, batch: int, backward: bool) -> No
 
 
 def profile(model: Module, input_shape=(REPORT_BATCH, 3, 32, 32), *, backward: bool = False,
-            timing: bool = False) -> Profile:
+            timing: bool = False, against_batch_one: bool = True) -> Profile:
     """Measure ``model`` on a zero input of ``input_shape`` (N, C, H, W); counts are per image.
 
     With N > 1 the conv counts are measured at batch N and at batch 1 and must agree per image
     (else :class:`BatchCountError`; see the module docstring); ``Profile.batches`` is (N, 1).
+    ``against_batch_one=False`` measures at batch N only, for a caller that sets the two
+    batches side by side itself (``verify counts`` shows both in every row).
     ``timing``: also time one more pass (see the module docstring); the batch size of
     ``input_shape`` then matters (a batch of 1 times mostly the framework's own overhead).
     The model's modes are restored afterwards and its parameters are not changed; with
@@ -480,7 +482,7 @@ def profile(model: Module, input_shape=(REPORT_BATCH, 3, 32, 32), *, backward: b
     timed = None
     try:
         counter, sizes = _counted_pass(model, shape, layers, backward, xp, dtype)
-        if batch > 1:
+        if batch > 1 and against_batch_one:
             single, _ = _counted_pass(model, (1,) + shape[1:], layers, backward, xp, dtype)
             _check_per_image(layers, counter, single, batch, backward)
         if timing:
@@ -523,4 +525,4 @@ def profile(model: Module, input_shape=(REPORT_BATCH, 3, 32, 32), *, backward: b
     # every op's count per image by module path; a per-channel term outside the convs may leave a remainder
     layer_mults = {path: n // batch for path, n in counter.forward.by_layer.items()}
     return Profile(rows=rows, input_shape=shape, totals=totals, timing=summary,
-                   batches=(batch, 1) if batch > 1 else (1,), layer_mults=layer_mults)
+                   batches=(batch, 1) if batch > 1 and against_batch_one else (batch,), layer_mults=layer_mults)
