@@ -70,7 +70,7 @@ OUTSIDE_OPS = "outside ops (framework)"
 
 #: The batch the reports built for users (profile, summary, compress, count, demo) measure at by
 #: default, beside one image: a real batch takes the engine's multi-chunk, threaded loops (ResNet-56's
-#: forward pass at batch 32 takes about a second on one core).
+#: forward pass at batch 32 takes under a second on two cores).
 REPORT_BATCH = 32
 
 __all__ = ["profile", "Profile", "LayerProfile", "BatchCountError", "REPORT_BATCH", "batches_note", "timing_table",
@@ -207,7 +207,7 @@ class Profile:
     input_shape: tuple[int, ...]
     totals: dict = field(default_factory=dict)
     timing: dict | None = None  # with timing=True: see the module docstring
-    batches: tuple[int, ...] = ()  # the batches measured: (N, 1), or (1,) for an input of one image
+    batches: tuple[int, ...] = ()  # the batches measured: (N, 1), or (N,) alone (N = 1, against_batch_one=False)
     layer_mults: dict = field(default_factory=dict, repr=False)  # module path → every op's forward mults per image
 
     def row(self, path: str) -> LayerProfile:
