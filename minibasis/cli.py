@@ -115,10 +115,14 @@ def _run_verb(argv=None) -> tuple[int, bool]:
             print(f"minibasis {args.verb}: error: {message}", file=sys.stderr)
         return code, on_every_rank
 
+    from minibasis.measure import BatchCountError
+
     try:
         return int(args._module.run(args) or 0), False
     except (UserError, FileNotFoundError) as exc:
         return error(str(exc), EXIT_USAGE, exc)
+    except BatchCountError as exc:  # a measured count that is not per image: the report would be wrong
+        return error(str(exc), 1, exc)
     except OSError as exc:
         message = runs.write_failure_message(exc)
         if message is None:

@@ -3,8 +3,10 @@
 ``compress(model, energy_threshold=t)`` returns a new model (the input is deep-copied
 and never run or modified) and a :class:`CompressionReport`. Every multiplication
 count in the report is *measured*: both models run one forward pass of an input of
-``input_shape`` under :func:`minibasis.count_mults` (in eval mode, without a graph),
-and the counts are divided by the batch size, i.e. reported per image. The paper's
+``input_shape`` (default 32 images) under :func:`minibasis.count_mults` (in eval mode,
+without a graph), and the counts are divided by the batch size, i.e. reported per image;
+each conv's count per image must be the same at batch 1 (:func:`minibasis.measure.profile`
+raises :class:`~minibasis.measure.BatchCountError` where it is not). The paper's
 closed-form ratio Q/M + Q/D is reported beside the measured one, so the two can be
 compared layer by layer.
 
@@ -29,7 +31,7 @@ from fractions import Fraction
 
 from minibasis import allocation as allocation_module, basis as basis_math, formulas
 from minibasis.checks import energy_threshold as check_energy_threshold, positive_int
-from minibasis.measure import check_input_shape, profile
+from minibasis.measure import REPORT_BATCH, batches_note, check_input_shape, profile
 from minibasis.allocation import BudgetError
 from minibasis.nn import BasisConv2d, Conv2d, Module
 
@@ -150,6 +152,7 @@ class CompressionReport:
     excluded: list[LayerReport] = field(default_factory=list)
     target_mult_ratio: float | None = None   # the budget, when Q was chosen under one
     allocation: str | None = None            # "uniform" or "greedy" under a budget
+    batches: tuple[int, ...] = ()            # the batches measured (Profile.batches): (N, 1), or (1,)
 
     @property
     def energy_kept(self) -> float | None:
@@ -191,7 +194,7 @@ class CompressionReport:
             "target_mult_ratio": self.target_mult_ratio, "allocation": self.allocation,
             "energy_kept": self.energy_kept,
             "skip_unprofitable": self.skip_unprofitable, "input_shape": list(self.input_shape),
-            "per_image": True,
+            "per_image": True, "batches": list(self.batches),
             "layers": [row.to_dict() for row in self.layers],
             "excluded_layers": [row.to_dict() for row in self.excluded],
             "totals": {
@@ -274,7 +277,8 @@ class CompressionReport:
             setting = f"energy threshold t = {self.energy_threshold}"
         else:
             setting = f"num_basis Q = {self.num_basis}"
-        lines = [f"compression at {setting}; multiplications per image, measured on input {self.input_shape}",
+        lines = [f"compression at {setting}; multiplications per image on input {self.input_shape}, "
+                 f"{batches_note(self.batches)}",
                  fmt(header), fmt(["-" * w for w in widths])]
         unprofitable = [r for r in self.layers if not r.replaced and (r.reason or "").startswith("unprofitable")]
         if not self.replaced and unprofitable:
@@ -381,7 +385,7 @@ def _fill_measurements(row: LayerReport, before, after) -> None:
 
 
 def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = True, layers=None,
-             num_basis=None, input_shape=(1, 3, 32, 32), *, target_mult_ratio=None, allocation: str = "uniform",
+             num_basis=None, input_shape=(REPORT_BATCH, 3, 32, 32), *, target_mult_ratio=None, allocation: str = "uniform",
              thresholds=None):
     """Replace ``Conv2d`` layers by ``BasisConv2d.from_conv``; return ``(new_model, report)``.
 
@@ -396,7 +400,8 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
         num_basis: Q for every selected layer instead of a threshold; it must not exceed
             min(D, M) of any selected layer.
         input_shape: (N, C, H, W) of the input used to measure multiplications (one
-            :func:`minibasis.measure.profile` pass before and one after); counts are per image.
+            :func:`minibasis.measure.profile` before and one after: at batch N and, for N > 1,
+            at batch 1, where every conv's count per image must agree); counts are per image.
         target_mult_ratio: instead of a threshold or Q: a budget R in (0, 1]; the result's
             whole-model conv multiplications, *measured* on ``input_shape``, are at most R times
             the original's. Exactly one of ``energy_threshold``, ``num_basis`` and
@@ -506,7 +511,7 @@ def _build(model: Module, selected, shape, decide) -> tuple[Module, "Compression
         params_before=before.totals["model_learnable"], params_after=after.totals["model_learnable"],
         stored_before=before.totals["model_stored"], stored_after=after.totals["model_stored"],
         formula_mults_before=before.totals["formula_mults"], formula_mults_after=after.totals["formula_mults"],
-        notes=notes, excluded=excluded, _order=[r.path for r in before.rows])
+        notes=notes, excluded=excluded, _order=[r.path for r in before.rows], batches=after.batches)
     return new_model, report
 
 

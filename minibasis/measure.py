@@ -3,7 +3,20 @@
 ``profile(model, input_shape)`` runs one forward pass of a zero input (eval mode, no
 graph; every module's mode is restored afterwards) under :func:`minibasis.count_mults`,
 with forward hooks on each ``Conv2d`` / ``BasisConv2d`` recording the input and output
-sizes that reached it. Each row gives
+sizes that reached it.
+
+Counts are per image, and they are measured where a real batch runs: at the batch N of
+``input_shape`` (default :data:`REPORT_BATCH` images), whose convolutions go through the
+engine's multi-chunk, threaded loops, and, when N > 1, once more at batch 1, which takes
+one chunk. Every conv layer's measured conv multiplications (forward, and backward when
+asked for) and the whole model's must be N times batch 1's; where they are not, a count
+depends on how the batch was cut into chunks (a chunk counted twice or not at all) and
+:class:`BatchCountError` names the layer, the two counts per image and the batches.
+Only conv ops are compared: every other op's count is reported per image at batch N
+(``model_mults``, :func:`minibasis.summary`'s rows), as a per-channel term outside the
+convolutions (training-mode batch norm's statistics, say) is affine in N, not N times
+batch 1's (the profile runs in eval mode, where the zoo's nets have none).
+``Profile.batches`` says which batches were measured. Each row gives
 
 * the layer's shape: M, C, groups, (kh, kw), stride, padding, dilation, D = (C/g)·kh·kw,
   input (H, W) and output (Ho, Wo); Q and the retained energy for a BasisConv2d;
@@ -30,7 +43,7 @@ compare rows within one profile, not across machines.
 
 Usage::
 
-    prof = minibasis.measure.profile(model, (1, 3, 32, 32))
+    prof = minibasis.measure.profile(model, (32, 3, 32, 32))  # at batch 32 and at batch 1
     print(prof.table()); prof.totals["mults"]; prof.rows[0].Q
 """
 from __future__ import annotations
@@ -55,8 +68,39 @@ OP_KINDS = {"batch_norm": "batch norm", "relu": "activations", "add": "adds", "m
 #: The timing table's group for time spent outside every op (module calls, Tensor bookkeeping).
 OUTSIDE_OPS = "outside ops (framework)"
 
-__all__ = ["profile", "Profile", "LayerProfile", "timing_table", "conv_layers", "check_input_shape", "stored_values",
-           "learnable_values", "input_channels"]
+#: The batch the reports built for users (profile, summary, compress, count, demo) measure at by
+#: default, beside one image: a real batch takes the engine's multi-chunk, threaded loops (ResNet-56's
+#: forward pass at batch 32 takes under a second on two cores).
+REPORT_BATCH = 32
+
+__all__ = ["profile", "Profile", "LayerProfile", "BatchCountError", "REPORT_BATCH", "batches_note", "timing_table",
+           "conv_layers", "check_input_shape", "stored_values", "learnable_values", "input_channels"]
+
+
+class BatchCountError(RuntimeError):
+    """A measured count that is not per image: at batch N it is not N times the count at batch 1.
+
+    ``layer``: the conv layer's module path (``"(whole model)"`` for every conv op of the model);
+    ``phase``: "forward" or "backward"; ``batches``: (N, 1); ``per_image``: the count per image at
+    each of them (at N possibly a fraction: the count divided by N).
+    """
+
+    def __init__(self, layer: str, phase: str, batches: tuple[int, int], per_image: tuple[float, float]):
+        self.layer, self.phase, self.batches, self.per_image = layer, phase, tuple(batches), tuple(per_image)
+        (n, one), (at_n, at_one) = self.batches, self.per_image
+        shown = f"{int(at_n):,}" if float(at_n).is_integer() else f"{at_n:,.2f}"
+        super().__init__(
+            f"{phase} conv multiplications of {layer or '(root)'} are not per image: {shown} per image at "
+            f"batch {n}, {int(at_one):,} at batch {one}; a count that depends on the batch comes from a "
+            "chunk of the engine's batched loops counted wrongly")
+
+
+def batches_note(batches) -> str:
+    """The words a report's header line uses for the batches it was measured at (``Profile.batches``)."""
+    batches = tuple(batches)
+    if len(batches) < 2:
+        return f"measured at batch {batches[0] if batches else 1} only"
+    return f"measured at batch {batches[0]} and at batch {batches[1]}, the same per image"
 
 
 def check_input_shape(input_shape) -> tuple[int, ...]:
@@ -163,6 +207,8 @@ class Profile:
     input_shape: tuple[int, ...]
     totals: dict = field(default_factory=dict)
     timing: dict | None = None  # with timing=True: see the module docstring
+    batches: tuple[int, ...] = ()  # the batches measured: (N, 1), or (N,) alone (N = 1, against_batch_one=False)
+    layer_mults: dict = field(default_factory=dict, repr=False)  # module path → every op's forward mults per image
 
     def row(self, path: str) -> LayerProfile:
         for r in self.rows:
@@ -171,7 +217,7 @@ class Profile:
         raise KeyError(f"no conv layer at {path!r}; the conv layers are {[r.path for r in self.rows]}")
 
     def to_dict(self) -> dict:
-        out = {"input_shape": list(self.input_shape), "per_image": True,
+        out = {"input_shape": list(self.input_shape), "per_image": True, "batches": list(self.batches),
                "rows": [r.to_dict() for r in self.rows], "totals": dict(self.totals)}
         if self.timing is not None:
             out["timing"] = self.timing
@@ -198,7 +244,8 @@ class Profile:
                              for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
         t = self.totals
-        out = [f"conv layers measured on input {self.input_shape}; multiplications per image",
+        out = [f"conv layers measured on input {self.input_shape}; multiplications per image, "
+               f"{batches_note(self.batches)}",
                fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
         out.append(f"conv multiplications: measured {t['mults']:,}, formula {t['formula_mults']:,}"
                    + ("" if t.get("backward_mults") is None else f", backward measured {t['backward_mults']:,}"))
@@ -372,9 +419,49 @@ def _timing(rows: list, layers, timed_pass: tuple, batch: int, backward: bool, c
     return timed_rows, summary
 
 
-def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False, timing: bool = False) -> Profile:
+def _counted_pass(model: Module, shape: tuple[int, ...], layers, backward: bool, xp, dtype):
+    """One pass of a zero input of ``shape`` under a counter: (counter, layer id → (input HW, output HW))."""
+    sizes: dict[int, tuple] = {}
+
+    def record(module, args, output):
+        sizes.setdefault(id(module), (tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
+
+    handles = [module.register_forward_hook(record) for _, module in layers]
+    try:
+        x = tensor(xp.zeros(shape, dtype=dtype))
+        with count_mults() as counter:
+            if backward:
+                model(x).sum().backward()
+            else:
+                with no_grad():
+                    model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if backward:
+            model.zero_grad()
+    return counter, sizes
+
+
+def _check_per_image(layers, at_batch, at_one, batch: int, backward: bool) -> None:
+    """Raise :class:`BatchCountError` where a conv count at ``batch`` is not ``batch`` times batch 1's."""
+    for phase in ("forward", "backward") if backward else ("forward",):
+        many, one = getattr(at_batch, phase), getattr(at_one, phase)
+        many_by_layer, one_by_layer = many.conv_by_layer(), one.conv_by_layer()
+        counts = [(path, _layer_sum(many_by_layer, path), _layer_sum(one_by_layer, path)) for path, _ in layers]
+        for path, n, single in counts + [("(whole model)", many.conv, one.conv)]:
+            if n != batch * single:
+                raise BatchCountError(path, phase, (batch, 1), (n / batch, single))
+
+
+def profile(model: Module, input_shape=(REPORT_BATCH, 3, 32, 32), *, backward: bool = False,
+            timing: bool = False, against_batch_one: bool = True) -> Profile:
     """Measure ``model`` on a zero input of ``input_shape`` (N, C, H, W); counts are per image.
 
+    With N > 1 the conv counts are measured at batch N and at batch 1 and must agree per image
+    (else :class:`BatchCountError`; see the module docstring); ``Profile.batches`` is (N, 1).
+    ``against_batch_one=False`` measures at batch N only, for a caller that sets the two
+    batches side by side itself (``verify counts`` shows both in every row).
     ``timing``: also time one more pass (see the module docstring); the batch size of
     ``input_shape`` then matters (a batch of 1 times mostly the framework's own overhead).
     The model's modes are restored afterwards and its parameters are not changed; with
@@ -388,35 +475,19 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
                              "(profile the source model's backward)")
     batch = shape[0]
     layers = conv_layers(model)
-    sizes: dict[int, tuple] = {}
-
-    def record(module, args, output):
-        sizes.setdefault(id(module), (tuple(args[0].shape[-2:]), tuple(output.shape[-2:])))
-
     xp, dtype = _array_module_and_dtype(model)
-    handles = [module.register_forward_hook(record) for _, module in layers]
     modes = [(m, m.training) for m in model.modules()]
     for m, _ in modes:
         object.__setattr__(m, "training", False)  # eval mode, without Module.train (a deployed model refuses it)
     timed = None
     try:
-        x = tensor(xp.zeros(shape, dtype=dtype))
-        with count_mults() as counter:
-            if backward:
-                model(x).sum().backward()
-            else:
-                with no_grad():
-                    model(x)
-        for handle in handles:
-            handle.remove()
-        handles = []
+        counter, sizes = _counted_pass(model, shape, layers, backward, xp, dtype)
+        if batch > 1 and against_batch_one:
+            single, _ = _counted_pass(model, (1,) + shape[1:], layers, backward, xp, dtype)
+            _check_per_image(layers, counter, single, batch, backward)
         if timing:
-            if backward:
-                model.zero_grad()
-            timed = _timed_pass(model, x, layers, backward)
+            timed = _timed_pass(model, tensor(xp.zeros(shape, dtype=dtype)), layers, backward)
     finally:
-        for handle in handles:
-            handle.remove()
         for m, mode in modes:
             object.__setattr__(m, "training", mode)
         if backward:
@@ -451,4 +522,7 @@ def profile(model: Module, input_shape=(1, 3, 32, 32), *, backward: bool = False
     summary = None
     if timed is not None:
         rows, summary = _timing(rows, layers, timed, batch, backward, counter)
-    return Profile(rows=rows, input_shape=shape, totals=totals, timing=summary)
+    # every op's count per image by module path; a per-channel term outside the convs may leave a remainder
+    layer_mults = {path: n // batch for path, n in counter.forward.by_layer.items()}
+    return Profile(rows=rows, input_shape=shape, totals=totals, timing=summary,
+                   batches=(batch, 1) if batch > 1 and against_batch_one else (batch,), layer_mults=layer_mults)

@@ -1,22 +1,22 @@
 """``minibasis.summary(model, input_shape)``: per layer, output shape, values and measured multiplications.
 
-One pass of :func:`minibasis.measure.profile` (a zero input, eval mode, no graph) with forward
-hooks on every layer for the output shapes and a counter around it for the multiplications of
-every op (BatchNorm and linear layers too, not only the convolutions profile reports). A layer
-is a module without children, or a Conv2d / BasisConv2d as a whole (its basis stage, optional
-BatchNorm and 1×1 stage are one row). Counts are per image.
+One :func:`minibasis.measure.profile` (a zero input, eval mode, no graph) with forward hooks on
+every layer for the output shapes; its counts of every op by module path give each row's
+multiplications (BatchNorm and linear layers too, not only the convolutions profile reports). A
+layer is a module without children, or a Conv2d / BasisConv2d as a whole (its basis stage,
+optional BatchNorm and 1×1 stage are one row). Counts are per image, measured at the batch of
+``input_shape`` (default 32 images) and, as profile does, checked against batch 1 for every conv.
 
 Usage::
 
-    print(minibasis.summary(model, (1, 3, 32, 32)))
+    print(minibasis.summary(model, (32, 3, 32, 32)))
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from minibasis.counting import count_mults
-from minibasis.measure import (Profile, check_input_shape, conv_layers, learnable_values, profile, stored_values,
-                               timing_table)
+from minibasis.measure import (REPORT_BATCH, Profile, batches_note, check_input_shape, conv_layers,
+                               learnable_values, profile, stored_values, timing_table)
 from minibasis.nn import Module
 
 __all__ = ["summary", "Summary", "SummaryRow"]
@@ -52,7 +52,7 @@ class Summary(Profile):
                   "-" if r.output_shape is None else "x".join(map(str, r.output_shape)),
                   f"{r.learnable:,}", f"{r.stored:,}", f"{r.mults:,}") for r in self.rows]
         t = self.totals
-        lines = [f"summary on input {self.input_shape}; multiplications measured per image", ""]
+        lines = [f"summary on input {self.input_shape}; multiplications per image, {batches_note(self.batches)}", ""]
         lines += format_table(("layer", "type", "output", "learnable", "stored", "mults"), cells, left=(0, 1))
         lines += ["", f"learnable parameters: {t['learnable']:,}   stored values: {t['stored']:,}",
                   f"multiplications per image: {t['mults']:,} (convolutions {t['conv_mults']:,})"]
@@ -78,41 +78,36 @@ def _layers(model: Module) -> list[tuple[str, Module]]:
     return found
 
 
-def summary(model: Module, input_shape=(1, 3, 32, 32), timing: bool = False) -> Summary:
+def summary(model: Module, input_shape=(REPORT_BATCH, 3, 32, 32), timing: bool = False) -> Summary:
     """Per layer of ``model``: output shape for ``input_shape`` (N, C, H, W), learnable parameters,
-    stored values (parameters + persistent buffers) and measured multiplications per image.
+    stored values (parameters + persistent buffers) and measured multiplications per image
+    (at batch N and, for N > 1, at batch 1: see :func:`minibasis.measure.profile`).
 
     ``timing``: also where the time of a forward pass goes (:func:`minibasis.measure.profile`'s
     timing: per conv layer and the rest by kind of op), in ``.timing`` and at the end of the table."""
     if not isinstance(model, Module):
         raise TypeError(f"summary needs a minibasis.nn.Module, got {type(model).__name__}")
     shape = check_input_shape(input_shape)
-    timing_pass = bool(timing)
     layers = _layers(model)
     outputs: dict[int, tuple] = {}
 
     def record(module, args, output):
-        outputs.setdefault(id(module), tuple(getattr(output, "shape", ())))  # returns None: output kept
+        outputs.setdefault(id(module), tuple(getattr(output, "shape", ())))  # the first pass's: batch N
 
     handles = [module.register_forward_hook(record) for _, module in layers]
     try:
-        with count_mults() as counter:
-            prof = profile(model, shape)
+        prof = profile(model, shape, timing=bool(timing))
     finally:
         for handle in handles:
             handle.remove()
-    by_layer = counter.forward.by_layer
-    batch = shape[0]
     num_basis = {r.path: r.Q for r in prof.rows}
     rows = [SummaryRow(path=path, type=type(module).__name__, output_shape=outputs.get(id(module)),
                        learnable=learnable_values(module), stored=stored_values(module),
-                       mults=sum(n for key, n in by_layer.items() if key == path or key.startswith(path + "."))
-                       // batch, Q=num_basis.get(path))
+                       mults=sum(n for key, n in prof.layer_mults.items() if key == path or key.startswith(path + ".")),
+                       Q=num_basis.get(path))
             for path, module in layers]
     totals = {"learnable": prof.totals["model_learnable"], "stored": prof.totals["model_stored"],
               "mults": prof.totals["model_mults"], "conv_mults": prof.totals["model_conv_mults"]}
-    timing = None
-    if timing_pass:  # a pass of its own, outside the counter above (which counts one pass)
-        timed = profile(model, shape, timing=True)
-        timing = {**timed.timing, "conv_layers": [r.to_dict() for r in timed.rows]}
-    return Summary(rows=rows, input_shape=shape, totals=totals, timing=timing)
+    timing_summary = None if prof.timing is None else {**prof.timing,
+                                                       "conv_layers": [r.to_dict() for r in prof.rows]}
+    return Summary(rows=rows, input_shape=shape, totals=totals, timing=timing_summary, batches=prof.batches)

@@ -1,6 +1,7 @@
 """``minibasis count MODEL``: parameters, filters and convolution multiplications, measured and by formula.
 
-For each model (one 32×32 image, eval mode, no graph):
+For each model (32×32 images, eval mode, no graph; counts per image, measured at ``--batch``
+images and at one, where every conv's count per image must agree):
 
 * parameters: all of them (BatchNorm weights and biases included, running
   statistics not, as in PyTorch's ``parameters()``) and the learnable ones;
@@ -32,7 +33,7 @@ from typing import Any
 
 from minibasis.experiments import argtypes, options
 from minibasis.experiments.errors import UserError
-from minibasis.measure import profile
+from minibasis.measure import REPORT_BATCH, batches_note, profile
 from minibasis.nn import Module
 
 __all__ = ["PAPER_FIGURES", "PAPER_NAMES", "count_model", "model_config",
@@ -53,19 +54,19 @@ _RESNET_NAMES = ("resnet_cifar", "resnet20", "resnet32", "resnet44", "resnet56",
 _DEPTH_NAMES = ("resnet_cifar", "densenet_bc")
 
 
-def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> dict[str, Any]:
-    """Parameters, filters and conv multiplications of ``model`` for one input image.
+def count_model(model: Module, input_size: int = 32, in_channels: int = 3, batch: int = REPORT_BATCH) -> dict[str, Any]:
+    """Parameters, filters and conv multiplications of ``model`` per input image.
 
-    One :func:`minibasis.measure.profile` pass. Returns a dict: ``params``,
+    One :func:`minibasis.measure.profile` of ``batch`` images (and of one: ``batches``). Returns a dict: ``params``,
     ``learnable_params``, ``stored_values`` (parameters + persistent buffers, bases
     included), ``filters`` (Σ M), ``filters_min_md`` (Σ min(M, D)), ``conv_mults_measured``
-    (the engine's conv ops, one forward pass, batch 1), ``conv_mults_formula`` (Σ formulas
+    (the engine's conv ops, one forward pass, per image), ``conv_mults_formula`` (Σ formulas
     per conv layer), ``all_mults_measured`` (every multiplication of the forward pass,
     BatchNorm and linear included), ``gflops`` (measured conv mults / 10⁹) and ``layers``
     (one row per conv layer with its measured and formula mults). The model is left in the
     mode it had.
     """
-    prof = profile(model, (1, in_channels, input_size, input_size))
+    prof = profile(model, (batch, in_channels, input_size, input_size))
     rows = []
     for r in prof.rows:
         if not r.ran:
@@ -92,6 +93,7 @@ def count_model(model: Module, input_size: int = 32, in_channels: int = 3) -> di
         "all_mults_measured": prof.totals["model_mults"],
         "gflops": prof.totals["model_conv_mults"] / 1e9,
         "input_shape": list(prof.input_shape),
+        "batches": list(prof.batches),
         "layers": rows,
     }
 
@@ -206,7 +208,8 @@ def add_arguments(parser) -> None:
                         help="also time one forward pass of a batch of --batch zero images: per conv layer and for "
                              "the rest of the network by kind (batch norm, activations, adds, pooling, linear), "
                              "with the share of the time outside the conv layers (wall clock: noisy on a busy machine)")
-    parser.add_argument("--batch", type=argtypes.positive, default=64, help="batch size of the --timing pass (default 64)")
+    parser.add_argument("--batch", type=argtypes.positive, default=REPORT_BATCH,
+                        help=f"images of the counted pass (beside one image) and of --timing (default {REPORT_BATCH})")
     parser.add_argument("--json", metavar="PATH", type=argtypes.output_file, default=None,
                         help="write the full report as JSON to PATH ('-' for standard output)")
 
@@ -241,7 +244,7 @@ def run(args) -> int:
     reports = []
     for name, model, description, config in builds:
         report = {"model": name, "description": description, "config": config,
-                  **count_model(model, *_input_of(model, name))}
+                  **count_model(model, *_input_of(model, name), batch=o.batch)}
         report["paper"] = _paper_figures(name, config)
         if o.timing:
             timed = profile(model, (o.batch,) + tuple(report["input_shape"][1:]), timing=True)
@@ -254,6 +257,7 @@ def run(args) -> int:
                   f"formula's {report['conv_mults_formula']:,}", file=sys.stderr)
         reports.append(report)
     text_out = sys.stderr if o.json == "-" else sys.stdout
+    print(f"conv multiplications {batches_note(reports[0]['batches'])}", file=text_out)
     print(format_table(reports), file=text_out)
     print("params: parameters (learnable); stored: parameters + persistent buffers (BatchNorm statistics, "
           "fixed bases): what a saved model holds", file=text_out)

@@ -116,7 +116,7 @@ def _variant_rows(variant: str, model: Module, input_shape, batch: int, errors: 
     them (a profile there that raises leaves them None and its message in ``errors``)."""
     rows = _batch_one_rows(variant, model, input_shape)
     try:
-        at_batch = profile(model, (batch,) + tuple(input_shape[1:]), backward=True).rows
+        at_batch = profile(model, (batch,) + tuple(input_shape[1:]), backward=True, against_batch_one=False).rows
     except RuntimeError as exc:  # its per-layer count is not a multiple of the batch
         errors.append(f"{variant}: {exc}")
         return rows
