@@ -12,7 +12,7 @@ Sections (each one runs in its own try/except, so a failure is reported, not a c
   measured multiplication counts identical on the device and on NumPy; a short training run on
   ``minibasis.data.synthetic`` reaching the accuracy it reaches on NumPy; then the engine's test
   files run by pytest on the device (``pytest --backend <device> -m "engine or gpu"``, with
-  tests/test_gpu.py, up to 240 s);
+  tests/gpu/test_gpu.py, up to 240 s);
 * speed, last, in the time left: the bench/conv.py layers (batch 64, and 256) against the same GEMMs through the device's
   ``matmul`` (cuBLAS) and against PyTorch CUDA; ResNet-20 training steps and ResNet-56 evaluation,
   images/s at batch 128 and 256, against PyTorch CUDA; the compressed ResNet-56's time ratio
@@ -45,7 +45,7 @@ REPO_ROOT = common.REPO_ROOT
 TIME_LIMIT_S = 340  # the whole run, under 6 minutes with start-up and report writing
 ENGINE_TESTS_FULL_S, ENGINE_TESTS_QUICK_S = 240, 60
 SPEED_RESERVE_FULL_S, SPEED_RESERVE_QUICK_S = 60, 5  # kept for the speed sections, which run last
-QUICK_ENGINE_TEST_FILES = ["tests/test_conv.py"]  # --quick: the plumbing, on the central op
+QUICK_ENGINE_TEST_FILES = ["tests/engine/test_conv.py"]  # --quick: the plumbing, on the central op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +448,7 @@ def section_training(run: Run, out: Section) -> None:
 # ---------------------------------------------------------------------------------------------
 def engine_test_files() -> list[str]:
     """The test files whose tests are all marked engine (``pytestmark = pytest.mark.engine``)."""
-    return [str(path.relative_to(REPO_ROOT)) for path in sorted((REPO_ROOT / "tests").glob("test_*.py"))
+    return [str(path.relative_to(REPO_ROOT)) for path in sorted((REPO_ROOT / "tests").rglob("test_*.py"))
             if "\npytestmark = pytest.mark.engine" in path.read_text(encoding="utf-8")]
 
 
@@ -471,8 +471,8 @@ def section_engine_tests(run: Run, out: Section) -> None:
     limit = min(ENGINE_TESTS_QUICK_S if run.quick else ENGINE_TESTS_FULL_S, run.remaining() - reserve)
     if limit < 20:
         raise TimeoutError(f"only {run.remaining():.0f} s left of --time-limit; the engine tests did not run")
-    # Full run: also tests/test_gpu.py, the CuPy-against-NumPy tests that skip on machines without a GPU.
-    targets = QUICK_ENGINE_TEST_FILES if run.quick else engine_test_files() + ["tests/test_gpu.py"]
+    # Full run: also tests/gpu/test_gpu.py, the CuPy-against-NumPy tests that skip on machines without a GPU.
+    targets = QUICK_ENGINE_TEST_FILES if run.quick else engine_test_files() + ["tests/gpu/test_gpu.py"]
     command = engine_test_command(run.device, targets)
     start = time.perf_counter()
     try:

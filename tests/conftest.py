@@ -4,7 +4,7 @@ The engine's test files (autograd, functions, conv paths, pooling, batch norm, n
 counting, optim, learning) carry ``pytestmark = pytest.mark.engine``; they run on the backend
 that ``--backend numpy|strict|cupy`` (or ``$MINIBASIS_TEST_BACKEND``) names, default numpy, and
 compare with float64 NumPy references on the host. Every other test runs on NumPy.
-``tests/test_gpu_engine_on_strict.py`` reruns the engine files on ``strict`` in the default run;
+``tests/gpu/test_gpu_engine_on_strict.py`` reruns the engine files on ``strict`` in the default run;
 bench/gpu.py runs them on ``cupy`` on a GPU machine.
 """
 import os

@@ -2,7 +2,7 @@
 
 ``SLIPS`` maps each slip's name to what it models and how to plant it. The engine is not edited:
 each slip is planted by monkeypatching (``plant(patch)``, ``patch`` being a pytest
-``MonkeyPatch.setattr``), in a process of its own. tests/test_verification_mutations.py plants
+``MonkeyPatch.setattr``), in a process of its own. tests/measurement/test_verification_mutations.py plants
 them one at a time and requires that the default ``minibasis verify formulas`` and the suite's
 counting tests (``COUNTING_TESTS``) each fail on every one; run this file as a script
 (``python3 tests/counting_mutations.py SLIP``) to see one slip's verdicts as JSON.
@@ -29,7 +29,7 @@ from minibasis.functions import basic, conv
 from minibasis.nn import BasisConv2d
 
 #: The suite's counting tests that must fail on every slip (a fast subset, ~10 s).
-COUNTING_TESTS = ("tests/test_count_invariance.py", "tests/test_counting.py")
+COUNTING_TESTS = ("tests/engine/test_count_invariance.py", "tests/engine/test_counting.py")
 
 _thread = threading.local()  # .rule: how products are recorded on this thread (set by a chunk-level slip)
 _process = {"rule": None, "op": None, "basisconv_convs": None}  # op-level state (may span worker threads)

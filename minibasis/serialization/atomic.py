@@ -35,7 +35,7 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None, newline
     the previous complete file, and the temporary may stay behind as
     ``.<name>.<random>.tmp`` in the same folder. That name never matches ``path`` (nor a
     ``*.npz`` pattern), minibasis never reads it, and it may be deleted at any time when
-    no writer is running (tests/test_atomic_kill.py kills writers at random points).
+    no writer is running (tests/serialization/test_atomic_kill.py kills writers at random points).
     """
     if mode not in ("wb", "w", "wt"):
         raise ValueError(f"atomic_write mode must be 'wb', 'w' or 'wt', got {mode!r}")

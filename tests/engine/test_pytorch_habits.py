@@ -422,7 +422,7 @@ def test_trainer_takes_either_kind_of_batch_and_learns_the_same(as_tensors):
 # ---------------------------------------------------------------------------
 # the README's example
 # ---------------------------------------------------------------------------
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_readme_shows_the_pytorch_habits_example_and_what_it_prints():

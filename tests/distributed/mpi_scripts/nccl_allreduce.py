@@ -1,4 +1,4 @@
-"""NCCL path check, for tests/test_distributed.py on machines with >= 2 GPUs.
+"""NCCL path check, for tests/distributed/test_distributed.py on machines with >= 2 GPUs.
 
 Under ``mpirun -n W`` (one GPU per rank): CuPy arrays are all-reduced and broadcast through
 NCCL, and a model's gradients on the GPU are averaged; every result is compared with the same

@@ -4,7 +4,7 @@ Every rank calls the command line's ``main`` for each folder (the same code path
 ``mpirun -n 2 python -m minibasis train ... --output DIR``, without paying the start-up of a
 new mpirun for each) and records what ``main`` returned, and what it printed on stderr, in
 ``<out>/rank<R>.json``. The training plot is left out (three quarters of a run's time, drawn
-by rank 0 after everything else). Used by tests/test_mpirun_run_folders.py.
+by rank 0 after everything else). Used by tests/distributed/test_mpirun_run_folders.py.
 """
 import contextlib
 import io

@@ -5,7 +5,7 @@ threads, so each check compares the two: outputs and gradients equal within
 float rounding (the chunks are sized differently, which only reorders the
 weight gradient's summation), counts identical and equal to the closed form,
 and the threaded result identical from run to run. The serial path itself is
-checked against independent references in tests/test_conv*.py; here the
+checked against independent references in tests/engine/test_conv*.py; here the
 geometries come from hypothesis and a list of each path the conv takes (im2col
 "same" runs, strided windows, kn2row, depthwise shifts, grouped, dilated).
 """

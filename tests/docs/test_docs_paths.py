@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minibasis.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MACHINE_PATH = re.compile(rb"/(?:work|home)/")
 
 # Two run folders still record the path they ran in; they are being resumed elsewhere and will be

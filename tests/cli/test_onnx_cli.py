@@ -73,7 +73,7 @@ def test_safetensors_export_and_count_of_an_onnx_file(tmp_path, model_file, caps
 def test_readme_your_own_network_runs_and_prints_what_it_says(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     from pathlib import Path
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Your own network", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     commands = section.split("```bash\n", 1)[1].split("```", 1)[0]

@@ -1,4 +1,4 @@
-"""The experiments Trainer under mpirun, for tests/test_distributed.py.
+"""The experiments Trainer under mpirun, for tests/distributed/test_distributed.py.
 
 ``mpirun -n W python trainer_run.py --out DIR --epochs E [--resume]`` trains train_equivalence's
 small CNN (no batch norm, float64) with ``minibasis.training.Trainer`` into the run

@@ -3,7 +3,7 @@
 Mode "raise": rank 1 raises; ``minibasis.distributed``'s excepthook must abort every rank.
 Mode "exit": rank 1 ends with ``sys.exit(dist.finalize(3))``, as a CLI verb returning an error
 code does; ``finalize`` must abort every rank. Without either, rank 0 would block in
-``allreduce_gradients`` forever. Used by tests/test_distributed.py under a time limit.
+``allreduce_gradients`` forever. Used by tests/distributed/test_distributed.py under a time limit.
 """
 import sys
 

@@ -9,7 +9,7 @@ import pytest
 
 from minibasis.cli import main
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fails_with_one_line(capsys, argv, *fragments):

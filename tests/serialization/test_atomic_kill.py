@@ -42,7 +42,7 @@ from minibasis import io
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MIN_KILLS = 30           # at least this many kills ...
 MAX_KILLS = 200          # ... and more until the coverage below is reached, but never more than this
 MIN_INSIDE_WRITES = 8    # kills that landed inside a write (old checkpoint kept, or new one renamed)

@@ -20,8 +20,8 @@ import pytest
 
 from minibasis.distributed.launcher import launcher_env, mpirun_command
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = REPO_ROOT / "tests" / "mpi_scripts" / "fresh_run_folders.py"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "tests" / "distributed" / "mpi_scripts" / "fresh_run_folders.py"
 FRESH = 10
 RUN_FILES = ("config.json", "log.txt", "checkpoint-train.npz", "metrics-train.json", "model.npz", "results.json")
 

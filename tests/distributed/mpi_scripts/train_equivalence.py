@@ -1,4 +1,4 @@
-"""Data-parallel training of a small CNN, for tests/test_distributed.py.
+"""Data-parallel training of a small CNN, for tests/distributed/test_distributed.py.
 
 Run as ``mpirun -n W python train_equivalence.py --out DIR`` (W must divide GLOBAL_BATCH): every
 rank trains two variants (no batch norm; synchronized batch norm) on its 1/W slice of every

@@ -9,7 +9,7 @@ CheckpointError) and fragments its message must contain, typically the expected 
 actual value. Never an IndexError, AttributeError, ZeroDivisionError or a NumPy
 broadcasting message from deep inside.
 
-``tests/test_bad_input.py`` covers the engine's functional layer in depth; this table
+``tests/engine/test_bad_input.py`` covers the engine's functional layer in depth; this table
 is about breadth. Adding a case is one line: ``case(id, callable, args, error, *fragments)``.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ import minibasis as mb
 from minibasis import backend_strict, functions as F, nn, optim
 from minibasis.backend_strict import StrictArray, count_transfers
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

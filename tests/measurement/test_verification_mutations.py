@@ -16,7 +16,7 @@ import pytest
 
 from counting_mutations import COUNTING_TESTS, SLIPS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def verdicts(slip):

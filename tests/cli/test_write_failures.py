@@ -19,7 +19,7 @@ import pytest
 
 resource = pytest.importorskip("resource")  # POSIX only
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LIMIT_BYTES = 200_000
 TRAIN = ["train", "--dataset", "synthetic", "--train-subset", "8", "--limit", "8", "--batch-size", "8", "--quiet"]
 

@@ -16,7 +16,7 @@ from minibasis.cli import main
 # The key under which each verb's results.json records the final test accuracy.
 FINAL_ACCURACY_KEY = {"train": "test_acc", "finetune": "test_acc_after"}
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 FINISHED = sorted(p.parent for p in RESULTS.glob("*/model.npz") if (p.parent / "results.json").is_file())
 
 

@@ -1,7 +1,7 @@
 """Long runs are safe: a run killed with SIGKILL resumes to the same parameters, bit for bit.
 
 (That a writer killed in the middle of a checkpoint never destroys the previous one is
-tests/test_atomic_kill.py's subject: checkpoints are written with ``io.save``.)"""
+tests/serialization/test_atomic_kill.py's subject: checkpoints are written with ``io.save``.)"""
 import json
 import os
 import signal
@@ -18,7 +18,7 @@ from minibasis.cli import main
 from minibasis.data import DataLoader, ToFloat, synthetic
 from minibasis import training as trainer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Runs the real command line, but SIGKILLs itself right after the checkpoint of epoch
 # $KILL_AFTER_EPOCH has been written (no cleanup, no flush: as if the machine died).

@@ -28,7 +28,7 @@ from minibasis.distributed.comm import Communicator
 from minibasis.distributed.launcher import Launcher, launcher_env, mpirun_command
 
 SCRIPTS = Path(__file__).resolve().parent / "mpi_scripts"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 FIGURES = "figures"  # marks a command whose output the README quotes
@@ -57,19 +57,19 @@ NEEDS = {"minibasis train --dataset synthetic --train-subset 256 --limit 256 --e
          "minibasis train --dataset synthetic --train-subset 256 --limit 256 --epochs 4 --output runs/t3"}
 
 _INSTALLS = "installs packages: the tests run in the environment .ci/run installs (its extras are checked below)"
-_GPU = "needs a CUDA GPU and CuPy (bench/gpu.py --quick --device strict runs in tests/test_gpu_check.py)"
+_GPU = "needs a CUDA GPU and CuPy (bench/gpu.py --quick --device strict runs in tests/gpu/test_gpu_check.py)"
 _HOURS = "trains for hours on all 50,000 CIFAR-10 images (its results are in docs/results.md)"
-_TEN_THOUSAND = "evaluates every threshold on 10,000 test images (minutes); tests/test_experiments.py runs sweep small"
+_TEN_THOUSAND = "evaluates every threshold on 10,000 test images (minutes); tests/cli/test_experiments.py runs sweep small"
 SKIPPED = {
     'pip install -e ".[plot]" && minibasis demo': _INSTALLS + "; `minibasis demo` runs on its own below",
     'pip install -e ".[test,oracle,plot,mpi,onnx,safetensors]" && python3 -m pytest -q': "the whole suite: this is the suite",
-    "minibasis count mynet.onnx --layers": "reads the file the README's Python block writes: tests/test_onnx_cli.py runs "
+    "minibasis count mynet.onnx --layers": "reads the file the README's Python block writes: tests/cli/test_onnx_cli.py runs "
                                             "that block and this command and checks the figure it quotes",
     "minibasis finetune --checkpoint mynet.onnx --dataset synthetic --threshold 0.9 --epochs1 1 --epochs2 1 "
     "--output runs/mynet": "fine-tunes on 10,000 synthetic images (about a minute of CPU); "
-                           "tests/test_onnx_networks.py fine-tunes an imported network",
+                           "tests/serialization/test_onnx_networks.py fine-tunes an imported network",
     "minibasis export runs/mynet/model.npz --format onnx --output mynet-compressed.onnx":
-        "exports the fine-tuning run above; tests/test_onnx_cli.py runs minibasis export",
+        "exports the fine-tuning run above; tests/cli/test_onnx_cli.py runs minibasis export",
     "minibasis sweep": _TEN_THOUSAND,
     "minibasis sweep --depth 20 --limit 2000": "ResNet-20 at eight thresholds on 2,000 images: about a minute of CPU",
     "minibasis compress --depth 20 --threshold 0.8 --evaluate": "evaluates on 10,000 test images (about 20 s of CPU)",
@@ -78,7 +78,7 @@ SKIPPED = {
     "minibasis train": _HOURS,
     "minibasis train --basis random": _HOURS,
     "minibasis eval --checkpoint docs/results/r20-ft-compressed/model.npz":
-        "evaluates on 10,000 test images (about 20 s of CPU); tests/test_committed_results.py re-evaluates it",
+        "evaluates on 10,000 test images (about 20 s of CPU); tests/docs/test_committed_results.py re-evaluates it",
     'pip install -e ".[gpu]"': _INSTALLS,
     "minibasis demo --device cupy": _GPU,
     "minibasis finetune --depth 20 --target-mult-ratio 0.5 --device cupy": _GPU,

@@ -1,7 +1,7 @@
 """CPU (NumPy) against GPU (CuPy): the same engine code must give the same numbers on both.
 
 Skipped, with the reason, where CuPy or a CUDA device is missing. On a CPU-only
-machine the strict stand-in backend (tests/test_backend.py) catches host/device
+machine the strict stand-in backend (tests/engine/test_backend.py) catches host/device
 mix-ups instead; these tests check the real device. Float64 cases compare
 tightly (the GPU's reductions and GEMMs only reorder sums); float32 cases
 compare at float32 rounding.
