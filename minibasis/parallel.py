@@ -24,6 +24,7 @@ busy. ``set_num_threads(1)`` restores the serial loop.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import os
 import threading
@@ -187,7 +188,11 @@ def map_chunks(work: Callable, chunks: Iterable[tuple], workers: int) -> Iterato
             raise
 
     with _single_threaded_blas():
-        helpers = [_helpers(workers - 1).submit(take_chunks) for _ in range(workers - 1)]
+        # Each helper runs in a copy of the caller's context: NumPy's errstate (e.g. the trainer's
+        # errstate(all='ignore') around a step that may diverge) lives in a context variable,
+        # which a pool thread would otherwise not see.
+        helpers = [_helpers(workers - 1).submit(contextvars.copy_context().run, take_chunks)
+                   for _ in range(workers - 1)]
         done = 0
         try:
             _in_worker.active = True  # the caller's chunks must not start a pool of their own

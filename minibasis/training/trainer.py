@@ -163,7 +163,9 @@ class Trainer:
                 self._log(f"[{self.stage}] interrupted during epoch {self.epoch + 1}/{self.epochs}{last}")
                 raise
             if self.eval_fn is not None:
-                row.update(self.eval_fn(self.model))
+                # A diverging run's evaluation overflows too; the guard reports it (next step) in one line.
+                with np.errstate(all="ignore"):
+                    row.update(self.eval_fn(self.model))
             self.epoch += 1
             if self.scheduler is not None:
                 self.scheduler.step()
