@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 
-from minibasis import backend
+from minibasis import backend, parallel
 from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.checks import positive_int, positive_pair
@@ -244,13 +244,14 @@ class BasisConv2d(Module):
             scale, offset = self.bn.inference_affine()
             shift = backend.mul(scale, shift) + offset
         scaled = backend.mul(coeffs, scale.reshape(1, q))  # W·diag(a)
-        weight = backend.tensordot(scaled, basis, axes=1)  # (M, C, kh, kw)
         needs_bias = self.bias is not None or self.basis_bias is not None or self.bn is not None
+        with parallel.single_threaded_blas():  # the same bits whatever the BLAS's thread count
+            weight = backend.tensordot(scaled, basis, axes=1)  # (M, C, kh, kw)
+            bias = backend.matmul(coeffs, shift) if needs_bias else None
         conv = Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
                       dilation=self.dilation, bias=needs_bias)
         conv.weight.data = xp.ascontiguousarray(weight).astype(coeffs.dtype, copy=False)
         if needs_bias:
-            bias = backend.matmul(coeffs, shift)
             if self.bias is not None:
                 bias = bias + self.bias.data
             conv.bias.data = bias.astype(coeffs.dtype, copy=False)
