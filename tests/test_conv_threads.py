@@ -76,12 +76,23 @@ def per_image_columns(x, w, geometry) -> int:
     return c * k * k * ho * ho * x.dtype.itemsize
 
 
-def spy_threads(monkeypatch) -> set[int]:
-    """The ids of the threads that build im2col columns from now on."""
+def spy_threads(monkeypatch, meet: int = 1) -> set[int]:
+    """The ids of the threads that build im2col columns from now on.
+
+    ``meet`` > 1: each thread's first columns wait (at a barrier) until ``meet`` threads have
+    arrived, so the set fills only if that many threads run chunks at the same time, however
+    late a helper starts on a loaded machine; fewer threads break the barrier (an error) after
+    a minute instead of passing.
+    """
     seen, original = set(), conv_module.im2col
+    barrier = threading.Barrier(meet, timeout=60) if meet > 1 else None
 
     def spy(*args, **kwargs):
-        seen.add(threading.get_ident())
+        me = threading.get_ident()
+        if me not in seen:
+            seen.add(me)
+            if barrier is not None and len(seen) <= meet:
+                barrier.wait()
         return original(*args, **kwargs)
     monkeypatch.setattr(conv_module, "im2col", spy)
     return seen
@@ -130,12 +141,12 @@ def test_threaded_equals_serial_on_drawn_geometries(n, c_per_group, m_per_group,
 
 def test_the_chunks_really_run_on_two_threads(monkeypatch):
     """Guards the equality tests against passing vacuously on a serial path."""
-    threads_seen = spy_threads(monkeypatch)
     x, w, gy, geometry = case(32, 4, 6, 3, padding=2)
     conv_module.CHUNK_TARGET_BYTES = per_image_columns(x, w, geometry)  # one image per chunk: 32 chunks
+    threads_seen = spy_threads(monkeypatch, meet=2)
     run_conv(x, w, gy, 2, **geometry)
     assert len(threads_seen) == 2
-    threads_seen.clear()
+    threads_seen = spy_threads(monkeypatch)
     run_conv(x, w, gy, 1, **geometry)
     assert threads_seen == {threading.get_ident()}
 
@@ -237,7 +248,7 @@ def test_threads_keep_the_columns_within_the_budget(monkeypatch, chunks_in_budge
     conv_module.CHUNK_TARGET_BYTES = image  # one image per chunk
     conv_module.IM2COL_BUDGET_BYTES = budget = chunks_in_budget * image + image // 2
     sizes = spy_column_sizes(monkeypatch)
-    threads_seen = spy_threads(monkeypatch)
+    threads_seen = spy_threads(monkeypatch, meet=chunks_in_budget)
     tracemalloc.start()
     try:
         run_conv(x, w, gy, 2, **geometry)
