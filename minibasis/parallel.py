@@ -14,7 +14,7 @@ function of the shapes and values alone:
 * results come back in chunk order (never completion order), so whatever the
   caller accumulates, it accumulates in the order of the serial loop;
 * every chunk loop, serial or threaded, runs with the BLAS held at ONE thread
-  (:func:`single_threaded_blas`, through ``threadpoolctl``, ~20 µs a section): an
+  (:func:`single_threaded_blas`, through ``threadpoolctl``, ~10 µs a section): an
   OpenBLAS GEMM with a long inner dimension (a conv's weight gradient, K = n·Ho·Wo)
   splits it across its own threads, and its bits then depend on how many it has.
   Inside a section each worker's GEMM is single-threaded, so the cores are never
@@ -55,10 +55,10 @@ CHUNK_COUNT_MULTIPLE = 2
 
 _num_threads: int | None = None  # None: not read from the environment yet
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (its thread count, the pool)
-_blas = None  # threadpoolctl.ThreadpoolController, built once (its library scan costs ~2 ms)
+_blas = None  # threadpoolctl's controllers of the loaded BLAS libraries, found once (the scan costs ~2 ms)
 _lock = threading.Lock()
 _in_worker = threading.local()
-_blas_pin = None  # the threadpoolctl limiter holding the BLAS at one thread, while any section is open
+_blas_saved: list[int] = []  # the BLAS libraries' own thread counts, while any section holds them at one
 _blas_pin_depth = 0  # open single_threaded_blas sections, over all threads
 _blas_pin_lock = threading.Lock()
 
@@ -76,7 +76,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def _blas_controller():
+def _blas_libraries() -> list:
     global _blas
     if _blas is None:
         try:
@@ -84,7 +84,7 @@ def _blas_controller():
         except ImportError as exc:
             raise RuntimeError("the engine needs threadpoolctl (pip install threadpoolctl) to hold the BLAS at "
                                "one thread in its chunk loops") from exc
-        _blas = ThreadpoolController()
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
     return _blas
 
 
@@ -103,7 +103,7 @@ def set_num_threads(n: int) -> int:
 
 def _checked(n: int) -> int:
     if n > 1:
-        _blas_controller()  # fails here, not in the middle of a conv, without threadpoolctl
+        _blas_libraries()  # fails here, not in the middle of a conv, without threadpoolctl
     return n
 
 
@@ -182,10 +182,13 @@ def single_threaded_blas():
     other's limit. Every GEMM the engine runs is inside one: its bits are then
     those of the single-threaded BLAS, whatever the BLAS's own thread count.
     """
-    global _blas_pin, _blas_pin_depth
+    global _blas_saved, _blas_pin_depth
     with _blas_pin_lock:
         if _blas_pin_depth == 0:
-            _blas_pin = _blas_controller().limit(limits=1, user_api="blas")
+            libraries = _blas_libraries()
+            _blas_saved = [library.num_threads for library in libraries]
+            for library in libraries:
+                library.set_num_threads(1)
         _blas_pin_depth += 1
     try:
         yield
@@ -193,8 +196,8 @@ def single_threaded_blas():
         with _blas_pin_lock:
             _blas_pin_depth -= 1
             if _blas_pin_depth == 0:
-                _blas_pin.restore_original_limits()
-                _blas_pin = None
+                for library, threads in zip(_blas_libraries(), _blas_saved):
+                    library.set_num_threads(threads)
 
 
 def map_chunks(work: Callable, chunks: Iterable[tuple], workers: int) -> Iterator:
