@@ -14,9 +14,9 @@ function of the shapes and values alone:
 * results come back in chunk order (never completion order), so whatever the
   caller accumulates, it accumulates in the order of the serial loop;
 * every chunk loop, serial or threaded, runs with the BLAS held at ONE thread
-  (:func:`single_threaded_blas`, through ``threadpoolctl``, ~10 µs a section): an
-  OpenBLAS GEMM with a long inner dimension (a conv's weight gradient, K = n·Ho·Wo)
-  splits it across its own threads, and its bits then depend on how many it has.
+  (:func:`single_threaded_blas`, through ``threadpoolctl``, ~10 µs a section): the
+  bits of a multi-threaded OpenBLAS GEMM can depend on its thread count (measured
+  for conv weight gradients, whose inner dimension n·Ho·Wo runs into thousands).
   Inside a section each worker's GEMM is single-threaded, so the cores are never
   oversubscribed either; outside it the BLAS keeps its own setting.
 
@@ -49,8 +49,8 @@ __all__ = ["set_num_threads", "get_num_threads", "workers_for", "chunk_step", "c
 ENV_VARIABLE = "MINIBASIS_NUM_THREADS"
 #: Threads without the variable (at most the CPUs this process may use): the count measured to pay.
 DEFAULT_THREADS = 2
-#: A batch in more than one chunk is cut into a multiple of this many (equal) chunks, whatever the
-#: thread count, so the default two workers get equal shares.
+#: A batch in more than one chunk is cut into a multiple of this many (near-equal) chunks, whatever the
+#: thread count, so the default two workers get near-equal shares.
 CHUNK_COUNT_MULTIPLE = 2
 
 _num_threads: int | None = None  # None: not read from the environment yet
