@@ -1,13 +1,15 @@
 """The Tensor's own algebra: arithmetic with broadcasting, matmul, shape ops, reductions.
 
-Every product goes through ``backend.mul`` / ``backend.matmul`` so it is counted.
+Every product goes through ``backend.mul`` / ``backend.matmul`` so it is counted; the
+GEMMs run with the BLAS held at one thread (``parallel.single_threaded_blas``), so their
+bits do not depend on the BLAS's thread count.
 """
 from __future__ import annotations
 
 import numbers
 from typing import NamedTuple
 
-from minibasis import backend
+from minibasis import backend, parallel
 from minibasis.autograd.tensor import Function, Tensor, as_tensor, sum_to
 
 
@@ -110,14 +112,16 @@ class MatMul(Function):
         if a.shape[-1] != b.shape[-2]:
             raise ValueError(f"matmul: inner dimensions differ, {a.shape} @ {b.shape}")
         self.a, self.b = a, b
-        return backend.matmul(a, b)
+        with parallel.single_threaded_blas():
+            return backend.matmul(a, b)
 
     def backward(self, gy):
         ga = gb = None
-        if self.needs_input_grad[0]:
-            ga = sum_to(backend.matmul(gy, self.b.swapaxes(-1, -2)), self.a.shape)
-        if self.needs_input_grad[1]:
-            gb = sum_to(backend.matmul(self.a.swapaxes(-1, -2), gy), self.b.shape)
+        with parallel.single_threaded_blas():
+            if self.needs_input_grad[0]:
+                ga = sum_to(backend.matmul(gy, self.b.swapaxes(-1, -2)), self.a.shape)
+            if self.needs_input_grad[1]:
+                gb = sum_to(backend.matmul(self.a.swapaxes(-1, -2), gy), self.b.shape)
         return ga, gb
 
 

@@ -158,10 +158,13 @@ def fused_conv2d(x, weight, bias=None, geometry: ConvGeometry | None = None, *, 
     per_image = _per_image_bytes(c, h, w, weight, geometry, ho, wo)
     if coeffs is not None:
         per_image += (q + m) * ho * wo * x.dtype.itemsize  # the chunk's intermediate and output
-    workers = parallel.workers_for(x, weight) if n * per_image >= conv_module.PARALLEL_MIN_BYTES else 1
     pointwise_only = coeffs is None and conv_path(q, c, kernel, geometry.stride, geometry.padding) == "pointwise"
-    step = parallel.chunk_step(n, per_image, conv_module.POINTWISE_CHUNK_BYTES) if pointwise_only \
-        else _chunk_size(n, per_image, workers)
+    if pointwise_only:
+        workers = parallel.workers_for(x, weight) if n * per_image >= conv_module.PARALLEL_MIN_BYTES else 1
+        step = parallel.chunk_step(n, per_image, conv_module.POINTWISE_CHUNK_BYTES)
+    else:
+        step = _chunk_size(n, per_image)
+        workers = conv_module._workers(x, weight, n, per_image, step)
     bias4 = None if bias is None else bias.reshape(1, m, 1, 1)
 
     def chunk(start: int, stop: int) -> None:

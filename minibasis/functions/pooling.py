@@ -143,8 +143,9 @@ class MaxPool2d(_Pool2d):
 
         def chunk_forward(start, stop):
             padded = self._padded(x[start:stop], -xp.inf)
-            rows = _max_along(padded, 3, kw, sw, wo, winner=_part(self.column_winner, start, stop))  # (n, C, Hp, Wo)
-            _max_along(rows, 2, kh, sh, ho, out=out[start:stop], winner=_part(self.row_winner, start, stop))
+            # (n, C, Hp, Wo) row maxima, then their maxima over the rows
+            rows = _max_along(padded, 3, kw, sw, wo, pw, winner=_part(self.column_winner, start, stop))
+            _max_along(rows, 2, kh, sh, ho, ph, out=out[start:stop], winner=_part(self.row_winner, start, stop))
 
         self.chunks, self.workers = _pool_chunks(x, c * hp * wp * x.dtype.itemsize)
         parallel.run_chunks(chunk_forward, self.chunks, self.workers)
@@ -177,7 +178,7 @@ def _pool_chunks(x, per_image_bytes: int):
         return [(0, n)], 1
     # threads only where each of two workers gets at least a full chunk: a handoff costs more than a small pool
     workers = parallel.workers_for(x) if n * per_image_bytes >= 2 * MAX_POOL_CHUNK_BYTES else 1
-    step = parallel.chunk_step(n, per_image_bytes, workers * MAX_POOL_CHUNK_BYTES, workers)  # each chunk ≈ 1 target
+    step = parallel.chunk_step(n, per_image_bytes, MAX_POOL_CHUNK_BYTES)
     return parallel.chunk_ranges(n, step), workers
 
 
@@ -188,11 +189,14 @@ def _axis_view(a, axis: int, start: int, stride: int, count: int):
     return a[tuple(index)]
 
 
-def _max_along(a, axis: int, kernel: int, stride: int, count: int, out=None, winner=None):
-    """1-D max pool of ``a`` along ``axis``: the maxima (into ``out`` if given, else a new array or, for
-    kernel 1 without ``out``, a view of ``a``), the winning offsets written into ``winner`` (kernel > 1).
+def _max_along(a, axis: int, kernel: int, stride: int, count: int, lead: int, out=None, winner=None):
+    """1-D max pool of ``a`` along ``axis``, whose first ``lead`` entries are padding: the maxima (into
+    ``out`` if given, else a new array or, for kernel 1 without ``out``, a view of ``a``), the winning
+    offsets written into ``winner`` (kernel > 1).
 
-    Ties go to the first offset; where the maximum is NaN, to the last NaN (PyTorch).
+    Ties go to the first offset; where the maximum is NaN, to the last NaN; where it is
+    −inf (every entry inside the input is −inf, and ties with the padding), to the first
+    entry inside the input, not to the padding before it (PyTorch).
     """
     if kernel == 1:
         view = _axis_view(a, axis, 0, stride, count)
@@ -213,6 +217,11 @@ def _max_along(a, axis: int, kernel: int, stride: int, count: int, out=None, win
         xp.not_equal(view, out, out=flag)
         xp.bitwise_and(searching, flag, out=searching)
         winner += searching
+    # The windows that start in the leading padding (the first ⌈lead / stride⌉): where their maximum
+    # is −inf, the first offset inside the input, lead − o·stride for window o.
+    for o in range(min(count, -(-lead // stride))):
+        at = _axis_view(out, axis, o, 1, 1)
+        _axis_view(winner, axis, o, 1, 1)[at == -xp.inf] = lead - o * stride
     # A NaN window ends with winner = kernel − 1 (NaN ≠ NaN everywhere): give it its last NaN.
     # Host arrays skip this when there is no NaN; on a device, asking would synchronize it
     # once per pool (a host read), so the masked writes always run there.

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 
-from minibasis import backend
+from minibasis import backend, parallel
 from minibasis import functions as F
 from minibasis.autograd import Tensor
 from minibasis.checks import positive_int, positive_pair
@@ -235,7 +235,8 @@ class BasisConv2d(Module):
         stride, padding, dilation, dtype and device; it costs the original M·D·Ho·Wo.
         """
         coeffs, bias = self.folded_coefficients()
-        weight = backend.tensordot(coeffs, self._buffers["basis"], axes=1)  # (M, C, kh, kw)
+        with parallel.single_threaded_blas():  # the same bits whatever the BLAS's thread count
+            weight = backend.tensordot(coeffs, self._buffers["basis"], axes=1)  # (M, C, kh, kw)
         xp = backend.get_array_module(coeffs)
         conv = Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
                       dilation=self.dilation, bias=bias is not None)
@@ -263,7 +264,8 @@ class BasisConv2d(Module):
         if self.bn is not None:
             scale, offset = self.bn.inference_affine()
             shift = backend.mul(scale, shift) + offset
-        bias = backend.matmul(coeffs, shift)
+        with parallel.single_threaded_blas():
+            bias = backend.matmul(coeffs, shift)
         if self.bias is not None:
             bias = bias + self.bias.data
         scaled = backend.mul(coeffs, scale.reshape(1, q))  # W·diag(a)

@@ -36,8 +36,27 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+#: Engine threads of every run here: the killed subprocess's and the in-process ones alike.
+ENGINE_THREADS = 2
+
+
 def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OPENBLAS_NUM_THREADS": "1",
+            "MINIBASIS_NUM_THREADS": str(ENGINE_THREADS)}
+
+
+@pytest.fixture
+def threads_as_in_the_subprocess():
+    """The in-process runs under the thread settings the killed subprocess gets from _env(), whatever
+    earlier tests left behind (the training's bits do not depend on them, tests/test_deterministic_training.py
+    checks that; this test is about what a resume restores)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    previous = minibasis.set_num_threads(ENGINE_THREADS)
+    try:
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            yield
+    finally:
+        minibasis.set_num_threads(previous)
 
 
 def _arrays(path) -> dict:
@@ -45,7 +64,7 @@ def _arrays(path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkilled_training_resumes_bit_for_bit(tmp_path):
+def test_sigkilled_training_resumes_bit_for_bit(tmp_path, threads_as_in_the_subprocess):
     # Random bases + BatchNorm on the intermediate + augmentation + momentum + a step schedule:
     # every piece of state a resume has to restore.
     args = ["train", "--basis", "random", "--dataset", "synthetic", "--train-subset", "96", "--limit", "16",
