@@ -315,11 +315,15 @@ def _run_slice(model, step, args):
         if stride == 0:
             raise Unsupported("a slice step of 0")
         size = x.shape[axis]
-        # ONNX clamps start/end to the axis; Python slices clamp the same way except that a
-        # negative end below -size means "before the start" only for negative steps.
-        start = max(-size - 1, min(size, start))
-        end = max(-size - 1, min(size, end))
-        index[axis] = slice(start, None if (stride < 0 and end < -size) else end, stride)
+        # ONNX's rule, spelled out (Python's own clamping differs for negative steps): a negative
+        # index counts from the end, then start and end are clamped to [0, size] for a positive
+        # step and to [0, size - 1] and [-1, size - 1] for a negative one, -1 meaning "before 0".
+        start, end = start + size if start < 0 else start, end + size if end < 0 else end
+        if stride > 0:
+            start, end = min(max(start, 0), size), min(max(end, 0), size)
+        else:
+            start, end = min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+        index[axis] = slice(start, None if end < 0 else end, stride) if size else slice(0, 0)
     return [x[tuple(index)]]
 
 
