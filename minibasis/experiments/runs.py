@@ -29,7 +29,7 @@ from minibasis import distributed
 from minibasis.experiments.errors import UserError, first_line
 from minibasis.training import RunFolder, read_json
 
-__all__ = ["RESUME_MAY_DIFFER", "default_output", "run_config", "check_run_folder", "prepare_run_folder",
+__all__ = ["RESUME_MAY_DIFFER", "VALUE_BEFORE_OPTION_EXISTED", "default_output", "run_config", "check_run_folder", "prepare_run_folder",
            "holds_a_run", "git_commit", "WRITE_ERRNOS", "write_failure_message"]
 
 # Settings a resumed run may change: where the run lives, how chatty it is, how it is
@@ -38,6 +38,11 @@ __all__ = ["RESUME_MAY_DIFFER", "default_output", "run_config", "check_run_folde
 # different device continues the run too, equal to rounding rather than bit for bit.
 RESUME_MAY_DIFFER = frozenset({"resume", "overwrite", "output", "device", "quiet", "verb", "limit",
                                "detect_anomaly", "epochs", "argv", "minibasis_version", "git_commit"})
+
+# Options added after runs were recorded: a config.json without one was written before the option
+# existed, and that run behaved as this value does (so it resumes under today's defaults).
+VALUE_BEFORE_OPTION_EXISTED = {"allocation": "uniform", "distill": False, "distill_weight": None,
+                               "temperature": None, "teacher": None}
 
 # What a verb writes into its run folder (``--overwrite`` deletes these, and nothing else).
 RUN_FILES = ("config.json", "log.txt", "checkpoint-*.npz", "metrics-*.json", "metrics-*.csv", "results.json",
@@ -107,6 +112,7 @@ def _check_same_settings(saved: dict | None, current: dict, folder: Path) -> Non
         raise UserError(f"--resume: {folder} holds no config.json; it is not a run folder of this command")
     if saved.get("verb") != current.get("verb"):
         raise UserError(f"--resume: {folder} is a '{saved.get('verb')}' run, not a '{current.get('verb')}' run")
+    saved = {**{k: v for k, v in VALUE_BEFORE_OPTION_EXISTED.items() if k in current}, **saved}
     differ = [k for k in sorted(set(saved) | set(current))
               if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k)]
     if differ:

@@ -8,12 +8,15 @@ ignores one that an older ``config.json`` still records.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from minibasis.cli import main
 
@@ -87,3 +90,23 @@ def test_a_run_folder_resumes_wherever_it_is_moved(tmp_path, monkeypatch):
     (moved / "config.json").write_text(json.dumps(older, indent=2) + "\n")
     assert main([*SYNTH, "--epochs", "3", "--output", "run", "--resume"]) == 0
     assert "after epoch 2/3" in (moved / "log.txt").read_text()
+
+
+def _unfinished_runs():
+    """Committed run folders with a checkpoint but no final model: the ones a reader resumes."""
+    return sorted(p.parent for p in (REPO / "docs" / "results").glob("*/config.json")
+                  if list(p.parent.glob("checkpoint-*.npz")) and not (p.parent / "model.npz").exists())
+
+
+@pytest.mark.parametrize("folder", _unfinished_runs(), ids=lambda p: p.name)
+def test_every_unfinished_committed_run_passes_the_resume_check_with_its_recorded_command(folder, tmp_path):
+    """Its recorded argv plus --output (a copy of the folder) --resume is accepted: the same settings
+    under today's options, the ones added since it started taking the values it ran with."""
+    from minibasis.cli import _available_verbs, build_parser
+    from minibasis.experiments import options, runs
+
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    argv = [*json.loads((folder / "config.json").read_text())["argv"], "--output", str(copy), "--resume"]
+    args = build_parser(_available_verbs()).parse_args(argv, namespace=argparse.Namespace(_argv=argv))
+    runs.check_run_folder(options.verb_spec(args, argv[0]).run)   # raises UserError when refused
