@@ -181,10 +181,19 @@ def _normalization(value) -> tuple[str | None, tuple | None, tuple | None]:
 
 
 def _architecture_record(value, what: str) -> dict:
-    """``{"name", "kwargs"}`` from a record dict or a zoo name; kwargs must be JSON values."""
-    from minibasis.models import canonical_architecture
+    """``{"name", "kwargs"}`` from a record dict, a zoo name, or a model class or factory of the
+    user's (registered under its ``__name__`` with :func:`minibasis.models.register_model`, no
+    arguments recorded: a process that loads the file registers the same constructor first)."""
+    from minibasis.models import canonical_architecture, register_model
+    from minibasis.models.registry import MODELS
 
-    if isinstance(value, str):
+    if callable(value) and isinstance(getattr(value, "__name__", None), str):
+        if MODELS.get(value.__name__, value) is not value:
+            raise ValueError(f"{what}: the name {value.__name__!r} is already registered for another constructor; "
+                             f"register yours under another name (minibasis.models.register_model) and pass that")
+        register_model(value.__name__, value)
+        name, kwargs = value.__name__, {}
+    elif isinstance(value, str):
         name, kwargs = canonical_architecture(value)
     elif isinstance(value, dict) and isinstance(value.get("name"), str) and isinstance(value.get("kwargs", {}), dict):
         name, kwargs = value["name"], dict(value.get("kwargs", {}))
@@ -217,7 +226,9 @@ def model_record(model: Module, *, normalization=None, dataset: str | None = Non
     architecture = metadata.pop("architecture", None) or getattr(model, "architecture", None)
     if architecture is None:
         raise ValueError("save_model: the model has no .architecture (it was not built by a zoo constructor); "
-                         "pass architecture='<zoo name>' or architecture={'name': ..., 'kwargs': {...}}")
+                         "pass architecture=YourModelClass (or a factory), '<zoo name>' or {'name': ..., 'kwargs': "
+                         "{...}}; a custom name is rebuilt on loading once minibasis.models.register_model(name, "
+                         "constructor) has made it known")
     architecture = _architecture_record(architecture, "save_model: architecture")
     num_classes = metadata.pop("num_classes", None)
     if num_classes is None:
