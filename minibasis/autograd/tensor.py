@@ -277,8 +277,17 @@ class Tensor:
         return ops.Reshape(tuple(n for i, n in enumerate(self.shape) if i not in drop))(self)
 
     def transpose(self, *axes) -> "Tensor":
-        """NumPy's ``transpose(*axes)`` (all axes reversed without arguments); PyTorch's
-        two-axis swap is :meth:`permute` or ``transpose`` with the full permutation."""
+        """PyTorch's ``transpose(dim0, dim1)`` with two dims given separately: those two swapped
+        (negative dims count from the end). Otherwise NumPy's: ``transpose((perm...))`` or
+        ``transpose(*perm)`` with every axis, and all axes reversed without arguments."""
+        if len(axes) == 2 and all(isinstance(a, int) for a in axes):
+            order = list(range(self.ndim))
+            try:
+                first, second = (order[a] for a in axes)
+            except IndexError:
+                raise ValueError(f"transpose: dims {axes} out of range for a tensor with {self.ndim} axes") from None
+            order[first], order[second] = order[second], order[first]
+            return ops.Transpose(tuple(order))(self)
         axes = _dims(axes)
         return ops.Transpose(axes if axes else None)(self)
 

@@ -461,3 +461,24 @@ def test_an_unknown_model_name_says_how_to_register_a_custom_one(tmp_path):
             np.testing.assert_array_equal(loaded.state_dict()[key], value)
     finally:
         models.MODELS.pop("mynet_habits")
+
+
+@pytest.mark.parametrize("shape, dims", [((3, 5), (0, 1)), ((3, 5), (1, 0)), ((2, 3, 4), (0, 2)),
+                                         ((2, 3, 4), (-1, 1)), ((2, 3, 4, 5), (1, -2)), ((2, 3), (1, 1))])
+def test_transpose_of_two_dims_swaps_them_as_pytorch_does(shape, dims):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal(shape)
+    np.testing.assert_array_equal(mb.tensor(x).transpose(*dims).numpy(), torch.tensor(x).transpose(*dims).numpy())
+    assert mb.gradcheck(lambda t: t.transpose(*dims) * mb.tensor(np.arange(x.size, dtype=np.float64)
+                                                                .reshape(torch.tensor(x).transpose(*dims).shape)),
+                        [mb.tensor(x, requires_grad=True)])
+
+
+def test_transpose_keeps_numpys_permutation_forms():
+    x = np.random.default_rng(1).standard_normal((2, 3, 4))
+    np.testing.assert_array_equal(mb.tensor(x).transpose((2, 0, 1)).numpy(), x.transpose(2, 0, 1))
+    np.testing.assert_array_equal(mb.tensor(x).transpose(2, 0, 1).numpy(), x.transpose(2, 0, 1))
+    np.testing.assert_array_equal(mb.tensor(x).transpose().numpy(), x.T)
+    np.testing.assert_array_equal(mb.tensor(x[0]).transpose((0, 1)).numpy(), x[0])  # a permutation: unchanged
+    with pytest.raises(ValueError, match="out of range"):
+        mb.tensor(x).transpose(0, 3)
