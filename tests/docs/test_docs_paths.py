@@ -23,9 +23,6 @@ from minibasis.cli import main
 REPO = Path(__file__).resolve().parents[2]
 MACHINE_PATH = re.compile(rb"/(?:work|home)/")
 
-# Two run folders still record the path they ran in; they are being resumed elsewhere and will be
-# rewritten when they finish. Remove this exception then.
-NOT_YET_REWRITTEN = ("docs/results/r56-ft-compressed/", "docs/results/r56-ft-baseline/")
 
 
 def _docs_files() -> list[Path]:
@@ -50,13 +47,10 @@ def _contents(path: Path):
 def test_no_committed_document_names_a_machine_path():
     found = []
     for path in _docs_files():
-        relative = path.relative_to(REPO).as_posix()
-        if relative.startswith(NOT_YET_REWRITTEN):
-            continue
         for where, data in _contents(path):
             for match in MACHINE_PATH.finditer(data):
                 line = data[data.rfind(b"\n", 0, match.start()) + 1:data.find(b"\n", match.end())]
-                found.append(f"{relative} ({where}): {line[:160].decode('utf-8', 'replace')}")
+                found.append(f"{path.relative_to(REPO).as_posix()} ({where}): {line[:160].decode('utf-8', 'replace')}")
     assert not found, "machine paths in committed files:\n" + "\n".join(found[:20])
 
 
