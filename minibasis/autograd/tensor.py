@@ -285,7 +285,8 @@ class Tensor:
             try:
                 first, second = (order[a] for a in axes)
             except IndexError:
-                raise ValueError(f"transpose: dims {axes} out of range for a tensor with {self.ndim} axes") from None
+                raise ValueError(f"transpose: dims {axes} out of range for a tensor of shape "
+                                 f"{tuple(self.shape)}") from None
             order[first], order[second] = order[second], order[first]
             return ops.Transpose(tuple(order))(self)
         axes = _dims(axes)
