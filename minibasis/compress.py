@@ -153,6 +153,7 @@ class CompressionReport:
     target_mult_ratio: float | None = None   # the budget, when Q was chosen under one
     allocation: str | None = None            # "uniform" or "greedy" under a budget
     batches: tuple[int, ...] = ()            # the batches measured (Profile.batches): (N, 1), or (1,)
+    basis_multiple: int | None = None        # Q rounded up to a multiple of this (a runtime's channel block)
 
     @property
     def energy_kept(self) -> float | None:
@@ -192,7 +193,7 @@ class CompressionReport:
         return {
             "energy_threshold": self.energy_threshold, "num_basis": self.num_basis,
             "target_mult_ratio": self.target_mult_ratio, "allocation": self.allocation,
-            "energy_kept": self.energy_kept,
+            "basis_multiple": self.basis_multiple, "energy_kept": self.energy_kept,
             "skip_unprofitable": self.skip_unprofitable, "input_shape": list(self.input_shape),
             "per_image": True, "batches": list(self.batches),
             "layers": [row.to_dict() for row in self.layers],
@@ -274,7 +275,8 @@ class CompressionReport:
                        f"{self.allocation} allocation"
                        + ("" if self.energy_threshold is None else f" (t = {self.energy_threshold:.6g})"))
         elif self.energy_threshold is not None:
-            setting = f"energy threshold t = {self.energy_threshold}"
+            setting = f"energy threshold t = {self.energy_threshold}" + (
+                "" if self.basis_multiple is None else f", Q rounded up to a multiple of {self.basis_multiple}")
         else:
             setting = f"num_basis Q = {self.num_basis}"
         lines = [f"compression at {setting}; multiplications per image on input {self.input_shape}, "
@@ -312,7 +314,7 @@ def compressible(model: Module) -> bool:
 
 
 def _check_settings(energy_threshold, num_basis, target_mult_ratio=None, allocation="uniform",
-                    thresholds=None) -> None:
+                    thresholds=None, basis_multiple=None) -> None:
     given = [name for name, value in (("energy_threshold", energy_threshold), ("num_basis", num_basis),
                                       ("target_mult_ratio", target_mult_ratio)) if value is not None]
     if len(given) != 1:
@@ -321,6 +323,10 @@ def _check_settings(energy_threshold, num_basis, target_mult_ratio=None, allocat
                          f"target_mult_ratio={target_mult_ratio!r}")
     if energy_threshold is not None:
         check_energy_threshold(energy_threshold)
+    if basis_multiple is not None:
+        positive_int("basis_multiple", basis_multiple)
+        if energy_threshold is None:
+            raise ValueError("basis_multiple rounds the Q an energy_threshold chooses: it needs energy_threshold")
     if num_basis is not None:
         positive_int("num_basis", num_basis)
     if allocation not in allocation_module.ALLOCATIONS:
@@ -386,7 +392,7 @@ def _fill_measurements(row: LayerReport, before, after) -> None:
 
 def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = True, layers=None,
              num_basis=None, input_shape=(REPORT_BATCH, 3, 32, 32), *, target_mult_ratio=None, allocation: str = "uniform",
-             thresholds=None):
+             thresholds=None, basis_multiple=None):
     """Replace ``Conv2d`` layers by ``BasisConv2d.from_conv``; return ``(new_model, report)``.
 
     Args:
@@ -419,6 +425,11 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
             shares of the vectors dropped over the multiplications that saves.
         thresholds: with ``allocation="uniform"``: the grid of t searched (default: every t at
             which some layer's Q changes, so the largest fitting t is exact).
+        basis_multiple: with ``energy_threshold``: each layer's Q is rounded up to a multiple of
+            this (at most min(D, M)), so every layer keeps at least the energy t asks for and its
+            basis stage has a channel count a runtime's blocked kernels run without padding
+            (onnxruntime's NCHWc: 16 on AVX-512, 8 on AVX2; measured in ``bench/onnx.py``). The
+            counts stay measured: rounding up costs (Q' − Q)·(D + M) per output position.
 
     Returns:
         ``(new_model, report)``: the copy with the replacements, in the input's training
@@ -437,25 +448,33 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
     """
     if not isinstance(model, Module):
         raise TypeError(f"compress needs a minibasis.nn.Module, got {type(model).__name__}")
-    _check_settings(energy_threshold, num_basis, target_mult_ratio, allocation, thresholds)
+    _check_settings(energy_threshold, num_basis, target_mult_ratio, allocation, thresholds, basis_multiple)
     shape = check_input_shape(input_shape)
     selected = _select_convs(model, layers)
     if target_mult_ratio is not None:
         return _compress_to_budget(model, selected, shape, float(target_mult_ratio), allocation, thresholds,
                                    bool(skip_unprofitable))
 
-    new_model, report = _build(model, selected, shape, _same_for_all(energy_threshold, num_basis, skip_unprofitable))
+    decide = _same_for_all(energy_threshold, num_basis, skip_unprofitable, basis_multiple)
+    new_model, report = _build(model, selected, shape, decide)
     report.energy_threshold = None if energy_threshold is None else float(energy_threshold)
+    report.basis_multiple = None if basis_multiple is None else int(basis_multiple)
     report.num_basis = None if num_basis is None else int(num_basis)
     report.skip_unprofitable = bool(skip_unprofitable)
     return new_model, report
 
 
-def _same_for_all(energy_threshold, num_basis, skip_unprofitable: bool):
-    """The ``decide`` of :func:`_build` for one threshold or one Q in every layer."""
+def _same_for_all(energy_threshold, num_basis, skip_unprofitable: bool, basis_multiple=None):
+    """The ``decide`` of :func:`_build` for one threshold or one Q in every layer (Q rounded up
+    to a multiple of ``basis_multiple``, at most min(D, M), when given)."""
     def decide(path, conv):
         try:
             candidate = BasisConv2d.from_conv(conv, energy_threshold=energy_threshold, num_basis=num_basis)
+            if basis_multiple is not None:
+                m, c, kh, kw = conv.weight.shape
+                rounded = min(-(-candidate.num_basis // basis_multiple) * basis_multiple, m, c * kh * kw)
+                if rounded != candidate.num_basis:
+                    candidate = BasisConv2d.from_conv(conv, num_basis=rounded)
         except ValueError as exc:
             raise ValueError(f"layer {path!r} (weight {tuple(conv.weight.shape)}): {exc}") from exc
         return candidate, _unprofitable_reason(candidate) if skip_unprofitable else None

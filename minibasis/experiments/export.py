@@ -3,7 +3,9 @@
 MODEL_FILE is anything ``minibasis.load_model`` reads (a minibasis ``.npz`` / ``.safetensors`` —
 zoo, compressed or fine-tuned —, a PyTorch checkpoint, an ``.onnx`` graph). ``--format onnx``
 writes a standard ONNX inference graph (a BasisConv layer is two plain ``Conv`` nodes;
-``--fold-batch-norm`` folds each BatchNorm into its conv first) and checks it where it is made:
+``--fold-batch-norm`` folds each BatchNorm into its conv first; ``--pad-basis-to`` and
+``--merge-above`` choose the form a runtime's blocked kernels run fastest, see
+``minibasis.onnx.runtime_form``) and checks it where it is made:
 onnxruntime runs the graph on a few random inputs and the file is written only if its logits
 equal minibasis's to float32 rounding. ``--format safetensors`` writes the model record as
 safetensors (weights as tensors, the rest in its metadata).
@@ -32,6 +34,8 @@ class ExportSpec:
     fold_batch_norm: bool
     opset: int
     input_shape: tuple | None
+    pad_basis_to: int | None = None
+    merge_above: float | None = None
 
 
 def add_arguments(parser) -> None:
@@ -42,6 +46,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fold-batch-norm", action="store_true",
                         help="onnx: fold each BatchNorm into the conv before it (fewer nodes, same logits)")
     parser.add_argument("--opset", type=argtypes.positive, default=17, help="onnx: the operator-set version written (13–21)")
+    parser.add_argument("--pad-basis-to", type=argtypes.positive, default=None, metavar="K",
+                        help="onnx: round each BasisConv's basis count up to a multiple of K (zero filters, same "
+                             "logits) so a runtime's blocked kernels run it (onnxruntime on AVX-512: 16)")
+    parser.add_argument("--merge-above", type=argtypes.positive_float, default=None, metavar="R",
+                        help="onnx: write a BasisConv whose own multiplication ratio Q/M + Q/D exceeds R as one conv")
     parser.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                         help="onnx: the traced input shape (default: the model's own, else 1,3,32,32)")
 
@@ -52,8 +61,10 @@ def parse(args) -> ExportSpec:
     o, output = spec.options, Path(spec.run.output)
     if output.suffix != FORMATS[o.format]:
         raise UserError(f"--output {output} should end in {FORMATS[o.format]} for --format {o.format}")
-    if o.format != "onnx" and (o.fold_batch_norm or o.input_shape or o.opset != 17):
-        raise UserError("--fold-batch-norm, --opset and --input-shape apply to --format onnx only")
+    onnx_only = o.fold_batch_norm or o.input_shape or o.opset != 17 or o.pad_basis_to or o.merge_above
+    if o.format != "onnx" and onnx_only:
+        raise UserError("--fold-batch-norm, --pad-basis-to, --merge-above, --opset and --input-shape apply to "
+                        "--format onnx only")
     shape = None
     if o.input_shape:
         try:
@@ -62,7 +73,8 @@ def parse(args) -> ExportSpec:
             shape = ()
         if len(shape) != 4 or min(shape) < 1:
             raise UserError(f"--input-shape must be four positive integers N,C,H,W, got {o.input_shape!r}")
-    return ExportSpec(model_file(o.model_file, "MODEL_FILE"), o.format, output, o.fold_batch_norm, o.opset, shape)
+    return ExportSpec(model_file(o.model_file, "MODEL_FILE"), o.format, output, o.fold_batch_norm, o.opset, shape,
+                      o.pad_basis_to, o.merge_above)
 
 
 def run(args) -> int:
@@ -81,15 +93,18 @@ def run(args) -> int:
         print(f"wrote {spec.output} (safetensors, {len(model.state_dict())} tensors)")
         return 0
     try:
-        from minibasis.onnx import CHECK_TOLERANCE, save_model
+        from minibasis.onnx import CHECK_TOLERANCE, runtime_form, save_model
     except ImportError as exc:
         raise UserError(f"--format onnx needs the onnx extra (pip install 'minibasis[onnx]'): {exc}") from None
     shape = spec.input_shape or tuple(metadata.extra.get("input_shape") or (1, 3, 32, 32))
     try:
         worst = save_model(model, spec.output, shape, opset=spec.opset, fold_batch_norm=spec.fold_batch_norm,
-                           check=True)
+                           check=True, pad_basis_to=spec.pad_basis_to, merge_above=spec.merge_above)
+        forms = runtime_form(model, spec.pad_basis_to, spec.merge_above)[1] if spec.pad_basis_to or spec.merge_above else []
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
         raise UserError(f"cannot export {spec.model.checkpoint}: {first_line(exc)}") from None
     print(f"wrote {spec.output} (ONNX opset {spec.opset}{', BatchNorm folded' if spec.fold_batch_norm else ''}); "
           f"onnxruntime's logits equal minibasis's to {worst:.2g} of their scale (allowed {CHECK_TOLERANCE:g})")
+    for line in forms:
+        print(f"  {line}")
     return 0

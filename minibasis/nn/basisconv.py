@@ -245,6 +245,33 @@ class BasisConv2d(Module):
             conv.bias.data = bias
         return conv
 
+    def padded(self, multiple: int) -> "BasisConv2d":
+        """This layer (eval mode) with Q rounded up to a multiple of ``multiple``; same function.
+
+        Zero basis filters and zero coefficient columns are appended, so the extra channels of
+        the intermediate are zero and contribute nothing. The BatchNorm between the stages and
+        the basis bias are folded into the coefficients first (:meth:`folded_coefficients`),
+        so the result has neither: an inference form. It costs (Q' − Q)·(D + M) more
+        multiplications per output position; what it buys is a channel count that runtimes
+        with blocked-channel kernels keep on their fast path (onnxruntime's NCHWc convs need
+        channel counts divisible by 8 on AVX2, 16 on AVX-512). Q' = Q returns a new layer too.
+        """
+        multiple = positive_int("multiple", multiple)
+        coeffs, bias = self.folded_coefficients()
+        basis = self._buffers["basis"]
+        xp = backend.get_array_module(basis)
+        q = self.num_basis
+        extra = -q % multiple
+        basis = xp.concatenate([basis, xp.zeros((extra,) + tuple(basis.shape[1:]), dtype=basis.dtype)])
+        coeffs = xp.concatenate([coeffs, xp.zeros((coeffs.shape[0], extra), dtype=coeffs.dtype)], axis=1)
+        layer = BasisConv2d(self.in_channels, self.out_channels, self.kernel_size, q + extra, stride=self.stride,
+                            padding=self.padding, bias=bias is not None, basis=basis, coeffs=coeffs,
+                            dilation=self.dilation)
+        if bias is not None:
+            layer.bias.data = bias
+        layer.energy = self.energy
+        return layer
+
     def folded_coefficients(self):
         """(coeffs (M, Q), bias (M,) or None) of the 1×1 stage with the basis bias and the BatchNorm folded in.
 

@@ -25,12 +25,13 @@ import numpy as np
 from minibasis import backend
 from minibasis.autograd import Tensor, enable_grad
 from minibasis.autograd import ops
+from minibasis.checks import positive_int
 from minibasis.functions import activations, basic, conv, loss, normalization, pooling
 from minibasis.model_files import ModelFileError
 from minibasis.nn import Module
 from minibasis.serialization.atomic import atomic_write
 
-__all__ = ["save_model", "to_onnx", "check_with_onnxruntime", "CHECK_TOLERANCE"]
+__all__ = ["save_model", "to_onnx", "runtime_form", "check_with_onnxruntime", "CHECK_TOLERANCE"]
 
 SUPPORTED_OPSETS = range(13, 22)
 
@@ -242,7 +243,53 @@ def _trace(model: Module, input_shape):
     return x, outputs, functions
 
 
-def to_onnx(model: Module, input_shape, opset: int = 17, fold_batch_norm: bool = False):
+def runtime_form(model: Module, pad_basis_to: int | None = None, merge_above: float | None = None):
+    """(copy of ``model``, one line per BasisConv2d saying how it is written) for a runtime's kernels.
+
+    The paper's form runs every ``BasisConv2d`` as two convs. A production runtime's fast conv
+    kernels block channels (onnxruntime's NCHWc: 16 on AVX-512, 8 on AVX2); a basis count Q off
+    that grid drops the basis stage to a slower kernel with layout conversions around it, and a
+    layer that saves few multiplications can be slower as two convs than as one. So:
+
+    * ``pad_basis_to``: Q is rounded up to a multiple of it (:meth:`BasisConv2d.padded`: zero
+      filters, same function, (Q' − Q)·(D + M) more multiplications per output position);
+    * ``merge_above``: a layer whose own multiplication ratio (Q'/M + Q'/D, after rounding)
+      is above it is written as the one conv it equals (:meth:`BasisConv2d.to_conv`).
+
+    Both None: the layers are left as they are (the copy is still made). The choice is a
+    deterministic function of the shapes; what it costs and buys in a given runtime is
+    measured by ``bench/onnx.py``. The result is an inference form (eval mode).
+    """
+    from minibasis.compress import copy_module
+    from minibasis.nn import BasisConv2d
+
+    if pad_basis_to is not None:
+        pad_basis_to = positive_int("pad_basis_to", pad_basis_to)
+    if merge_above is not None and not (isinstance(merge_above, (int, float)) and merge_above > 0):
+        raise ValueError(f"merge_above must be a positive number (a layer's own multiplication ratio), "
+                         f"got {merge_above!r}")
+    copy = copy_module(model).eval()
+    lines = []
+    for path, layer in list(copy.named_modules()):
+        if not isinstance(layer, BasisConv2d):
+            continue
+        new = layer.padded(pad_basis_to) if pad_basis_to is not None else layer
+        m, q = new.out_channels, new.num_basis
+        d = new.in_channels * new.kernel_size[0] * new.kernel_size[1]
+        ratio = q / m + q / d
+        if merge_above is not None and ratio > merge_above:
+            new = new.to_conv()
+            lines.append(f"{path}: one conv (own ratio {ratio:.3f} > {merge_above:g} with Q = {q})")
+        else:
+            lines.append(f"{path}: two convs, Q = {layer.num_basis}" +
+                         (f" -> {q}" if q != layer.num_basis else "") + f" (own ratio {ratio:.3f})")
+        if new is not layer:
+            copy.set_submodule(path, new)
+    return copy, lines
+
+
+def to_onnx(model: Module, input_shape, opset: int = 17, fold_batch_norm: bool = False,
+            pad_basis_to: int | None = None, merge_above: float | None = None):
     """``model`` (in eval mode) as an ``onnx.ModelProto``; see :func:`save_model`."""
     import onnx
     from onnx import helper, numpy_helper
@@ -258,6 +305,8 @@ def to_onnx(model: Module, input_shape, opset: int = 17, fold_batch_norm: bool =
         if fold_batch_norm:
             from minibasis.fusion import fuse_batch_norm
             model = fuse_batch_norm(model, input_shape)
+        if pad_basis_to is not None or merge_above is not None:
+            model, _ = runtime_form(model, pad_basis_to, merge_above)
         x, outputs, functions = _trace(model, input_shape)
     finally:
         for m, mode in modes:
@@ -350,7 +399,7 @@ CHECK_TOLERANCE = 1e-4
 
 
 def save_model(model: Module, path, input_shape, opset: int = 17, fold_batch_norm: bool = False,
-               check: bool = False) -> float | None:
+               check: bool = False, pad_basis_to: int | None = None, merge_above: float | None = None) -> float | None:
     """Write ``model`` as an ONNX inference graph at ``path`` (atomically: all or nothing).
 
     Args:
@@ -363,10 +412,14 @@ def save_model(model: Module, path, input_shape, opset: int = 17, fold_batch_nor
         check: before writing, run the graph in onnxruntime on a few random inputs and
             refuse (:class:`ModelFileError`, no file) unless its logits equal ``model``'s to
             float32 rounding (:func:`check_with_onnxruntime`).
+        pad_basis_to, merge_above: write each BasisConv2d in the form a runtime runs fastest
+            (:func:`runtime_form`: Q rounded up to a multiple of ``pad_basis_to``; a layer
+            whose own multiplication ratio exceeds ``merge_above`` as one conv). Default:
+            the paper's two convs per layer, as the model runs them.
 
     Returns the check's largest relative difference (None without ``check``).
     """
-    proto = to_onnx(model, input_shape, opset, fold_batch_norm)
+    proto = to_onnx(model, input_shape, opset, fold_batch_norm, pad_basis_to, merge_above)
     data = proto.SerializeToString()
     worst = check_with_onnxruntime(model, data, input_shape) if check else None
     with atomic_write(path) as handle:
