@@ -276,6 +276,9 @@ def _run_concat(model, step, args):
 
 def _run_reshape(model, step, args):
     x, target = args[0], _ints(args[1])
+    if step.attrs.get("keeps_batch") and target:
+        # a literal target that kept the traced batch (a static-batch export) keeps any batch
+        target[0] = x.shape[0]
     if not step.attrs.get("allowzero", 0):
         target = [x.shape[i] if n == 0 else n for i, n in enumerate(target)]
     if target.count(-1) > 1:
@@ -610,7 +613,7 @@ class _Builder:
             self.problems["sparse initializers"] += len(self.graph.sparse_initializer)
 
     def build(self):
-        data = set(self.input_names)  # values computed from the input's data (not only from its shape)
+        data = self.data = set(self.input_names)  # values computed from the input's data (not only its shape)
         for node in self.graph.node:
             if node.op_type == "Constant":
                 self.constants[node.output[0]] = self._constant(node)
@@ -683,6 +686,20 @@ def _check_attrs(node, attrs: dict, known: set):
 
 def _build_plain(builder, node, attrs):
     return Step(node.op_type, node.name, tuple(node.input), tuple(node.output), attrs)
+
+
+def _build_reshape(builder, node, attrs):
+    """A Reshape; a literal target whose leading entry is the traced batch, applied to a value whose
+    leading dimension is the traced batch, is marked to keep the batch at run time. The dynamo
+    exporter writes such literals (``x.flatten(1)`` as Reshape to (N, -1) with N of the export),
+    so without this a graph exported at batch 2 would not run at batch 1 or 256."""
+    target = builder.constants.get(node.input[1]) if len(node.input) > 1 else None
+    traced = builder.shapes.get(node.input[0])
+    batch = builder.input_shape[0]
+    if (target is not None and np.ndim(target) == 1 and len(target) and int(target[0]) == batch
+            and traced and traced[0] == batch and node.input[0] in getattr(builder, "data", ())):
+        attrs = {**attrs, "keeps_batch": 1}
+    return _build_plain(builder, node, attrs)
 
 
 def _spatial_pads(builder, node, attrs, kernel, strides, dilations):
@@ -862,6 +879,7 @@ BUILDERS = {
     "HardSigmoid": _build_activation,
     "Cast": _build_cast,
     "Concat": _build_concat,
+    "Reshape": _build_reshape,
 }
 
 

@@ -219,3 +219,24 @@ def test_data_dependent_shapes_are_refused_before_anything_runs(tmp_path):
     assert "Cast (data-dependent: computed values cast to integers) ×1" in str(caught.value)
     assert "Reshape (data-dependent: input 1 computed from the data) ×1" in str(caught.value)
     assert counter.total == 0
+
+
+def test_a_static_batch_reshape_keeps_any_batch_and_a_non_batch_one_stays_literal(tmp_path):
+    """The dynamo exporter writes x.flatten(1) as Reshape to the literal (N_export, -1): the imported
+    model must run at every batch (compress measures at batch 1 too), while a reshape whose
+    leading entry is not the batch keeps its literal target."""
+    w = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "flat"], ["f"]),          # (2, 4·4·4) at the export batch 2
+             helper.make_node("Reshape", ["f", "pairs"], ["y"])]         # (2·64/32, 32): not a batch-keeping one
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2, -1], np.int64), "flat"),
+             numpy_helper.from_array(np.array([-1, 32], np.int64), "pairs")]
+    path = graph_file(tmp_path / "static.onnx", nodes, inits, x_shape=(2, 2, 4, 4))
+    model = load_model(path, input_shape=(2, 2, 4, 4))
+    for batch in (1, 2, 5):
+        x = np.random.default_rng(batch).standard_normal((batch, 2, 4, 4)).astype(np.float32)
+        with mb.no_grad():
+            got = model(mb.tensor(x)).numpy()
+        conv = np.stack([sum(np.pad(x[:, c], ((0, 0), (1, 1), (1, 1)))[:, i:i + 4, j:j + 4] * w[m, c, i, j]
+                             for c in range(2) for i in range(3) for j in range(3)) for m in range(4)], axis=1)
+        np.testing.assert_allclose(got, conv.reshape(batch, -1).reshape(-1, 32), rtol=1e-5, atol=1e-5)
