@@ -28,6 +28,15 @@ meets the budget, otherwise the next plan of the sequence is tried.
 The objective both are judged by is the sum over the layers considered of the energy fraction
 kept (1 for a conv kept as it is); greedy takes the cheapest energy first, uniform keeps the same
 fraction everywhere.
+
+* ``sensitivity`` (data-driven): greedy's moves, scored by *measured loss* instead of energy. On a
+  calibration set (a few hundred training images), each compressible conv alone is replaced by its
+  eigen BasisConv at a grid of Q (:data:`SENSITIVITY_THRESHOLDS`' counts, 1 and the rank) and the
+  cross-entropy increase over the original's, Δ(Q) ≥ 0, is measured (Δ(rank) = 0: t = 1 is exact).
+  Between grid points Δ is interpolated linearly and made non-increasing in Q; the loss a vector
+  adds when dropped, Δ(q − 1) − Δ(q), takes the place of its normalized eigenvalue
+  (:func:`sensitivity_shares`). Layers are measured one at a time, so the criterion assumes their
+  losses add; the final model is measured like any other.
 """
 from __future__ import annotations
 
@@ -40,9 +49,12 @@ from minibasis import formulas
 from minibasis.basis import basis_count
 
 __all__ = ["ALLOCATIONS", "BudgetError", "LayerCosts", "minimum_mults", "uniform_plans", "greedy_plans",
-           "plan_mults"]
+           "plan_mults", "SENSITIVITY_THRESHOLDS", "sensitivity_grid", "sensitivity_shares"]
 
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "sensitivity")
+
+#: The energy thresholds whose Q (with 1 and the rank) the sensitivity allocation measures per layer.
+SENSITIVITY_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
 
 #: A plan maps each compressible conv's module path to Q (replace by a BasisConv with Q
 #: eigen filters) or to None (keep the conv).
@@ -182,3 +194,30 @@ def greedy_plans(layers: list[LayerCosts], other_mults: int, before: int, target
         mults += layer.mults(new_q) - layer.mults(old_q)
         plan[layer.path] = new_q
         moves[layer.path] = _next_move(layer, new_q)
+
+
+def sensitivity_grid(layer: LayerCosts) -> list[int]:
+    """The Q < rank at which the sensitivity allocation measures ``layer``'s loss (ascending)."""
+    qs = {1} | {basis_count(layer.ratios, layer.rank, t) for t in SENSITIVITY_THRESHOLDS}
+    return sorted(q for q in qs if q < layer.rank)
+
+
+def sensitivity_shares(layer: LayerCosts, measured: dict[int, float]) -> np.ndarray:
+    """Per-vector loss increases (D,) from the measured Δ(Q) (``measured``: Q → loss increase).
+
+    Δ(rank) = 0 and Δ(Q) = 0 for Q ≥ rank; between measured points Δ is linear in Q, then made
+    non-increasing (a larger basis never scores as losing more). Entry j (0-based) is
+    Δ(j) − Δ(j + 1), the loss of going from Q = j + 1 to Q = j, so that the sum of the entries from
+    q on equals Δ(q), as the normalized eigenvalues sum to the energy lost; entry 0 (Q = 0 does
+    not exist) is 0. Negative measurements (a replaced layer that happened to lower the loss) count as 0.
+    """
+    dim = len(layer.ratios)
+    points = {q: max(0.0, float(v)) for q, v in measured.items() if 1 <= q < layer.rank}
+    points[layer.rank] = 0.0
+    qs = sorted(points)
+    delta = np.zeros(dim + 1)  # delta[q] for q = 0 .. D
+    delta[1:layer.rank + 1] = np.interp(np.arange(1, layer.rank + 1), qs, [points[q] for q in qs])
+    delta[1:] = np.maximum.accumulate(delta[1:][::-1])[::-1]  # non-increasing in Q
+    shares = np.zeros(dim)
+    shares[1:] = delta[1:dim] - delta[2:dim + 1]
+    return shares

@@ -392,7 +392,7 @@ def _fill_measurements(row: LayerReport, before, after) -> None:
 
 def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = True, layers=None,
              num_basis=None, input_shape=(REPORT_BATCH, 3, 32, 32), *, target_mult_ratio=None, allocation: str = "uniform",
-             thresholds=None, basis_multiple=None):
+             thresholds=None, basis_multiple=None, calibration=None):
     """Replace ``Conv2d`` layers by ``BasisConv2d.from_conv``; return ``(new_model, report)``.
 
     Args:
@@ -423,6 +423,13 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
             a conv while that is cheaper, and its first drop takes it straight to the largest Q
             (at most its rank) whose BasisConv is cheaper than the conv, scored by the summed
             shares of the vectors dropped over the multiplications that saves.
+            ``"sensitivity"``: greedy's moves scored by the cross-entropy increase each layer's
+            basis causes on ``calibration`` images, measured layer by layer
+            (:mod:`minibasis.allocation`): data-driven, where greedy uses the spectrum only.
+        calibration: with ``allocation="sensitivity"``: ``(images, labels)``, host arrays
+            (N, C, H, W) as the model takes them (normalized) and (N,) class indices, or a
+            function returning them, called only once the budget is known to be reachable.
+            Costs one pass over them per layer and grid point (about 12 per layer).
         thresholds: with ``allocation="uniform"``: the grid of t searched (default: every t at
             which some layer's Q changes, so the largest fitting t is exact).
         basis_multiple: with ``energy_threshold``: each layer's Q is rounded up to a multiple of
@@ -449,11 +456,14 @@ def compress(model: Module, energy_threshold=None, skip_unprofitable: bool = Tru
     if not isinstance(model, Module):
         raise TypeError(f"compress needs a minibasis.nn.Module, got {type(model).__name__}")
     _check_settings(energy_threshold, num_basis, target_mult_ratio, allocation, thresholds, basis_multiple)
+    if (allocation == "sensitivity") != (calibration is not None):
+        raise ValueError("allocation='sensitivity' measures each layer's loss on calibration=(images, labels): "
+                         "give both or neither")
     shape = check_input_shape(input_shape)
     selected = _select_convs(model, layers)
     if target_mult_ratio is not None:
         return _compress_to_budget(model, selected, shape, float(target_mult_ratio), allocation, thresholds,
-                                   bool(skip_unprofitable))
+                                   bool(skip_unprofitable), calibration)
 
     decide = _same_for_all(energy_threshold, num_basis, skip_unprofitable, basis_multiple)
     new_model, report = _build(model, selected, shape, decide)
@@ -569,8 +579,65 @@ def _measure_costs(model: Module, selected, shape) -> tuple[list[allocation_modu
     return layers, other, before.totals["model_conv_mults"]
 
 
+def _calibration_loss(model: Module, images, labels, batch: int = 256) -> float:
+    """Mean cross-entropy of ``model`` (eval mode, no graph) on host arrays, summed in float64."""
+    import numpy as np
+
+    from minibasis import backend
+    from minibasis.autograd import Tensor, no_grad
+
+    total = 0.0
+    with no_grad():
+        for start in range(0, len(labels), batch):
+            logits = backend.to_numpy(model(Tensor(backend.asarray(images[start:start + batch]))).data)
+            logits = logits.astype(np.float64)
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            total -= float(log_probs[np.arange(len(log_probs)), labels[start:start + batch]].sum())
+    return total / len(labels)
+
+
+def _check_calibration(calibration):
+    import numpy as np
+
+    data = calibration() if callable(calibration) else calibration
+    try:
+        images, labels = data
+    except (TypeError, ValueError):
+        raise ValueError("calibration must be (images, labels) or a function returning them") from None
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or images.dtype.kind != "f" or labels.shape != (len(images),) or labels.dtype.kind not in "iu" \
+            or not len(labels):
+        raise ValueError(f"calibration: images must be a non-empty float array (N, C, H, W) and labels (N,) "
+                         f"integers, got {images.dtype} {images.shape} and {labels.dtype} {labels.shape}")
+    return images, labels
+
+
+def _measure_sensitivity(model: Module, layers, calibration) -> tuple[list, int, int]:
+    """``layers`` with their ``shares`` replaced by measured loss increases (see
+    :func:`minibasis.allocation.sensitivity_shares`); also the number of passes and images."""
+    import dataclasses
+
+    images, labels = _check_calibration(calibration)
+    probe = copy_module(model).eval()
+    modules = dict(probe.named_modules())
+    reference = _calibration_loss(probe, images, labels)
+    measured_layers, passes = [], 1
+    for layer in layers:
+        conv = modules[layer.path]
+        losses = {}
+        for q in allocation_module.sensitivity_grid(layer):
+            candidate = BasisConv2d.from_conv(conv, num_basis=q)
+            _replace_everywhere(probe, conv, candidate)
+            losses[q] = _calibration_loss(probe, images, labels) - reference
+            _replace_everywhere(probe, candidate, conv)
+            passes += 1
+        measured_layers.append(dataclasses.replace(layer, shares=allocation_module.sensitivity_shares(layer, losses)))
+    return measured_layers, passes, len(labels)
+
+
 def _compress_to_budget(model, selected, shape, target: float, allocation: str, thresholds,
-                        skip_unprofitable: bool):
+                        skip_unprofitable: bool, calibration=None):
     """``compress(target_mult_ratio=...)``: choose a plan, build it, measure it, next plan if it missed."""
     def finish(new_model, report, threshold=None, notes=()):
         report.energy_threshold, report.target_mult_ratio, report.allocation = threshold, target, allocation
@@ -594,6 +661,11 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
             + f"no allocation brings the conv multiplications to {target:g} of the original or less: the "
             f"fewest reachable are {least:,} of {before:,} ({least / before:.4f}), every compressible conv "
             "at Q = 1")
+    sensitivity_notes = []
+    if allocation == "sensitivity":
+        layers, passes, count = _measure_sensitivity(model, layers, calibration)
+        sensitivity_notes = [f"sensitivity allocation: each layer's loss measured alone at its grid of Q, "
+                             f"{passes} passes over {count} calibration images"]
     by_path = {layer.path: layer for layer in layers}
     if allocation == "uniform":
         plans = allocation_module.uniform_plans(layers, other, before, target, skip_unprofitable, thresholds)
@@ -605,7 +677,7 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
         def decide(path, conv):
             q = plan[path]
             if q is None:
-                reason = ("kept as a conv: the greedy allocation met the budget without it"
+                reason = (f"kept as a conv: the {allocation} allocation met the budget without it"
                           if by_path[path].basis_mults(1) < by_path[path].conv_mults
                           else "unprofitable at every Q")
                 return None, reason
@@ -618,7 +690,7 @@ def _compress_to_budget(model, selected, shape, target: float, allocation: str, 
         if report.mult_ratio <= target:
             notes = [f"{allocation} allocation under a budget of {target:g}: expected {expected:,} conv "
                      f"multiplications per image from the per-layer measurements, measured {report.conv_mults_after:,}"]
-            return finish(new_model, report, threshold, missed + notes)
+            return finish(new_model, report, threshold, sensitivity_notes + missed + notes)
         missed.append(f"a plan expected at {expected:,} measured {report.conv_mults_after:,} "
                       f"(ratio {report.mult_ratio:.4f} > {target:g}); the next one was tried")
     raise BudgetError(

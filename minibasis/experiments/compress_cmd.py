@@ -1,6 +1,7 @@
 """``minibasis compress``: compress a trained model's convolutions at one energy threshold, or
-under a measured multiplication budget (``--target-mult-ratio R --allocation uniform|greedy``:
-uniform takes the largest t whose measured ratio fits, greedy chooses Q per layer; see
+under a measured multiplication budget (``--target-mult-ratio R --allocation uniform|greedy|sensitivity``:
+uniform takes the largest t whose measured ratio fits, greedy chooses Q per layer by energy,
+sensitivity by the loss it measures on ``--calibration-images`` training images; see
 :func:`minibasis.compress`).
 
 Prints the per-layer report of :func:`minibasis.compress` (M, C, k, D, Q, retained energy,
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from minibasis import data
 from minibasis.experiments import argtypes, common, options, runs
-from minibasis.experiments.loading import inference_form, load_data, load_verb_model
+from minibasis.experiments.loading import calibration_data, inference_form, load_data, load_verb_model
 from minibasis.experiments.errors import UserError, first_line
 
 __all__ = ["add_arguments", "run"]
@@ -51,6 +52,8 @@ def _settings(o) -> dict:
         raise UserError(f"give one of {', '.join(given)}, not both")
     if o.allocation != "uniform" and o.target_mult_ratio is None:
         raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
+    if o.calibration_images is not None and o.allocation != "sensitivity":
+        raise UserError("--calibration-images applies only with --allocation sensitivity")
     if o.basis_multiple is not None and (o.num_basis is not None or o.target_mult_ratio is not None):
         raise UserError("--basis-multiple rounds the Q a --threshold chooses: not with --num-basis or --target-mult-ratio")
     layers = [s.strip() for s in o.layers.split(",") if s.strip()] if o.layers else None
@@ -72,6 +75,8 @@ def run(args) -> int:
     settings = _settings(o)
     loaded = load_verb_model(spec, check_classes=o.evaluate, compressing=True)
     model, name, normalize, checkpoint = loaded.model, loaded.name, loaded.normalize, spec.model.checkpoint
+    if settings.get("allocation") == "sensitivity":
+        settings["calibration"] = calibration_data(data_spec, normalize, o.calibration_images, run_spec.seed)
     try:
         compressed, report = compress(model, **settings)
     except ValueError as exc:

@@ -3,7 +3,8 @@
 1. Compress the trained network at threshold t, or under a measured budget
    ``--target-mult-ratio R``: ``--allocation uniform`` (default, the paper's) takes the largest t
    of ``--thresholds`` whose measured conv multiplications are at most R of the original's;
-   ``--allocation greedy`` chooses Q per layer (:func:`minibasis.compress`).
+   ``--allocation greedy`` chooses Q per layer by energy, ``--allocation sensitivity`` by the loss
+   it measures on ``--calibration-images`` training images (:func:`minibasis.compress`).
 2. Step 1: train only the BasisConv coefficients (default 15 epochs, SGD, lr 0.1 divided by
    10 every 5 epochs).
 3. Step 2: train every non-convolutional parameter — coefficients, BatchNorm, fully connected
@@ -35,7 +36,7 @@ from minibasis.allocation import BudgetError
 from minibasis.compress import compress, copy_module
 from minibasis import data
 from minibasis.experiments import argtypes, common, options, runs
-from minibasis.experiments.loading import load_data, load_verb_model, model_argument, model_file
+from minibasis.experiments.loading import calibration_data, load_data, load_verb_model, model_argument, model_file
 from minibasis.measure import stored_values
 from minibasis.model_files import checkpoint_meta
 from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,
@@ -100,13 +101,15 @@ def _check_settings(o) -> None:
     if o.target_mult_ratio is not None:
         if o.threshold is not None:
             raise UserError("give --threshold or --target-mult-ratio, not both")
-        if o.allocation == "greedy" and not default_grid:
-            raise UserError("--thresholds is the grid of --allocation uniform; greedy chooses Q per layer")
+        if o.allocation != "uniform" and not default_grid:
+            raise UserError(f"--thresholds is the grid of --allocation uniform; {o.allocation} chooses Q per layer")
     else:
         if not default_grid:
             raise UserError("--thresholds is the grid of --target-mult-ratio; without it, give one --threshold")
         if o.allocation != "uniform":
             raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
+    if o.calibration_images is not None and (o.allocation != "sensitivity" or o.baseline):
+        raise UserError("--calibration-images applies only with --allocation sensitivity")
     if not o.distill:
         given = [opt for opt, v in (("--distill-weight", o.distill_weight), ("--temperature", o.temperature),
                                     ("--teacher", o.teacher)) if v is not None]
@@ -129,16 +132,18 @@ def load_teacher(o, loaded):
     return teacher
 
 
-def compress_as_asked(model, o):
+def compress_as_asked(model, o, calibration=None):
     """``(compressed model, report)`` at ``--threshold`` (default 0.9) or under ``--target-mult-ratio``;
-    a :class:`UserError` when the budget cannot be met. Runs before any data is read."""
+    a :class:`UserError` when the budget cannot be met. Runs before any data is read (``calibration``,
+    for ``--allocation sensitivity``, is read only once the budget is known to be reachable)."""
     try:
         if o.target_mult_ratio is None:
             return compress(model, energy_threshold=0.9 if o.threshold is None else o.threshold,
                             skip_unprofitable=not o.replace_all)
         grid = list(o.thresholds) if o.allocation == "uniform" else None
         return compress(model, target_mult_ratio=o.target_mult_ratio, allocation=o.allocation,
-                        thresholds=grid, skip_unprofitable=not o.replace_all)
+                        thresholds=grid, skip_unprofitable=not o.replace_all,
+                        calibration=calibration if o.allocation == "sensitivity" else None)
     except BudgetError as exc:
         raise UserError(first_line(exc)) from None
 
@@ -161,7 +166,8 @@ def run(args) -> int:
     loaded = load_verb_model(spec, compressing=not o.baseline)
     model, name, normalize, checkpoint = loaded.model, loaded.name, loaded.normalize, spec.model.checkpoint
     # Compressed before any data is read: an unreachable --target-mult-ratio costs no data loading.
-    compressed = None if o.baseline else compress_as_asked(model, o)
+    calibration = calibration_data(data_spec, normalize, o.calibration_images, run_spec.seed)
+    compressed = None if o.baseline else compress_as_asked(model, o, calibration)
     # The teacher: separate from the student (under --baseline the original itself is trained).
     teacher = load_teacher(o, loaded) if o.distill else None
     distill_weight = (0.5 if o.distill_weight is None else o.distill_weight) if o.distill else 0.0

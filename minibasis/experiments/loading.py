@@ -141,6 +141,21 @@ def load_data(spec: DataSpec, *, num_train=None, num_test=None, seed=0, train_su
         raise UserError(first_line(exc)) from None
 
 
+#: Training images that measure each layer's loss for ``--allocation sensitivity`` by default.
+CALIBRATION_IMAGES = 256
+
+
+def calibration_data(spec: DataSpec, normalize: str, count: int | None, seed: int = 0):
+    """A function returning ``(images, labels)``: the first ``count`` training images (default
+    :data:`CALIBRATION_IMAGES`) as the model takes them, for ``compress(calibration=...)``, which
+    calls it only once the budget is known to be reachable."""
+    def load():
+        (images, labels), _ = load_data(spec, num_train=count or CALIBRATION_IMAGES, num_test=1, seed=seed)
+        images, labels = images[:count or CALIBRATION_IMAGES], labels[:count or CALIBRATION_IMAGES]
+        return data.eval_transform(normalize)(images), labels
+    return load
+
+
 def inference_form(model, deploy: bool, image_shape=(3, 32, 32)):
     """``model`` as the verb evaluates it: :func:`minibasis.deploy` of it with ``--deploy``, else itself."""
     if not deploy:

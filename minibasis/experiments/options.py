@@ -93,8 +93,12 @@ def add_budget_arguments(group) -> None:
                             "compressed network are at most this fraction of the original's (e.g. 0.45)")
     group.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                        help="with --target-mult-ratio: uniform, one threshold t for every layer, the largest that "
-                            "fits (the paper's), or greedy, Q per layer by energy kept per multiplication "
+                            "fits (the paper's); greedy, Q per layer by energy kept per multiplication; or "
+                            "sensitivity, Q per layer by measured loss per multiplication on training images "
                             "(default: uniform)")
+    group.add_argument("--calibration-images", type=argtypes.positive, default=None, metavar="N",
+                       help="with --allocation sensitivity: how many training images (the first N) measure each "
+                            "layer's loss (default: 256)")
 
 
 def add_deploy_argument(parser) -> None:

@@ -32,11 +32,12 @@ def _conv_mults(model) -> int:
     return counter.conv
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+@pytest.mark.parametrize("allocation", ["uniform", "greedy", "sensitivity"])
 def test_compress_under_a_budget_writes_the_allocation_and_meets_it_measured(trained, tmp_path, allocation):
     out = tmp_path / allocation
+    extra = ["--calibration-images", "64"] if allocation == "sensitivity" else []
     assert main(["compress", "--checkpoint", str(trained), "--target-mult-ratio", "0.5", "--allocation", allocation,
-                 "--output", str(out), "--quiet"]) == 0
+                 *extra, "--output", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["allocation"] == allocation and report["target_mult_ratio"] == 0.5
     assert report["totals"]["mult_ratio"] <= 0.5
@@ -49,12 +50,14 @@ def test_compress_under_a_budget_writes_the_allocation_and_meets_it_measured(tra
     assert f"{allocation} allocation" in (out / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("allocation", ["greedy", "sensitivity"])
 @pytest.mark.parametrize("verb", ["compress", "finetune"])
-def test_an_unreachable_budget_is_refused_before_any_data_is_read(trained, tmp_path, capsys, verb):
+def test_an_unreachable_budget_is_refused_before_any_data_is_read(trained, tmp_path, capsys, verb, allocation):
     out = tmp_path / "run"
     extra = ["--evaluate"] if verb == "compress" else []
-    # --data points nowhere: the refusal must come from the budget, which needs no data.
-    _fails(capsys, [verb, "--checkpoint", str(trained), "--target-mult-ratio", "0.001", "--allocation", "greedy",
+    # --data points nowhere: the refusal must come from the budget, which needs no data (the
+    # sensitivity allocation's calibration images included).
+    _fails(capsys, [verb, "--checkpoint", str(trained), "--target-mult-ratio", "0.001", "--allocation", allocation,
                     *extra, "--data", str(tmp_path / "no_data"), "--output", str(out), "--quiet"],
            "no allocation brings the conv multiplications to 0.001")
     assert not out.exists()
@@ -70,6 +73,11 @@ def test_an_unreachable_budget_is_refused_before_any_data_is_read(trained, tmp_p
      "--thresholds is the grid of --allocation uniform"),
     (["finetune", "--baseline", "--allocation", "greedy"], "--allocation greedy would be ignored"),
     (["compress", "--allocation", "greedy"], "give --target-mult-ratio"),
+    (["compress", "--target-mult-ratio", "0.5", "--calibration-images", "64"], "applies only with --allocation sensitivity"),
+    (["finetune", "--target-mult-ratio", "0.5", "--allocation", "greedy", "--calibration-images", "64"],
+     "applies only with --allocation sensitivity"),
+    (["finetune", "--target-mult-ratio", "0.5", "--allocation", "sensitivity", "--thresholds", "0.9"],
+     "sensitivity chooses Q per layer"),
     (["compress", "--threshold", "0.8", "--target-mult-ratio", "0.5"], "not both"),
 ])
 def test_contradicting_budget_options_are_refused(capsys, tmp_path, argv, fragment):
