@@ -101,6 +101,17 @@ def test_finetune_greedy_with_distillation_end_to_end(trained, tmp_path):
     assert "distillation from the original" in log and "greedy allocation" in log
 
 
+def test_finetune_with_the_sensitivity_allocation_end_to_end(trained, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(trained), *SYNTH, "--target-mult-ratio", "0.6",
+                 "--allocation", "sensitivity", "--calibration-images", "24", "--train-subset", "32", "--limit", "16",
+                 "--epochs1", "1", "--epochs2", "1", "--batch-size", "16", "--output", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["allocation"] == "sensitivity" and results["compression"]["totals"]["mult_ratio"] <= 0.6
+    assert json.loads((out / "config.json").read_text())["calibration_images"] == 24
+    assert "over 24 calibration images" in (out / "log.txt").read_text()
+
+
 def test_a_teacher_file_must_match_the_students_inputs(trained, tmp_path, capsys):
     from minibasis.models import table3_cnn
 
