@@ -579,24 +579,6 @@ def _measure_costs(model: Module, selected, shape) -> tuple[list[allocation_modu
     return layers, other, before.totals["model_conv_mults"]
 
 
-def _calibration_loss(model: Module, images, labels, batch: int = 256) -> float:
-    """Mean cross-entropy of ``model`` (eval mode, no graph) on host arrays, summed in float64."""
-    import numpy as np
-
-    from minibasis import backend
-    from minibasis.autograd import Tensor, no_grad
-
-    total = 0.0
-    with no_grad():
-        for start in range(0, len(labels), batch):
-            logits = backend.to_numpy(model(Tensor(backend.asarray(images[start:start + batch]))).data)
-            logits = logits.astype(np.float64)
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-            total -= float(log_probs[np.arange(len(log_probs)), labels[start:start + batch]].sum())
-    return total / len(labels)
-
-
 def _check_calibration(calibration):
     import numpy as np
 
@@ -618,10 +600,16 @@ def _measure_sensitivity(model: Module, layers, calibration) -> tuple[list, int,
     :func:`minibasis.allocation.sensitivity_shares`); also the number of passes and images."""
     import dataclasses
 
+    from minibasis.training import evaluate  # the mean cross-entropy, summed in float64
+
     images, labels = _check_calibration(calibration)
     probe = copy_module(model).eval()
     modules = dict(probe.named_modules())
-    reference = _calibration_loss(probe, images, labels)
+
+    def calibration_loss(net) -> float:
+        return evaluate(net, images, labels, progress=False).loss
+
+    reference = calibration_loss(probe)
     measured_layers, passes = [], 1
     for layer in layers:
         conv = modules[layer.path]
@@ -629,7 +617,7 @@ def _measure_sensitivity(model: Module, layers, calibration) -> tuple[list, int,
         for q in allocation_module.sensitivity_grid(layer):
             candidate = BasisConv2d.from_conv(conv, num_basis=q)
             _replace_everywhere(probe, conv, candidate)
-            losses[q] = _calibration_loss(probe, images, labels) - reference
+            losses[q] = calibration_loss(probe) - reference
             _replace_everywhere(probe, candidate, conv)
             passes += 1
         measured_layers.append(dataclasses.replace(layer, shares=allocation_module.sensitivity_shares(layer, losses)))

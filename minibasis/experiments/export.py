@@ -98,9 +98,11 @@ def run(args) -> int:
         raise UserError(f"--format onnx needs the onnx extra (pip install 'minibasis[onnx]'): {exc}") from None
     shape = spec.input_shape or tuple(metadata.extra.get("input_shape") or (1, 3, 32, 32))
     try:
+        forms = []
+        if spec.pad_basis_to or spec.merge_above:  # the same function, in the form the runtime's kernels run best
+            model, forms = runtime_form(model, spec.pad_basis_to, spec.merge_above)
         worst = save_model(model, spec.output, shape, opset=spec.opset, fold_batch_norm=spec.fold_batch_norm,
-                           check=True, pad_basis_to=spec.pad_basis_to, merge_above=spec.merge_above)
-        forms = runtime_form(model, spec.pad_basis_to, spec.merge_above)[1] if spec.pad_basis_to or spec.merge_above else []
+                           check=True)
     except (CheckpointError, ValueError, TypeError, OSError) as exc:
         raise UserError(f"cannot export {spec.model.checkpoint}: {first_line(exc)}") from None
     print(f"wrote {spec.output} (ONNX opset {spec.opset}{', BatchNorm folded' if spec.fold_batch_norm else ''}); "

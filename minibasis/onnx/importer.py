@@ -520,6 +520,7 @@ class _Builder:
         self.input_names = [i.name for i in self.graph.input if i.name not in self.constants]
         self.input_shape = self._input_shape(input_shape)
         self.shapes = self._infer_shapes(model_proto)
+        self.data: set[str] = set()  # filled by build(): values computed from the input's data
         self.root = OnnxModel([], {}, self.input_names, [o.name for o in self.graph.output], self.input_shape,
                               self.opset)
         self.steps: list[Step] = []
@@ -697,7 +698,7 @@ def _build_reshape(builder, node, attrs):
     traced = builder.shapes.get(node.input[0])
     batch = builder.input_shape[0]
     if (target is not None and np.ndim(target) == 1 and len(target) and int(target[0]) == batch
-            and traced and traced[0] == batch and node.input[0] in getattr(builder, "data", ())):
+            and traced and traced[0] == batch and node.input[0] in builder.data):
         attrs = {**attrs, "keeps_batch": 1}
     return _build_plain(builder, node, attrs)
 
