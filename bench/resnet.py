@@ -15,9 +15,14 @@ its random-basis twin within 1.15× of the CNN's step time; ResNet-56 evaluation
 PyTorch eager (``resnet56_deployed_eval``: the torch side is the same eager evaluation).
 
     python bench/resnet.py [--repeats 5] [--device numpy|cupy] [--output path.json]
+
+``--gemm-time`` also times the engine's GEMM calls in the best step: with ``--threads 1`` and
+``OPENBLAS_NUM_THREADS=1`` (one core for both frameworks) it says how close to PyTorch the
+engine could come if everything but its GEMMs took no time at all.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -93,13 +98,50 @@ def minibasis_step(depth, batch: int, training: bool, deployed: bool = False):
     return run
 
 
-def _minibasis_worker(task: str, device: str, repeats: int) -> dict:
+@contextlib.contextmanager
+def timed_gemms():
+    """Inside the block the engine's GEMM entry points (``backend.matmul``, ``backend.tensordot``)
+    are timed: the yielded one-element list accumulates the seconds spent inside them (summed over
+    threads, so a wall time only with one engine thread). The originals are back after the block."""
+    from minibasis import backend
+    spent = [0.0]
+    originals = {name: getattr(backend, name) for name in ("matmul", "tensordot")}
+
+    def timer(gemm):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return gemm(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return timed
+    try:
+        for name, gemm in originals.items():
+            setattr(backend, name, timer(gemm))
+        yield spent
+    finally:
+        for name, gemm in originals.items():
+            setattr(backend, name, gemm)
+
+
+def _minibasis_worker(task: str, device: str, repeats: int, gemm_time: bool = False) -> dict:
     depth, batch, training = TASKS[task]
     sync = common.select_device(device)
     run = minibasis_step(depth, batch, training, deployed=task in DEPLOYED)
     if run is None:
         return {"error": "minibasis.models.resnet_cifar is not available"}
-    return _measure(run, repeats, sync, batch)
+    if not gemm_time:
+        return _measure(run, repeats, sync, batch)
+    gemm_seconds = []
+    with timed_gemms() as spent:
+        def run_and_record():
+            before = spent[0]
+            run()
+            gemm_seconds.append(spent[0] - before)
+        result = _measure(run_and_record, repeats, sync, batch)
+    timed = gemm_seconds[-len(result["seconds"]["all"]):]  # the warm-up call's is dropped
+    result["gemm_seconds"] = timed[result["seconds"]["all"].index(result["seconds"]["best"])]
+    return result
 
 
 def _torch_resnet(torch, depth: int):
@@ -206,7 +248,7 @@ def _measure(run, repeats: int, sync, batch: int) -> dict:
 
 def _spawn(framework: str, task: str, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{framework}:{task}",
-               "--device", args.device, "--repeats", str(args.repeats)]
+               "--device", args.device, "--repeats", str(args.repeats)] + (["--gemm-time"] if args.gemm_time else [])
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -220,11 +262,17 @@ def main(argv=None) -> int:
     parser = common.make_parser("resnet", __doc__.splitlines()[0], repeats=5)
     parser.add_argument("--worker", help=argparse_hidden())
     parser.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--gemm-time", action="store_true",
+                        help="also time minibasis's GEMM calls (the best step's seconds inside them; summed "
+                             "over threads, so a wall time with --threads 1) against PyTorch's whole step")
     args = parser.parse_args(argv)
     if args.worker:
         framework, task = args.worker.split(":")
-        worker = _minibasis_worker if framework == "minibasis" else _torch_worker
-        print(json.dumps(worker(task, args.device, args.repeats)))
+        if framework == "minibasis":
+            result = _minibasis_worker(task, args.device, args.repeats, args.gemm_time)
+        else:
+            result = _torch_worker(task, args.device, args.repeats)
+        print(json.dumps(result))
         return 0
 
     env = common.check_machine(args)
@@ -237,7 +285,7 @@ def main(argv=None) -> int:
     common.finish_environment(env)
 
     mib = lambda v: v / 2 ** 20 if v is not None else None  # noqa: E731
-    rows, verdicts = [], {}
+    rows, verdicts, gemm_lines = [], {}, []
     for task in args.tasks:
         mine, theirs = results[f"minibasis:{task}"], results.get(f"torch:{task}", {})
         for framework, r in (("minibasis", mine), ("torch", theirs)):
@@ -250,6 +298,11 @@ def main(argv=None) -> int:
                      if framework == "minibasis" and "images_per_s" in theirs else None)
             rows.append([task, framework, r["seconds"]["best"] * 1e3, r["images_per_s"], ratio,
                          mib(r["peak_rss_bytes"]), mib(r["peak_growth_bytes"]), ""])
+        if "gemm_seconds" in mine and "seconds" in theirs:
+            gemm, step = mine["gemm_seconds"], theirs["seconds"]["best"]
+            gemm_lines.append(f"{task}: minibasis's GEMM calls alone {gemm * 1e3:.1f} ms of its {mine['seconds']['best'] * 1e3:.1f} ms "
+                              f"step = {gemm / step:.2f}x PyTorch's whole step ({step * 1e3:.1f} ms): with nothing "
+                              f"but these GEMMs, at most {step / gemm:.2f}x PyTorch's throughput")
         if "error" not in mine:
             if task == "resnet20_train" and "images_per_s" in theirs:
                 value = mine["images_per_s"] / theirs["images_per_s"]
@@ -276,6 +329,8 @@ def main(argv=None) -> int:
     print(common.format_table(["task", "framework", "step ms", "images/s", "vs torch", "peak RSS MiB",
                                "growth MiB", "note"], rows))
     print(common.describe_environment(env))
+    for line in gemm_lines:
+        print(line)
     for key, v in verdicts.items():
         memory = key.endswith("bytes")
         comparison = ">=" if key.endswith("over_torch") else "<="

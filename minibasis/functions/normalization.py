@@ -69,6 +69,9 @@ class BatchNorm(Function):
         xp = backend.get_array_module(x)
         axes = (0,) if x.ndim == 2 else (0, 2, 3)
         shape = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)
+        keep = any(self.needs_input_grad)
+        if not self.training and not (self.has_weight and self.needs_input_grad[1]):
+            return self._affine_forward(x, gamma, beta, shape, keep)
         if self.training:
             mean, centered, var, count = self._statistics(x, axes, shape)
             if self.running_mean is not None:
@@ -79,7 +82,6 @@ class BatchNorm(Function):
             count = None
         inv_std = (1.0 / xp.sqrt(var + self.eps)).astype(x.dtype)
         x_hat = backend.mul(centered, inv_std.reshape(shape), out=centered)
-        keep = any(self.needs_input_grad)
         if keep:
             self.x_hat, self.inv_std, self.gamma, self.axes, self.shape, self.count = \
                 x_hat, inv_std, gamma, axes, shape, count
@@ -87,6 +89,28 @@ class BatchNorm(Function):
             y = backend.mul(x_hat, gamma.reshape(shape), out=None if keep else x_hat)  # y overwrites x̂ if unneeded
         else:
             y = x_hat.copy() if keep else x_hat  # the output must not alias the saved x̂
+        if beta is not None:
+            y += beta.reshape(shape)
+        return y
+
+    def _affine_forward(self, x, gamma, beta, shape, keep: bool):
+        """Evaluation when γ needs no gradient: y = (x − μ)·s + β with s = γ/σ, three passes over x.
+
+        The running statistics are constants here, so x̂ (which only γ's gradient reads) is
+        never written: one product per element where the four-pass form (x − μ, ·σ⁻¹, ·γ,
+        + β) makes two. s is a per-channel quotient, like σ⁻¹ in that form, so every
+        counted product is per element and a count stays N times one image's.
+        """
+        xp = backend.get_array_module(x)
+        mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+        sigma = xp.sqrt(var + self.eps)
+        inv_std = (1.0 / sigma).astype(x.dtype)
+        scale = inv_std if gamma is None else (gamma / sigma).astype(x.dtype)
+        if keep:  # backward needs only the scale: dx = gy·γ/σ, dβ = Σ gy
+            self.x_hat, self.inv_std, self.gamma, self.axes, self.shape, self.count = \
+                None, inv_std, gamma, (0,) if x.ndim == 2 else (0, 2, 3), shape, None
+        y = x - mean.reshape(shape)
+        backend.mul(y, scale.reshape(shape), out=y)
         if beta is not None:
             y += beta.reshape(shape)
         return y

@@ -183,6 +183,37 @@ def test_batch_norm_gradcheck(shape, training, seed, on_backend):
     assert mb.gradcheck(fn, [x, gamma, beta], atol=1e-6, rtol=1e-5)
 
 
+@settings(max_examples=25, deadline=None)
+@given(shape=bn_shapes, seed=seeds, affine=st.sampled_from(["both", "weight", "bias", "none"]))
+def test_batch_norm_evaluation_without_gamma_gradient(shape, seed, affine, on_backend):
+    """Evaluation where γ needs no gradient takes the one-product-per-element form: same values
+    as the form that keeps x̂ (γ requiring a gradient), a float64 gradcheck in x and β, and
+    exactly N·C·H·W counted products in forward (none per channel)."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = rng.standard_normal(shape) * 3 + 1
+    gamma = rng.uniform(0.5, 2, c) if affine in ("both", "weight") else None
+    beta = rng.standard_normal(c) if affine in ("both", "bias") else None
+    running_mean, running_var = rng.standard_normal(c), rng.uniform(0.5, 2, c)
+    expected, _, _ = batch_norm_numpy(x, running_mean, running_var, np.ones(c) if gamma is None else gamma,
+                                      np.zeros(c) if beta is None else beta, False, 0.1, 1e-5)
+
+    def fn(x, beta=None, gamma_grad=False):
+        g = None if gamma is None else t(gamma, requires_grad=gamma_grad)
+        return F.batch_norm(x, on_backend.device(running_mean.copy()), on_backend.device(running_var.copy()),
+                            g, beta, training=False)
+
+    b = None if beta is None else t(beta)
+    with mb.count_mults() as counter:
+        y = fn(t(x), b)
+    assert counter.total == x.size
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-10)
+    if gamma is not None:
+        np.testing.assert_allclose(y.numpy(), fn(t(x), b, gamma_grad=True).numpy(), rtol=1e-12, atol=1e-12)
+    inputs = [x] if beta is None else [x, beta]
+    assert mb.gradcheck(lambda *a: fn(*a), inputs, atol=1e-6, rtol=1e-5)
+
+
 def test_batch_norm_without_running_stats_in_training():
     x = np.random.default_rng(0).standard_normal((6, 2))
     y = F.batch_norm(t(x), None, None, t(np.ones(2)), t(np.zeros(2)), training=True)
