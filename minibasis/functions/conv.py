@@ -42,7 +42,10 @@ that land outside the output are discarded instead.
 Backward, chunk by chunk: gyᵀ (M, n·P) (one copy of the gradient), the weight
 gradient gyᵀ @ colᵀ accumulated over chunks, and the input gradient
 col2im(Wᵀ @ gyᵀ), col2im summing over the kh·kw kernel offsets with shifted-run
-or strided-window slice additions (no scatter, no ``add.at``).
+or strided-window slice additions (no scatter, no ``add.at``). A conv that ran
+forward by kn2row gets its input gradient the mirrored way: as the "same" conv of
+gy with the kernel transposed and flipped, whose columns (kh·kw·M, n·P) shrink
+with M where col2im's (kh·kw·C, n·P) do not; the products are the same n·D·M·P.
 
 Chunks: the batch always goes through in chunks of about ``CHUNK_TARGET_BYTES``
 of columns (a few MiB), so each chunk's columns are still in cache when the
@@ -419,6 +422,25 @@ def _kn2row_forward(x, weight, out):
     return out
 
 
+def _same_input_grad(gy, weight):
+    """Input gradient (n, C, H, W) of a "same" stride-1 conv with few output channels, from gy (n, M, H, W).
+
+    The adjoint of a "same" conv is the "same" conv of gy with the kernel transposed
+    (C, M, kh, kw) and flipped in both spatial axes. As such it builds gy's columns,
+    (kh·kw·M, n·H·W), and makes one GEMM ``W'' (C, kh·kw·M) @ col`` straight into the input
+    gradient, where the generic backward makes ``Wᵀ @ gyᵀ`` into (kh·kw·C, n·H·W) columns
+    and sums them back with col2im: for M < C (a BasisConv's basis stage) its traffic shrinks
+    with M, as kn2row's does in forward. The products are the same C·kh·kw·M·n·H·W
+    (= n·D·M·P, the count of the generic input gradient).
+    """
+    n, m, h, w = gy.shape
+    c, kernel = weight.shape[1], weight.shape[2:]
+    xp = backend.get_array_module(gy)
+    flipped = xp.ascontiguousarray(weight.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]).reshape(c, -1)
+    product = backend.matmul(flipped, _im2col_same(gy, kernel))  # (C, n·H·W)
+    return product.reshape(c, n, h, w).transpose(1, 0, 2, 3)
+
+
 def conv_path(m: int, c: int, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple = (1, 1),
               groups: int = 1) -> str:
     """The path (one of ``CONV_PATHS``) a conv of C → M channels with this geometry takes; ``padding``
@@ -528,7 +550,9 @@ class Conv2dFunction(Function):
             col = im2col(self.x[start:stop], *self._geometry())
             part = backend.matmul(gy_g, col.reshape(g, -1, col.shape[1]).transpose(0, 2, 1))
             del col  # free before the column gradient is built: one chunk buffer at a time
-        if need_x:
+        if need_x and self.path == "kn2row":
+            gx[start:stop] = _same_input_grad(gy[start:stop], self.wg.reshape(m, c, *self.kernel))
+        elif need_x:
             col_grad = _group_matmul(self.wg.transpose(0, 2, 1), gy_g).reshape(c * self.kernel[0] * self.kernel[1], -1)
             gx[start:stop] = col2im(col_grad, (stop - start,) + tuple(self.x_shape[1:]), *self._geometry())
         return part

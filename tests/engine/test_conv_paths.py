@@ -110,6 +110,22 @@ def test_kn2row_runs_for_few_output_channels_only(monkeypatch, serial_engine, m,
     np.testing.assert_allclose(y.numpy(), reference_conv(x, w, (1, 1), (1, 1)), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("m, c, expected", [(2, 8, ["_same_input_grad"]), (8, 8, ["_col2im_same"])])
+def test_input_gradient_of_few_output_channels_is_a_conv_of_gy(monkeypatch, serial_engine, m, c, expected):
+    """Backward of a kn2row conv: the input gradient as the "same" conv of gy with the flipped,
+    transposed kernel (no kh·kw·C columns, no col2im); other convs keep col2im."""
+    used = spy_paths(monkeypatch, names=("_same_input_grad", "_col2im_same"))
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((2, c, 6, 5)), rng.standard_normal((m, c, 3, 3))
+    gy = rng.standard_normal((2, m, 6, 5))
+    xt = mb.tensor(x, requires_grad=True)
+    with mb.count_mults() as counter:
+        F.conv2d(xt, mb.tensor(w), padding=1).backward(mb.tensor(gy))
+    assert used == expected
+    np.testing.assert_allclose(xt.grad.numpy(), reference_grads(x, w, gy, (1, 1), (1, 1))[0], rtol=1e-10, atol=1e-10)
+    assert counter.backward.conv == 2 * m * (c * 9) * 30  # the input gradient only: n·M·D·P
+
+
 def test_kn2row_counts_exactly_the_im2col_multiplications(restore_settings):
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((3, 8, 5, 7)).astype(np.float32), rng.standard_normal((2, 8, 3, 5)).astype(np.float32)
