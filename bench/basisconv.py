@@ -249,8 +249,18 @@ def main(argv=None) -> int:
     print(common.format_table(["threshold", "conv mult ratio", "orig ms", "comp ms", "time ratio", "time/mult",
                                "conv time/mult", "rest share (orig)", "x unfused", "max |diff|",
                                f"time<={TARGET_SLACK}x mult"], deployed_table))
+    noise = {}
+    for form, times in (("unfused", [r["seconds_original"] for r in rows]),
+                        ("deployed", [r["deployed"]["seconds_original"] for r in rows])):
+        if times:
+            noise[form] = {"fastest_s": min(times), "slowest_s": max(times), "spread": max(times) / min(times) - 1}
+    if noise:
+        print("\nNoise: the same original network, best of its rounds at each threshold, took "
+              + "; ".join(f"{form} {1e3 * v['fastest_s']:.0f}-{1e3 * v['slowest_s']:.0f} ms "
+                          f"(spread {100 * v['spread']:.0f} %)" for form, v in noise.items())
+              + ": every ratio above carries about that much noise.")
     print(common.describe_environment(env))
-    common.write_json(args.output, {"benchmark": "basisconv", "device": args.device, "repeats": args.repeats,
+    common.write_json(args.output, {"benchmark": "basisconv", "noise": noise, "device": args.device, "repeats": args.repeats,
                                     "batch": args.batch, "inputs": source, "fuse_bn": args.fuse_bn, "original_top1_accuracy": base_accuracy,
                                     "checkpoint": str(checkpoint), "environment": env,
                                     "rows": rows})
