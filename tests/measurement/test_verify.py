@@ -129,7 +129,7 @@ def test_without_hypothesis_installed_numpy_draws_the_cases(monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis → ImportError
     report = verify.check_formulas(10, seed=0)
     assert report.engine == "numpy" and report.passed and len(report.outcomes) == 10
-    assert main(["verify", "formulas", "--cases", "7"]) == 0  # one case per stratum
+    assert main(["verify", "formulas", "--cases", str(len(layer_formulas.STRATA))]) == 0  # one case per stratum
     assert "NumPy draws" in capsys.readouterr().out
 
 
@@ -234,9 +234,9 @@ def test_cli_passes_and_writes_json(capsys, tmp_path):
 
 
 def test_cli_json_on_standard_output(capsys):
-    assert main(["verify", "formulas", "--cases", "7", "--json", "-"]) == 0
+    assert main(["verify", "formulas", "--cases", str(len(layer_formulas.STRATA)), "--json", "-"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["cases_run"] == 7 and "PASSED" in captured.err
+    assert json.loads(captured.out)["cases_run"] == len(layer_formulas.STRATA) and "PASSED" in captured.err
 
 
 @pytest.mark.parametrize("argv", [["verify", "formulas", "--cases", "0"], ["verify", "formulas", "--seed", "-1"],
