@@ -120,9 +120,13 @@ import ctypes, os, sys, threading
 import numpy as np
 import minibasis
 
+both_alive = threading.Barrier(2)
+
 def work():
-    for _ in range(4):
-        np.ones(2 ** 20, dtype=np.float32).sum()  # 4 MiB blocks from this thread's arena
+    np.ones(2 ** 20, dtype=np.float32).sum()  # 4 MiB blocks from this thread's arena
+    both_alive.wait()  # neither thread exits before the other has its arena (an exited thread's is reused)
+    for _ in range(3):
+        np.ones(2 ** 20, dtype=np.float32).sum()
 
 threads = [threading.Thread(target=work) for _ in range(2)]
 for t in threads:
