@@ -9,7 +9,9 @@
    10 every 5 epochs).
 3. Step 2: train every non-convolutional parameter — coefficients, BatchNorm, fully connected
    layers, biases — (default 10 epochs, lr 5e-4). The basis filters (buffers) and the weights
-   of convolutions kept as they are stay frozen throughout.
+   of convolutions kept as they are stay frozen throughout. ``--learn-basis`` (beyond the paper)
+   trains the bases in step 1 beside the coefficients: the same multiplications, Q·D more
+   learnable values per layer.
 
 Augmentation (random crop with padding 4, horizontal flip) is on; the test accuracy is
 measured after every epoch. ``--baseline`` fine-tunes the *uncompressed* original under the
@@ -39,8 +41,9 @@ from minibasis.experiments import argtypes, common, options, runs
 from minibasis.experiments.loading import calibration_data, load_data, load_verb_model, model_argument, model_file
 from minibasis.measure import stored_values
 from minibasis.model_files import checkpoint_meta
-from minibasis.training import (CheckpointError, NonFiniteError, coefficient_parameters, conv_weight_parameters,
-                                eval_metrics, fine_tune, non_conv_parameters, recalibrate_batch_norm)
+from minibasis.training import (DEFAULT_BASIS_LR_SCALE, CheckpointError, NonFiniteError, coefficient_parameters,
+                                conv_weight_parameters, eval_metrics, fine_tune, learnable_bases, non_conv_parameters,
+                                recalibrate_batch_norm)
 
 __all__ = ["add_arguments", "run", "compress_as_asked", "load_teacher"]
 
@@ -69,6 +72,12 @@ def add_arguments(parser) -> None:
                             "(e.g. the original fine-tuned by --baseline); same classes and input normalization")
     group = parser.add_argument_group("fine-tuning (defaults: the paper's section 4.3)")
     group.add_argument("--epochs1", type=argtypes.non_negative, default=15, help="step 1 epochs, coefficients only (default: 15)")
+    group.add_argument("--learn-basis", action="store_true",
+                       help="beyond the paper: train the basis filters in step 1 beside the coefficients "
+                            "(same multiplications; Q·D more learnable values per layer)")
+    group.add_argument("--basis-lr-scale", type=argtypes.positive_float, default=None,
+                       help="with --learn-basis: the bases' step 1 rate as a multiple of --lr1 "
+                            f"(default: {DEFAULT_BASIS_LR_SCALE:g})")
     group.add_argument("--lr1", type=float, default=0.1, help="step 1 learning rate (default: 0.1)")
     group.add_argument("--lr1-step", type=argtypes.positive, default=5, help="divide the step 1 rate by 10 every N epochs (default: 5)")
     group.add_argument("--epochs2", type=argtypes.non_negative, default=10, help="step 2 epochs, all non-conv parameters (default: 10)")
@@ -95,7 +104,8 @@ def _check_settings(o) -> None:
     if o.baseline:
         given = [opt for opt, v in (("--threshold", o.threshold), ("--target-mult-ratio", o.target_mult_ratio))
                  if v is not None] + (["--replace-all"] if o.replace_all else []) \
-            + ([f"--allocation {o.allocation}"] if o.allocation != "uniform" else [])
+            + ([f"--allocation {o.allocation}"] if o.allocation != "uniform" else []) \
+            + (["--learn-basis"] if o.learn_basis else [])
         if given:
             raise UserError(f"--baseline fine-tunes the uncompressed original; {', '.join(given)} would be ignored")
     if o.target_mult_ratio is not None:
@@ -110,6 +120,8 @@ def _check_settings(o) -> None:
             raise UserError("--allocation chooses Q under a budget: give --target-mult-ratio")
     if o.calibration_images is not None and (o.allocation != "sensitivity" or o.baseline):
         raise UserError("--calibration-images applies only with --allocation sensitivity")
+    if o.basis_lr_scale is not None and not o.learn_basis:
+        raise UserError("--basis-lr-scale applies only with --learn-basis")
     if not o.distill:
         given = [opt for opt, v in (("--distill-weight", o.distill_weight), ("--temperature", o.temperature),
                                     ("--teacher", o.teacher)) if v is not None]
@@ -172,6 +184,7 @@ def run(args) -> int:
     teacher = load_teacher(o, loaded) if o.distill else None
     distill_weight = (0.5 if o.distill_weight is None else o.distill_weight) if o.distill else 0.0
     temperature = 4.0 if o.temperature is None else o.temperature
+    basis_lr_scale = DEFAULT_BASIS_LR_SCALE if o.basis_lr_scale is None else o.basis_lr_scale
     (x_train, y_train), (x_test, y_test) = load_data(data_spec, num_test=o.limit, seed=run_spec.seed,
                                                      train_subset=o.train_subset)
     folder = runs.prepare_run_folder(run_spec)
@@ -203,7 +216,7 @@ def run(args) -> int:
             f"conv multiplications {report.conv_mults_before:,} -> {report.conv_mults_after:,} "
             f"({100 * report.mult_ratio:.1f}%), learnable parameters {report.params_before:,} -> "
             f"{report.params_after:,}, stored values {report.stored_before:,} -> {report.stored_after:,}")
-        step1_params = coefficient_parameters(tuned)
+        step1_params = coefficient_parameters(tuned) + (learnable_bases(tuned) if o.learn_basis else [])
     before_acc = test_metrics(tuned)["test_acc"]
     log(f"before fine-tuning: test accuracy {100 * before_acc:.2f}%")
     recalibrated_acc = None
@@ -216,9 +229,10 @@ def run(args) -> int:
 
     loader = data.DataLoader((x_train, y_train), batch_size=run_spec.batch_size, shuffle=True, seed=run_spec.seed,
                              transform=data.train_transform(normalize, augment=not o.no_augment))
-    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters, {o.epochs1} epochs, lr {o.lr1:g} "
-        f"/10 every {o.lr1_step}; step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, "
-        f"{o.epochs2} epochs, lr {o.lr2:g}")
+    log(f"step 1: {sum(p.numel() for p in step1_params):,} parameters"
+        + (f" (bases included, at {basis_lr_scale:g} x the rate)" if o.learn_basis else "")
+        + f", {o.epochs1} epochs, lr {o.lr1:g} /10 every {o.lr1_step}; "
+        f"step 2: {sum(p.numel() for p in non_conv_parameters(tuned)):,} parameters, {o.epochs2} epochs, lr {o.lr2:g}")
     if teacher is not None:
         log(f"distillation from {o.teacher or 'the original'}: loss = (1 - {distill_weight:g})·CE + {distill_weight:g}·"
             f"{temperature:g}²·KL(softmax(teacher/{temperature:g}) ‖ softmax(student/{temperature:g}))")
@@ -229,7 +243,8 @@ def run(args) -> int:
                             detect_anomaly=o.detect_anomaly, progress=not run_spec.quiet, resume=run_spec.resume,
                             extra_meta=checkpoint_meta(tuned, normalization=normalize,
                                                        dataset=loaded.dataset or data_spec.name),
-                            teacher=teacher, distill_weight=distill_weight, temperature=temperature)
+                            teacher=teacher, distill_weight=distill_weight, temperature=temperature,
+                            basis_lr_scale=basis_lr_scale)
     except NonFiniteError as exc:
         raise user_error_for_non_finite(exc) from None
     except CheckpointError as exc:
@@ -239,6 +254,7 @@ def run(args) -> int:
     results = {"model": name, "checkpoint": str(checkpoint) if checkpoint else None,
                "baseline": o.baseline, "threshold": threshold, "target_mult_ratio": o.target_mult_ratio,
                "allocation": None if o.baseline or o.target_mult_ratio is None else o.allocation,
+               "learn_basis": o.learn_basis, "basis_lr_scale": basis_lr_scale if o.learn_basis else None,
                "distill": o.distill, "distill_weight": distill_weight if o.distill else None,
                "temperature": temperature if o.distill else None,
                "teacher": None if not o.distill else o.teacher or "the original",
@@ -251,13 +267,14 @@ def run(args) -> int:
                "test_acc_original": original_acc, "test_acc_before": before_acc,
                "recalibrate_bn": o.recalibrate_bn, "test_acc_recalibrated": recalibrated_acc,
                "test_acc_after": after_acc,
-               "learnable_params": tuned.num_parameters(),  # every Parameter; the bases are buffers
+               "learnable_params": tuned.num_parameters(),  # every Parameter (bases too with --learn-basis)
                "stored_values": stored_values(tuned),      # parameters + persistent buffers (bases included)
                "compression": compression, "history": history,
                "seconds": round(time.perf_counter() - started, 1)}
     folder.write_json("results.json", results)
     plot = plots.plot_training_curves(folder.file("finetune.png"), history,
                                       title=f"fine-tuning {name}" + ("" if o.baseline else f", {describe_compression(report)}")
+                                      + (", bases learned" if o.learn_basis else "")
                                       + f"; test accuracy on {len(y_test):,} {data_spec.name} test images",
                                       references={"original": original_acc,
                                                   "baseline start" if o.baseline else "compressed, before fine-tuning":

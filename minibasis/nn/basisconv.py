@@ -18,6 +18,10 @@ again and save nothing.
 
 The basis is a persistent buffer: saved in ``state_dict``, moved by ``.to()``,
 never returned by ``parameters()`` and therefore never updated by an optimizer.
+Beyond the paper, :meth:`BasisConv2d.learnable_basis` turns it into a Parameter (the
+same ``state_dict`` key), so that fine-tuning can train both factors of the low-rank
+conv: the multiplications stay Q·D + M·Q per position, the learnable values grow from
+M·Q to Q·D + M·Q, and the basis is no longer orthonormal once trained.
 
 Grouped convolutions are not decomposed (``from_conv`` refuses them). A grouped
 conv with g groups costs M·(C/g)·kh·kw·Ho·Wo; a shared basis over the full
@@ -85,7 +89,8 @@ class BasisConv2d(Module):
             nothing but a missing basis is drawn at random, and the biases start at zero.
 
     Attributes:
-        basis: persistent buffer (Q, C, kh, kw), in ``state_dict`` but not in ``parameters()``.
+        basis: persistent buffer (Q, C, kh, kw), in ``state_dict`` but not in ``parameters()``
+            (a Parameter after :meth:`learnable_basis`; :meth:`basis_filters` gives the array either way).
         coeffs: Parameter (M, Q). bias: Parameter (M,) or None. basis_bias: Parameter (Q,) or None.
         num_basis: Q. energy: retained energy fraction when built by :meth:`from_conv`, else None.
 
@@ -195,7 +200,7 @@ class BasisConv2d(Module):
                     dilation=getattr(conv, "dilation", 1))
         xp = backend.get_array_module(weight)
         # Put every array where the conv's weight lives (the constructor used the active backend).
-        layer._buffers["basis"] = xp.asarray(eigen.basis, dtype=weight.dtype)
+        layer.basis = xp.asarray(eigen.basis, dtype=weight.dtype)   # a buffer stays a buffer
         layer.coeffs.data = xp.asarray(eigen.coeffs, dtype=weight.dtype)
         if conv.bias is not None:
             layer.bias.data = conv.bias.data.astype(weight.dtype, copy=True)
@@ -236,7 +241,7 @@ class BasisConv2d(Module):
         """
         coeffs, bias = self.folded_coefficients()
         with parallel.single_threaded_blas():  # the same bits whatever the BLAS's thread count
-            weight = backend.tensordot(coeffs, self._buffers["basis"], axes=1)  # (M, C, kh, kw)
+            weight = backend.tensordot(coeffs, self.basis_filters(), axes=1)  # (M, C, kh, kw)
         xp = backend.get_array_module(coeffs)
         conv = Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
                       dilation=self.dilation, bias=bias is not None)
@@ -258,7 +263,7 @@ class BasisConv2d(Module):
         """
         multiple = positive_int("multiple", multiple)
         coeffs, bias = self.folded_coefficients()
-        basis = self._buffers["basis"]
+        basis = self.basis_filters()
         xp = backend.get_array_module(basis)
         q = self.num_basis
         extra = -q % multiple
@@ -298,12 +303,42 @@ class BasisConv2d(Module):
         scaled = backend.mul(coeffs, scale.reshape(1, q))  # W·diag(a)
         return scaled.astype(coeffs.dtype, copy=False), bias.astype(coeffs.dtype, copy=False)
 
+    # -- the basis: fixed (the paper) or learnable ----------------------------
+    def basis_filters(self):
+        """The basis filters (Q, C, kh, kw) as an array, whether the basis is a buffer or a Parameter."""
+        basis = self._parameters.get("basis")
+        return self._buffers["basis"] if basis is None else basis.data
+
+    @property
+    def basis_is_learnable(self) -> bool:
+        """True after ``learnable_basis(True)``: the basis is a Parameter."""
+        return "basis" in self._parameters
+
+    def learnable_basis(self, flag: bool = True) -> "BasisConv2d":
+        """Make the basis a Parameter (``flag`` True) or the paper's fixed buffer (False); returns self.
+
+        The values and the ``state_dict`` key (``basis``) stay as they are, so a model file saved
+        either way loads into either. As a Parameter the basis is returned by ``parameters()``
+        after the coefficients and biases, gets a gradient in ``backward`` (the basis stage's
+        weight gradient: n·Q·D·Ho·Wo more multiplications per step) and is counted among the
+        learnable values; forward costs exactly what it did. Beyond the paper, whose bases stay
+        fixed: :func:`minibasis.training.fine_tune` uses it with ``learn_basis=True``.
+        """
+        if flag and not self.basis_is_learnable:
+            self.basis = Parameter(self._buffers["basis"])   # replaces the buffer
+        elif not flag and self.basis_is_learnable:
+            array = self._parameters.pop("basis").data
+            self.register_buffer("basis", array)
+        return self
+
     # -- computation --------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """x (N, C, H, W) → (N, M, Ho, Wo): basis stage, optional BN, 1×1 coefficient stage."""
-        # The basis is a raw array, so conv2d sees an input that needs no gradient and
-        # computes none for it.
-        g = F.conv2d(x, self._buffers["basis"], self.basis_bias, self.stride, self.padding, self.dilation)
+        # A fixed basis is a raw array, so conv2d sees a weight that needs no gradient and
+        # computes none for it; a learnable one is a Parameter and gets its gradient.
+        basis = self._parameters.get("basis")
+        g = F.conv2d(x, self._buffers["basis"] if basis is None else basis, self.basis_bias, self.stride,
+                     self.padding, self.dilation)
         if self.bn is not None:
             g = self.bn(g)
         m, q = self.coeffs.shape
@@ -314,7 +349,7 @@ class BasisConv2d(Module):
                 f"num_basis={self.num_basis}, stride={self.stride}, padding={self.padding!r}, "
                 + (f"dilation={self.dilation}, " if self.dilation != (1, 1) else "") +
                 f"bias={self.bias is not None}, basis_bias={self.basis_bias is not None}, "
-                f"bn={self.bn is not None}")
+                f"bn={self.bn is not None}" + (", learnable_basis=True" if self.basis_is_learnable else ""))
         if self.energy is not None:
             text += f", energy={self.energy:.4f}"
         return text

@@ -78,7 +78,7 @@ class FusedConv2d(InferenceModule):
         if isinstance(layer, BasisConv2d):
             self.num_basis, self.energy = layer.num_basis, layer.energy
             coeffs, bias = layer.folded_coefficients()
-            self.register_buffer("basis", xp.ascontiguousarray(layer._buffers["basis"]).copy())
+            self.register_buffer("basis", xp.ascontiguousarray(layer.basis_filters()).copy())
             self.register_buffer("coeffs", xp.ascontiguousarray(coeffs))
         else:
             self.num_basis, self.energy = None, None

@@ -15,8 +15,8 @@ from minibasis.training.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, 
                                             load_state, restore_rng_state, save_checkpoint, seed_device_rng)
 from minibasis.training.evaluation import EvalResult, evaluate, eval_metrics, to_device_batch
 from minibasis.training.run_folder import RunFolder, read_json, write_csv, write_json
-from minibasis.training.finetune import (coefficient_parameters, conv_weight_parameters, fine_tune, freeze_all_but,
-                                         non_conv_parameters, recalibrate_batch_norm)
+from minibasis.training.finetune import (DEFAULT_BASIS_LR_SCALE, basis_parameters, coefficient_parameters, conv_weight_parameters, fine_tune,
+                                         freeze_all_but, learnable_bases, non_conv_parameters, recalibrate_batch_norm)
 from minibasis.training.history import RunHistory, load_run
 from minibasis.training.guard import AnomalyDetector, NonFiniteError
 from minibasis.training.progress import ProgressBar, format_duration
@@ -27,5 +27,6 @@ __all__ = ["Trainer", "fine_tune", "recalibrate_batch_norm", "evaluate", "eval_m
            "NonFiniteError", "AnomalyDetector", "save_checkpoint", "load_checkpoint", "load_state",
            "capture_rng_state", "restore_rng_state", "seed_device_rng", "CHECKPOINT_FORMAT", "RunFolder",
            "write_json", "write_csv", "read_json", "ProgressBar", "format_duration", "format_row",
-           "coefficient_parameters", "conv_weight_parameters", "non_conv_parameters", "freeze_all_but",
+           "coefficient_parameters", "conv_weight_parameters", "basis_parameters", "learnable_bases", "DEFAULT_BASIS_LR_SCALE",
+           "non_conv_parameters", "freeze_all_but",
            "to_device_batch", "RunHistory", "load_run", "Distillation"]

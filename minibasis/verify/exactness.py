@@ -150,7 +150,7 @@ def _relative_error(approx, exact) -> float:
 
 def _reconstructed_weight(layer) -> np.ndarray:
     """coeffs (M, Q) · basis (Q, C·kh·kw) → (M, C, kh, kw), in float64 from the stored arrays."""
-    basis = backend.to_numpy(layer.basis).astype(np.float64)
+    basis = backend.to_numpy(layer.basis_filters()).astype(np.float64)
     coeffs = backend.to_numpy(layer.coeffs.data).astype(np.float64)
     return (coeffs @ basis.reshape(basis.shape[0], -1)).reshape(coeffs.shape[0], *basis.shape[1:])
 

@@ -79,6 +79,9 @@ def test_an_unreachable_budget_is_refused_before_any_data_is_read(trained, tmp_p
     (["finetune", "--target-mult-ratio", "0.5", "--allocation", "sensitivity", "--thresholds", "0.9"],
      "sensitivity chooses Q per layer"),
     (["compress", "--threshold", "0.8", "--target-mult-ratio", "0.5"], "not both"),
+    (["finetune", "--basis-lr-scale", "0.1"], "--basis-lr-scale applies only with --learn-basis"),
+    (["finetune", "--learn-basis", "--basis-lr-scale", "0"], "--basis-lr-scale must be > 0"),
+    (["finetune", "--baseline", "--learn-basis"], "--learn-basis would be ignored"),
 ])
 def test_contradicting_budget_options_are_refused(capsys, tmp_path, argv, fragment):
     out = tmp_path / "run"
@@ -130,3 +133,28 @@ def test_a_teacher_file_must_match_the_students_inputs(trained, tmp_path, capsys
                  "--epochs2", "0", "--batch-size", "16", "--output", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["teacher"] == str(trained) and results["history"][0]["teacher_mults"] > 0
+
+
+def test_finetune_learn_basis_end_to_end(trained, tmp_path):
+    """--learn-basis: the bases trained and counted as learnable, the multiplications those of the
+    compressed network (measured on the saved model), the rate recorded."""
+    common = ["finetune", "--checkpoint", str(trained), *SYNTH, "--target-mult-ratio", "0.6", "--allocation", "greedy",
+              "--train-subset", "32", "--limit", "16", "--epochs1", "1", "--epochs2", "1", "--batch-size", "16",
+              "--quiet"]
+    assert main(common + ["--output", str(tmp_path / "fixed")]) == 0
+    assert main(common + ["--learn-basis", "--output", str(tmp_path / "learned")]) == 0
+    fixed, learned = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("fixed", "learned"))
+    assert (fixed["learn_basis"], fixed["basis_lr_scale"]) == (False, None)
+    assert (learned["learn_basis"], learned["basis_lr_scale"]) == (True, 0.03)
+    assert learned["compression"] == fixed["compression"]
+    bases = [layer for layer in learned["compression"]["layers"] if layer["replaced"]]
+    assert bases
+    extra = sum(layer["Q"] * layer["D"] for layer in bases)
+    assert learned["learnable_params"] == fixed["learnable_params"] + extra
+    assert learned["stored_values"] == fixed["stored_values"]
+    models = {name: minibasis.load_model(tmp_path / name / "model.npz")[0] for name in ("fixed", "learned")}
+    assert _conv_mults(models["learned"]) == _conv_mults(models["fixed"]) > 0
+    basis_of = {name: [minibasis.to_numpy(m.basis) for m in model.modules() if isinstance(m, minibasis.nn.BasisConv2d)]
+                for name, model in models.items()}
+    assert all(not np.array_equal(a, b) for a, b in zip(basis_of["fixed"], basis_of["learned"]))
+    assert "bases included, at 0.03 x the rate" in (tmp_path / "learned" / "log.txt").read_text()
