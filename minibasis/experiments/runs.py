@@ -42,7 +42,8 @@ RESUME_MAY_DIFFER = frozenset({"resume", "overwrite", "output", "device", "quiet
 # Options added after runs were recorded: a config.json without one was written before the option
 # existed, and that run behaved as this value does (so it resumes under today's defaults).
 VALUE_BEFORE_OPTION_EXISTED = {"allocation": "uniform", "distill": False, "distill_weight": None,
-                               "temperature": None, "teacher": None, "calibration_images": None}
+                               "temperature": None, "teacher": None, "calibration_images": None,
+                               "learn_basis": False, "basis_lr_scale": None}
 
 # What a verb writes into its run folder (``--overwrite`` deletes these, and nothing else).
 RUN_FILES = ("config.json", "log.txt", "checkpoint-*.npz", "metrics-*.json", "metrics-*.csv", "results.json",

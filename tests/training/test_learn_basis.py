@@ -205,3 +205,23 @@ def test_a_learn_basis_run_resumes_bit_exactly(tmp_path, monkeypatch):
     assert expected.keys() == got.keys()
     for key in expected:
         assert np.array_equal(expected[key], got[key]), key
+
+
+def test_a_model_with_learnable_bases_deploys_saves_and_loads(tmp_path):
+    from minibasis.models import table3_cnn
+
+    minibasis.manual_seed(0)
+    model = minibasis.compress(table3_cnn(), energy_threshold=0.8, input_shape=(1, 3, 32, 32))[0]
+    bases = learnable_bases(model)
+    for p in bases:   # trained values: no longer the orthonormal eigen basis
+        p.data = p.data * 1.5 + 0.01
+    model.eval()
+    x = tensor(np.random.default_rng(4).standard_normal((3, 3, 32, 32)).astype(np.float32))
+    with minibasis.no_grad():
+        expected = model(x).numpy()
+        np.testing.assert_allclose(minibasis.deploy(model)(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+    minibasis.save_model(model, tmp_path / "m.npz")
+    loaded = minibasis.load_model(tmp_path / "m.npz")[0].eval()
+    assert not any(m.basis_is_learnable for m in loaded.modules() if isinstance(m, nn.BasisConv2d))
+    with minibasis.no_grad():
+        np.testing.assert_array_equal(loaded(x).numpy(), expected)
