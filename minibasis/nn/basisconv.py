@@ -336,9 +336,7 @@ class BasisConv2d(Module):
         """x (N, C, H, W) → (N, M, Ho, Wo): basis stage, optional BN, 1×1 coefficient stage."""
         # A fixed basis is a raw array, so conv2d sees a weight that needs no gradient and
         # computes none for it; a learnable one is a Parameter and gets its gradient.
-        basis = self._parameters.get("basis")
-        g = F.conv2d(x, self._buffers["basis"] if basis is None else basis, self.basis_bias, self.stride,
-                     self.padding, self.dilation)
+        g = F.conv2d(x, self.basis, self.basis_bias, self.stride, self.padding, self.dilation)
         if self.bn is not None:
             g = self.bn(g)
         m, q = self.coeffs.shape
