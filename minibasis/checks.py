@@ -89,6 +89,15 @@ def energy_threshold(value, name: str = "energy_threshold") -> float:
     return float(value)
 
 
+def positive_number(name: str, value) -> float:
+    """A real number > 0 (refuses bools and NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a positive number, got {value!r}")
+    if not float(value) > 0:  # also refuses NaN
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def probability(name: str, value, *, inclusive_high: bool = True) -> float:
     """A real number in [0, 1] (or [0, 1) with ``inclusive_high=False``)."""
     bound = "1]" if inclusive_high else "1)"

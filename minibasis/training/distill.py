@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from minibasis import functions as F
 from minibasis.autograd import Tensor, no_grad
-from minibasis.checks import probability
+from minibasis.checks import positive_number, probability
 from minibasis.counting import count_apart
 from minibasis.nn import Module
 
@@ -37,9 +37,7 @@ class Distillation:
             raise TypeError(f"teacher must be a minibasis.nn.Module, got {type(teacher).__name__}")
         self.teacher = teacher
         self.weight = probability("distill_weight", weight)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = positive_number("temperature", temperature)
         self.teacher_mults = 0
 
     def teacher_logits(self, inputs: Tensor):

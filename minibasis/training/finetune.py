@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from minibasis import backend
 from minibasis.autograd import Tensor, no_grad
-from minibasis.checks import positive_int
+from minibasis.checks import positive_int, positive_number
 from minibasis.nn import BasisConv2d, BatchNorm1d, BatchNorm2d, Conv2d
 from minibasis.training.trainer import Trainer
 
@@ -155,8 +155,7 @@ def fine_tune(model, loader, *, step1_params: list | None = None, epochs1: int =
                              "(compress it first, or pass step1_params, e.g. conv_weight_parameters(model))")
     common = dict(eval_fn=eval_fn, folder=folder, seed=seed, detect_anomaly=detect_anomaly, progress=progress,
                   extra_meta=extra_meta, distillation=distillation)
-    if isinstance(basis_lr_scale, bool) or not isinstance(basis_lr_scale, (int, float)) or not basis_lr_scale > 0:
-        raise ValueError(f"fine_tune: basis_lr_scale must be a positive number, got {basis_lr_scale!r}")
+    basis_lr_scale = positive_number("basis_lr_scale", basis_lr_scale)
     freeze_all_but(model, step1_params)
     basis_ids = {id(p) for p in bases}
     groups = [{"params": [p for p in step1_params if id(p) not in basis_ids]},
